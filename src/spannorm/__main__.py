@@ -1,0 +1,5 @@
+import sys
+
+from spannorm.cli.main import main
+
+sys.exit(main())

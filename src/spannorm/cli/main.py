@@ -1,0 +1,56 @@
+"""Entry point of the ``spannorm`` console script.
+
+Every module of ``spannorm.cli`` that defines ``register(subparsers)`` adds one subcommand; ``register``
+returns the parser it made, with ``set_defaults(run=FUNCTION)``. ``FUNCTION(args) -> int`` is the exit code.
+User errors (:class:`spannorm.config.ConfigError` and :class:`UsageError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import spannorm
+from spannorm.config import ConfigError
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spannorm",
+        description="Train, measure and compare deep Transformers whose normalization placement "
+                    "(SpanNorm, PreNorm, PostNorm, Peri-LN, DeepNorm, ...) is a declarative choice.",
+    )
+    parser.add_argument("--version", action="version", version=f"spannorm {spannorm.__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    import spannorm.cli as cli_pkg
+
+    for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
+        if info.name == "main":
+            continue
+        module = importlib.import_module(f"spannorm.cli.{info.name}")
+        if hasattr(module, "register"):
+            module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, UsageError) as err:
+        print(f"spannorm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed model configuration, validated in one place.
+
+Every architectural choice of SPEC.md is a field here: the placement of normalization (with per-layer
+overrides), the residual step Δt, SpanNorm's scaling rule, the init, and the optional MoE FFN. Invalid values
+raise :class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid")
+"""Every placement of SPEC §2. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
+
+BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
+SPAN_SCALINGS = ("init", "skip", "both")
+NORMS = ("rms", "layer")
+INITS = ("fan_in", "fixed")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field, the value and what is allowed."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts FFN (SPEC §4). Dropless top-k routing with a softmax router in fp32."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int | None = None
+    """Hidden width of each SwiGLU expert. None: the dense FFN width divided by top_k (compute-matched)."""
+    shared_expert: bool = False
+    """Add an always-on SwiGLU expert of width d_expert beside the routed ones."""
+    balance_coef: float = 0.01
+    """Coefficient of the Switch load-balancing loss E·Σ f_e·p_e (used by the trainer)."""
+    z_loss_coef: float = 0.001
+    """Coefficient of the router z-loss mean(logsumexp(router logits)²) (used by the trainer)."""
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        if self.n_experts < 1:
+            _fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
+        if not 1 <= self.top_k <= self.n_experts:
+            _fail(f"{prefix}.top_k", self.top_k, f"must be between 1 and n_experts={self.n_experts}")
+        if self.d_expert is not None and self.d_expert < 1:
+            _fail(f"{prefix}.d_expert", self.d_expert, "must be >= 1 or null")
+        for name in ("balance_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only LM. Defaults are a tiny CPU model with PreNorm."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention. None: as many as n_heads."""
+    d_ff: int | None = None
+    """SwiGLU hidden width. None: 8/3·d_model rounded up to a multiple of 16."""
+    context_length: int = 256
+    placement: str = "pre"
+    placement_overrides: dict[int, str] = field(default_factory=dict)
+    """Per-layer placements by block index, on top of ``placement`` (e.g. {0: "post"})."""
+    norm: str = "rms"
+    """``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias)."""
+    norm_eps: float = 1e-6
+    delta_t: float = 1.0
+    """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.)."""
+    span_scaling: str = "init"
+    """SpanNorm's variance-aware scaling (SPEC §3): init, skip or both."""
+    span_alpha: float | None = None
+    """Override the clean-skip multiplier α of span/span_b2t. None: from span_scaling."""
+    span_beta: float = 1.0
+    """Run-time branch multiplier β_run of span/span_b2t."""
+    mixln_ratio: float = 0.25
+    """Mix-LN: the first floor(ratio·L) blocks are post, the rest pre."""
+    init: str = "fan_in"
+    """``fan_in``: std init_std/sqrt(fan_in) (SPEC §3). ``fixed``: std init_std (0.02 in GPT-2/Llama)."""
+    init_std: float = 1.0
+    """σ₀ for fan_in init; the std itself for fixed init."""
+    scale_out_proj: bool = True
+    """Scale the output projections of pre-style blocks (pre, lns, mixln's pre blocks) by 1/sqrt(2L)."""
+    embed_scale: float | None = None
+    """Multiplier on the embedding output. None: sqrt(d_model) under fan_in init (unit-variance stream
+    with a tied head whose rows have norm ~1), 1.0 under fixed init."""
+    tie_embeddings: bool = True
+    final_norm: bool | None = None
+    """None: the placement's default (SPEC §2): off when the last block already normalizes its output."""
+    embed_norm: bool = False
+    """Normalize the embedding output (Peri-LN's optional embedding norm)."""
+    rope_theta: float = 10000.0
+    bias: bool = False
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            known = {f.name for f in dataclasses.fields(MoEConfig)}
+            unknown = sorted(set(self.moe) - known)
+            if unknown:
+                raise ConfigError(f"model.moe.{unknown[0]} is not a known field; "
+                                  f"allowed: {', '.join(sorted(known))}")
+            self.moe = MoEConfig(**self.moe)
+        self.placement_overrides = {int(k): v for k, v in (self.placement_overrides or {}).items()}
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, prefix: str = "model") -> None:
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "context_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(f"{prefix}.{name}", value, "must be a positive integer")
+        if self.placement not in PLACEMENTS:
+            _fail(f"{prefix}.placement", self.placement, f"allowed: {', '.join(PLACEMENTS)}")
+        for layer, placement in self.placement_overrides.items():
+            if not 0 <= layer < self.n_layers:
+                _fail(f"{prefix}.placement_overrides", layer,
+                      f"layer index must be in [0, {self.n_layers - 1}]")
+            if placement not in BLOCK_PLACEMENTS:
+                _fail(f"{prefix}.placement_overrides[{layer}]", placement,
+                      f"allowed: {', '.join(BLOCK_PLACEMENTS)}")
+        if self.d_model % self.n_heads:
+            _fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            _fail(f"{prefix}.d_model", self.d_model, "d_model/n_heads must be even for RoPE")
+        kv = self.kv_heads
+        if kv < 1 or self.n_heads % kv:
+            _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.d_ff is not None and self.d_ff < 1:
+            _fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
+        if self.norm not in NORMS:
+            _fail(f"{prefix}.norm", self.norm, f"allowed: {', '.join(NORMS)}")
+        if self.span_scaling not in SPAN_SCALINGS:
+            _fail(f"{prefix}.span_scaling", self.span_scaling, f"allowed: {', '.join(SPAN_SCALINGS)}")
+        if self.init not in INITS:
+            _fail(f"{prefix}.init", self.init, f"allowed: {', '.join(INITS)}")
+        for name in ("norm_eps", "delta_t", "init_std", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                _fail(f"{prefix}.{name}", value, "must be a positive finite number")
+        if self.span_alpha is not None and not self.span_alpha > 0:
+            _fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
+        if not self.span_beta > 0:
+            _fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
+        if not 0.0 <= self.mixln_ratio <= 1.0:
+            _fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
+        if self.embed_scale is not None and not self.embed_scale > 0:
+            _fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
+        if self.moe is not None:
+            self.moe.validate(f"{prefix}.moe")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return 16 * math.ceil(8 * self.d_model / 3 / 16)
+
+    @property
+    def expert_hidden(self) -> int:
+        assert self.moe is not None
+        if self.moe.d_expert is not None:
+            return self.moe.d_expert
+        return max(1, self.ffn_hidden // self.moe.top_k)
+
+    @property
+    def embedding_multiplier(self) -> float:
+        if self.embed_scale is not None:
+            return self.embed_scale
+        return math.sqrt(self.d_model) if self.init == "fan_in" else 1.0
+
+    def layer_placements(self) -> list[str]:
+        """The block placement of every layer, with ``mixln`` expanded and overrides applied."""
+        if self.placement == "mixln":
+            n_post = math.floor(self.mixln_ratio * self.n_layers)
+            layers = ["post"] * n_post + ["pre"] * (self.n_layers - n_post)
+        else:
+            layers = [self.placement] * self.n_layers
+        for layer, placement in self.placement_overrides.items():
+            layers[layer] = placement
+        return layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]} is not a known field; allowed: {', '.join(sorted(known))}")
+        return cls(**data)

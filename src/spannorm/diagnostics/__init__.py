@@ -1,0 +1,1 @@
+"""Measurements on the residual stream, collected through the model hook points."""

@@ -1,0 +1,121 @@
+"""The sub-modules every block is made of: norms, rotary attention, the SwiGLU FFN and residual hook points."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spannorm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a gain, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.type_as(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with gain and bias, computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.type_as(x)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = cfg.d_model if dim is None else dim
+    if cfg.norm == "rms":
+        return RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, eps=cfg.norm_eps)
+
+
+class ResidualHook(nn.Identity):
+    """A parameter-free point on the residual stream. Diagnostics attach forward hooks here; the model
+    itself never looks at what is attached."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the non-interleaved (Llama / GPT-NeoX) layout."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = self._table(max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _table(self, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
+                                                       dtype=torch.float64) / self.head_dim))
+        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().float(), angles.sin().float()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = q.shape[-2]
+        if T > self.cos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.shape[0]}); "
+                             "raise model.context_length")
+        cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with RoPE and optional grouped-query heads, through
+    ``F.scaled_dot_product_attention``. ``qkv_norm`` normalizes Q, K and V per head (HybridNorm)."""
+
+    def __init__(self, cfg: ModelConfig, qkv_norm: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        if qkv_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
+            self.v_norm = make_norm(cfg, cfg.head_dim)
+        self.qkv_norm = qkv_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qkv_norm:
+            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.rotary(q, k)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)), the Llama FFN."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,127 @@
+"""The decoder-only LM: embedding, a stack of placement blocks, an optional final norm and a (tied) head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spannorm.config import ModelConfig
+from spannorm.model.layers import ResidualHook, make_norm
+from spannorm.model.moe import Experts, MoEFFN
+from spannorm.model.placements import Block, BlockInit, make_block
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy, when targets were given. MoE auxiliary losses are not added."""
+    balance_loss: torch.Tensor | None = None
+    """Mean over MoE layers of the Switch balance loss (1.0 at uniform routing); None for dense models."""
+    z_loss: torch.Tensor | None = None
+    """Mean over MoE layers of the router z-loss; None for dense models."""
+    expert_load: torch.Tensor | None = None
+    """Per-layer fraction of assignments per expert, shape (n_moe_layers, E); None for dense models."""
+
+
+class SpanNormLM(nn.Module):
+    """A decoder-only Transformer whose block placement is ``cfg.placement`` (with per-layer overrides)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.hook_embed = ResidualHook()
+        self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
+        has_final = cfg.final_norm if cfg.final_norm is not None else not self.blocks[-1].normalizes_output
+        self.final_norm = make_norm(cfg) if has_final else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init (SPEC §3)
+    def _std(self, fan_in: int) -> float:
+        cfg = self.cfg
+        return cfg.init_std / math.sqrt(fan_in) if cfg.init == "fan_in" else cfg.init_std
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d = self.cfg.d_model
+        nn.init.normal_(self.embed.weight, std=self._std(d))
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=self._std(d))
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm, nn.Embedding, nn.Linear)) and getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+            if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            self._init_block(block, block.init_rule(self.cfg))
+
+    def _init_block(self, block: Block, rule: BlockInit) -> None:
+        attn, ffn = block.attn, block.ffn
+        if rule.xavier_gain is not None:
+            for linear in (attn.q_proj, attn.k_proj):
+                nn.init.xavier_normal_(linear.weight, gain=1.0)
+            branch = [attn.v_proj.weight, attn.o_proj.weight]
+            for w in branch:
+                nn.init.xavier_normal_(w, gain=rule.xavier_gain)
+            for w, fan_in, fan_out, _ in _ffn_matrices(ffn):
+                nn.init.normal_(w, std=rule.xavier_gain * math.sqrt(2.0 / (fan_in + fan_out)))
+            if isinstance(ffn, MoEFFN):
+                nn.init.normal_(ffn.router.weight, std=self._std(self.cfg.d_model))
+            return
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+            nn.init.normal_(linear.weight, std=self._std(linear.in_features))
+        nn.init.normal_(attn.o_proj.weight, std=self._std(attn.o_proj.in_features) * rule.out_proj_scale)
+        for w, fan_in, _, is_output in _ffn_matrices(ffn):
+            nn.init.normal_(w, std=self._std(fan_in) * (rule.out_proj_scale if is_output else 1.0))
+        if isinstance(ffn, MoEFFN):
+            nn.init.normal_(ffn.router.weight, std=self._std(self.cfg.d_model))
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def moe_layers(self) -> list[MoEFFN]:
+        return [m for m in self.modules() if isinstance(m, MoEFFN)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        x = self.embed(idx) * self.cfg.embedding_multiplier
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.hook_embed(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        logits = F.linear(x, self.head_weight.to(x.dtype))
+        out = LMOutput(logits=logits)
+        if targets is not None:
+            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        moe = self.moe_layers()
+        if moe:
+            aux = [m.last_aux for m in moe]
+            out.balance_loss = torch.stack([a.balance_loss for a in aux]).mean()
+            out.z_loss = torch.stack([a.z_loss for a in aux]).mean()
+            out.expert_load = torch.stack([a.load for a in aux])
+        return out
+
+
+def _ffn_matrices(ffn: nn.Module) -> list[tuple[torch.Tensor, int, int, bool]]:
+    """Every FFN matrix (router excluded) as (weight, fan_in, fan_out, is_output_projection); stacked
+    expert weights count per expert."""
+    out = []
+    for module in ffn.modules():
+        if isinstance(module, Experts):
+            out += [(w, w.shape[1], w.shape[2], w is module.w_down)
+                    for w in (module.w_gate, module.w_up, module.w_down)]
+        elif hasattr(module, "down_proj"):
+            out += [(lin.weight, lin.in_features, lin.out_features, lin is module.down_proj)
+                    for lin in (module.gate_proj, module.up_proj, module.down_proj)]
+    return out
