@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, token caches and window sampling."""
