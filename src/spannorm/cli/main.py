@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Commands that take dotted config overrides (``--model.n_layers=24``) set accepts_overrides=True.
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not hasattr(args, "run"):
         parser.print_help()
         return 0

@@ -31,3 +31,54 @@ def embedded_corpus(max_bytes: int = EMBEDDED_MAX_BYTES) -> bytes:
         if size >= max_bytes:
             break
     return b"\n".join(chunks)[:max_bytes]
+
+
+# ---------------------------------------------------------------------- text from disk
+BINARY_SNIFF_BYTES = 8192
+
+
+def _is_text_file(path: Path) -> bool:
+    """A file counts as text when its first bytes hold no NUL byte."""
+    with path.open("rb") as handle:
+        return b"\0" not in handle.read(BINARY_SNIFF_BYTES)
+
+
+def folder_text_files(folder: Path) -> list[Path]:
+    """The text files under ``folder`` (recursively, hidden entries skipped), sorted by relative path."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if _is_text_file(path):
+            files.append(path)
+    return files
+
+
+def read_corpus(path: str | Path, field_name: str = "data.path") -> bytes:
+    """The bytes of a text file, or of every text file of a folder joined by newlines in sorted order.
+
+    Raises :class:`spannorm.config.ConfigError` (a one-line message) for a missing path, an empty file, or a
+    folder without text files."""
+    from spannorm.config import ConfigError
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{field_name}={str(path)!r} is invalid: no such file or folder; "
+                          "name a text file, a folder of text files, or leave it unset for the embedded corpus")
+    if path.is_file():
+        data = path.read_bytes()
+        if not data:
+            raise ConfigError(f"{field_name}={str(path)!r} is invalid: the file is empty; name a non-empty text file")
+        return data
+    if path.is_dir():
+        files = folder_text_files(path)
+        if not files:
+            raise ConfigError(f"{field_name}={str(path)!r} is invalid: the folder holds no text files; "
+                              "name a folder that contains text files")
+        data = b"\n".join(f.read_bytes() for f in files)
+        if not data.strip():
+            raise ConfigError(f"{field_name}={str(path)!r} is invalid: its text files are empty; "
+                              "name a folder with non-empty text files")
+        return data
+    raise ConfigError(f"{field_name}={str(path)!r} is invalid: not a regular file or folder")

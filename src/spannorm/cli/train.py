@@ -1,0 +1,76 @@
+"""``spannorm train``: train a model from a preset and/or a YAML config, with dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spannorm.cli.main import UsageError
+from spannorm.train.config import preset_names, resolve_config
+
+EXIT_DIVERGED = 3
+"""Exit status of a run that stopped on a non-finite loss or gradient (bad input is 2)."""
+
+
+def collect_overrides(extra: list[str] | None) -> list[str]:
+    """Turn leftover command-line words (``--model.n_layers=24`` or ``--optim.lr 1e-3``) into
+    ``section.field=value`` strings. Unknown keys are caught when the config is resolved, whose message lists
+    what is allowed."""
+    words = list(extra or [])
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--") or word == "--":
+            raise UsageError(f"unexpected argument {word!r}; overrides look like --section.field=value "
+                             "(sections: model, data, optim, train)")
+        key = word[2:]
+        if "=" in key:
+            out.append(key)
+            i += 1
+            continue
+        if "." not in key:
+            raise UsageError(f"unknown option {word!r}; allowed: the options in --help, or config overrides "
+                             "--section.field=value (sections: model, data, optim, train)")
+        if i + 1 >= len(words) or words[i + 1].startswith("--"):
+            raise UsageError(f"override {word!r} has no value; write {word}=VALUE")
+        out.append(f"{key}={words[i + 1]}")
+        i += 2
+    return out
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train a model (presets, YAML configs, --section.field=value overrides)",
+        description="Train a decoder-only LM. The config is the defaults, then --preset, then --config, then "
+                    "any --section.field=value overrides (sections: model, data, optim, train), e.g. "
+                    "--model.placement=span --optim.lr=3e-3. See docs/training.md.",
+        epilog=f"presets: {', '.join(preset_names())}")
+    p.add_argument("--preset", help="a named preset: " + ", ".join(preset_names()))
+    p.add_argument("--config", type=Path, help="a YAML file with model/data/optim/train sections")
+    p.add_argument("--out", type=Path, required=True, help="the run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (its config.yaml is the base "
+                        "config unless --preset/--config are given)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(run=run, accepts_overrides=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from spannorm.train.trainer import CONFIG_NAME, train
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; allowed: one of them")
+    overrides = collect_overrides(getattr(args, "overrides", None))
+    config_file = args.config
+    if args.resume and not args.preset and not config_file and (args.out / CONFIG_NAME).is_file():
+        config_file = args.out / CONFIG_NAME
+    cfg = resolve_config(args.preset, config_file, overrides)
+    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(summary.to_dict()))
+    if summary.diverged:
+        print(f"spannorm: training diverged: {summary.message}", file=__import__("sys").stderr)
+        return EXIT_DIVERGED
+    return 0

@@ -1,0 +1,198 @@
+"""From a :class:`~spannorm.train.config.DataConfig` to token splits and batches.
+
+The corpus is split by bytes (the last ``val_fraction``, starting at a line break) into train and validation
+text; each part is tokenized once and cached as a memory-mapped ``.npy`` file (uint16, or uint32 for
+vocabularies over 65536) under ``cache_dir/tokens/<content hash>-<tokenizer id>-val<fraction>/``. Training
+windows are drawn at random by a seeded :class:`WindowSampler` whose state can be saved and restored exactly;
+validation windows are fixed and evenly spaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spannorm.config import ConfigError
+from spannorm.data.corpus import EMBEDDED_NAME, embedded_corpus, read_corpus
+from spannorm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, bpe_tokenizer
+
+DEFAULT_CACHE_DIR = "~/.cache/spannorm"
+SPLITS = ("train", "val")
+
+
+def resolve_cache_dir(cache_dir: str | None) -> Path:
+    """The cache folder: ``cache_dir`` or ``~/.cache/spannorm``."""
+    return Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+
+
+@dataclass
+class TokenSplits:
+    """The tokenized corpus: memory-mapped train and validation token arrays and their byte counts."""
+
+    train: np.ndarray
+    val: np.ndarray
+    train_bytes: int
+    val_bytes: int
+    source: str
+    """What the text came from: a path, or ``embedded:stdlib``."""
+    corpus_hash: str
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} is not one of {SPLITS}")
+        return self.train if name == "train" else self.val
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        return self.val_bytes / max(1, len(self.val))
+
+
+def corpus_from_config(data_cfg) -> tuple[bytes, str]:
+    """The corpus bytes and a description of where they came from."""
+    if data_cfg.path is None:
+        return embedded_corpus(data_cfg.embedded_max_bytes), f"embedded:{EMBEDDED_NAME}"
+    return read_corpus(data_cfg.path), str(Path(data_cfg.path).expanduser())
+
+
+def tokenizer_from_config(data_cfg, corpus: bytes | None = None, corpus_hash: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``data.tokenizer``. ``bpe`` needs the corpus (it is trained on it, then cached)."""
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if data_cfg.tokenizer == "bpe":
+        if corpus is None:
+            corpus, _ = corpus_from_config(data_cfg)
+        corpus_hash = corpus_hash or hashlib.sha256(corpus).hexdigest()
+        return bpe_tokenizer(corpus, corpus_hash, data_cfg.bpe_vocab_size, resolve_cache_dir(data_cfg.cache_dir))
+    return HFTokenizer.from_file(data_cfg.tokenizer)
+
+
+def split_point(corpus: bytes, val_fraction: float) -> int:
+    """The byte offset where validation text starts: the first line start at or after (1 - val_fraction)·n."""
+    cut = int(len(corpus) * (1.0 - val_fraction))
+    newline = corpus.find(b"\n", cut)
+    if 0 <= newline < len(corpus) - 1:
+        return newline + 1
+    return cut
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def load_splits(data_cfg, tokenizer: Tokenizer | None = None, corpus: bytes | None = None,
+                source: str | None = None) -> tuple[Tokenizer, TokenSplits]:
+    """Tokenize the configured corpus once (cached) and return the tokenizer and memory-mapped splits."""
+    if corpus is None:
+        corpus, source = corpus_from_config(data_cfg)
+    corpus_hash = hashlib.sha256(corpus).hexdigest()
+    if tokenizer is None:
+        tokenizer = tokenizer_from_config(data_cfg, corpus, corpus_hash)
+    cut = split_point(corpus, data_cfg.val_fraction)
+    parts = {"train": corpus[:cut], "val": corpus[cut:]}
+    key = f"{corpus_hash[:32]}-{tokenizer.id}-val{data_cfg.val_fraction:g}"
+    folder = resolve_cache_dir(data_cfg.cache_dir) / "tokens" / key
+    if not (folder / "meta.json").is_file():
+        _write_cache(folder, parts, tokenizer)
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in SPLITS}
+    return tokenizer, TokenSplits(train=arrays["train"], val=arrays["val"], train_bytes=len(parts["train"]),
+                                  val_bytes=len(parts["val"]), source=source or "", corpus_hash=corpus_hash)
+
+
+def _write_cache(folder: Path, parts: dict[str, bytes], tokenizer: Tokenizer) -> None:
+    """Tokenize each split and write the cache folder atomically (a temporary folder, then a rename)."""
+    dtype = _token_dtype(tokenizer.vocab_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta: dict[str, Any] = {"tokenizer": tokenizer.id, "dtype": dtype.name}
+        for name, text in parts.items():
+            ids = tokenizer.encode(text)
+            np.save(tmp / f"{name}.npy", ids.astype(dtype), allow_pickle=False)
+            meta[f"{name}_tokens"] = int(len(ids))
+            meta[f"{name}_bytes"] = len(text)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote the same cache first
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_long_enough(splits: TokenSplits, context_length: int, field_name: str = "data.path") -> None:
+    """Each split must hold at least one window of ``context_length`` + 1 tokens."""
+    need = context_length + 1
+    for name in SPLITS:
+        have = len(splits.split(name))
+        if have < need:
+            raise ConfigError(
+                f"{field_name}={splits.source!r} is too short: its {name} split has {have} tokens but one "
+                f"window needs {need} (model.context_length={context_length} + 1); allowed: a longer corpus, "
+                "a smaller model.context_length or another data.val_fraction")
+
+
+def _to_batch(tokens: np.ndarray, starts: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = np.stack([np.asarray(tokens[s:s + context_length + 1], dtype=np.int64) for s in starts])
+    batch = torch.from_numpy(windows)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+class WindowSampler:
+    """Random training windows from a seeded generator, resumable exactly through :meth:`state_dict`.
+
+    Rank ``r`` of ``world_size`` data-parallel workers draws from its own stream (seeded with (seed, r)),
+    so adding ranks never changes rank 0's windows."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.tokens = tokens
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = np.random.default_rng([seed, rank])
+        self.batches_drawn = 0
+        self.n_starts = len(tokens) - context_length
+        if self.n_starts < 1:
+            raise ValueError(f"{len(tokens)} tokens hold no window of {context_length + 1}")
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each of shape (batch_size, context_length), int64."""
+        starts = self.generator.integers(0, self.n_starts, size=self.batch_size)
+        self.batches_drawn += 1
+        return _to_batch(self.tokens, starts, self.context_length)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable: the generator state and the number of batches drawn."""
+        return {"bit_generator": self.generator.bit_generator.state, "batches_drawn": self.batches_drawn,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.bit_generator.state = state["bit_generator"]
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def eval_batches(tokens: np.ndarray, context_length: int, batch_size: int, max_batches: int | None = None):
+    """Fixed, non-overlapping validation windows, evenly spaced over the split; yields (inputs, targets).
+
+    ``max_batches`` None covers the whole split."""
+    n_windows = (len(tokens) - 1) // context_length
+    wanted = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
+    if wanted < 1:
+        return
+    picks = np.linspace(0, n_windows - 1, wanted).round().astype(np.int64)
+    starts = np.unique(picks) * context_length
+    for i in range(0, len(starts), batch_size):
+        yield _to_batch(tokens, starts[i:i + batch_size], context_length)

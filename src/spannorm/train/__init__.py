@@ -1,0 +1,1 @@
+"""Training: run configuration, the trainer loop, checkpoints, schedules and progress display."""

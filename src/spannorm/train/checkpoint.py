@@ -1,0 +1,231 @@
+"""Checkpoints: safetensors weights, JSON trainer state, optimizer state as safetensors + JSON. No pickles.
+
+A checkpoint is a folder ``RUN/checkpoints/step_00000100/`` holding
+
+- ``model.safetensors`` and ``model_config.json`` (the layout of :func:`spannorm.model.io.save_model`, so a
+  checkpoint folder is also a model folder for :func:`spannorm.model.io.load_model`);
+- ``optimizer.safetensors`` (every tensor of the optimizer state) and ``optimizer.json`` (the rest);
+- ``trainer_state.json`` (step, token count, RNG states, the data sampler's position, spike-score history);
+- ``run_config.json`` (the resolved :class:`~spannorm.train.config.RunConfig`);
+- ``tokenizer.json`` when the tokenizer is not the byte tokenizer.
+
+Every file is written to a temporary name and renamed, inside a temporary folder that is itself renamed to
+``step_XXXXXXXX`` once complete; only then is ``RUN/checkpoints/latest`` (the name of the newest checkpoint)
+replaced. A kill at any moment therefore leaves the previous complete checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, save_model
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_NAME = "latest"
+STATE_NAME = "trainer_state.json"
+RUN_CONFIG_NAME = "run_config.json"
+OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+OPTIMIZER_META_NAME = "optimizer.json"
+TOKENIZER_NAME = "tokenizer.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+write_hook: Callable[[str, Path], None] | None = None
+"""Test hook, called as ``write_hook(phase, path)`` while a checkpoint is being written (phases:
+``files_written`` before the folder rename, ``before_latest`` before the pointer is replaced). Tests use it
+to pause a writer and kill it mid-write; it is None in normal use."""
+
+
+def _hook(phase: str, path: Path) -> None:
+    if write_hook is not None:
+        write_hook(phase, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------- optimizer state
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (keyed ``"{param_index}.{name}"``) and JSON metadata."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for index, entries in state["state"].items():
+        plain = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain[name] = value
+        meta["state"][str(index)] = plain
+    return tensors, meta
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild an optimizer state dict from :func:`optimizer_to_files`' output."""
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------- RNG states
+def rng_states() -> dict[str, Any]:
+    """The torch CPU (and CUDA) generator states, base64-encoded for JSON."""
+    states = {"torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii")
+                                for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(states["torch_cpu"]))
+    if "torch_cuda" in states and torch.cuda.is_available():
+        for device, text in enumerate(states["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(decode(text), device)
+
+
+# ---------------------------------------------------------------------- writing
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def is_complete(ckpt: Path) -> bool:
+    return all((ckpt / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME, RUN_CONFIG_NAME))
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], run_config: dict[str, Any],
+                    tokenizer_json: str | None = None, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` of a run, point ``latest`` at it, and delete all but the newest ``keep``."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    if not (final.is_dir() and is_complete(final)):
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_model(model, tmp)
+            tensors, meta = optimizer_to_files(optimizer)
+            _atomic_save_tensors(tmp / OPTIMIZER_TENSORS_NAME, tensors)
+            atomic_write_text(tmp / OPTIMIZER_META_NAME, json.dumps(meta))
+            if tokenizer_json is not None:
+                atomic_write_text(tmp / TOKENIZER_NAME, tokenizer_json)
+            atomic_write_text(tmp / RUN_CONFIG_NAME, json.dumps(run_config, indent=2))
+            atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=2))
+            _hook("files_written", tmp)
+            if final.exists():  # an incomplete leftover of the same step: never the one `latest` names
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _hook("before_latest", final)
+    atomic_write_text(root / LATEST_NAME, final.name + "\n")
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (never the one ``latest`` names), and
+    temporary folders left by killed writers."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    latest = latest_checkpoint(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if latest is None or old.resolve() != latest.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".step_*.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid != str(os.getpid()):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- reading
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` names; if that is missing or incomplete, the newest complete one; else None."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_NAME
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if _STEP_DIR.match(candidate.name) and candidate.is_dir() and is_complete(candidate):
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A run folder (its latest checkpoint), a checkpoint folder, or a model folder; None if none of these."""
+    path = Path(path)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        return latest_checkpoint(path)
+    if (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file():
+        return path
+    return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights (strictly) and optimizer state from a checkpoint folder; return its trainer state."""
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME), device=str(device)), strict=True)
+    if optimizer is not None:
+        tensors = load_file(str(ckpt / OPTIMIZER_TENSORS_NAME), device="cpu")
+        meta = read_json(ckpt / OPTIMIZER_META_NAME)
+        optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+    return read_json(ckpt / STATE_NAME)

@@ -1,0 +1,429 @@
+"""Run configuration: typed dataclasses for the model, the data, the optimizer and the training loop.
+
+A run is resolved in layers: the dataclass defaults, then a named preset (``spannorm/presets/NAME.yaml``),
+then a YAML config file, then dotted command-line overrides such as ``model.n_layers=24``. Every value is
+coerced to its field's type and validated in one place; errors are :class:`ConfigError` with a one-line
+message that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spannorm.config import ConfigError, ModelConfig, MoEConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+PROGRESS_MODES = ("auto", "bar", "plain", "none")
+TOKENIZER_KINDS = ("byte", "bpe")
+
+
+def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+
+
+def _check_positive_int(path: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(path, value, f"must be an integer >= {minimum}")
+
+
+def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
+                  low_inclusive: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and value <= high
+    if not ok:
+        bound = ">=" if low_inclusive else ">"
+        upper = "" if high == math.inf else f" and <= {high:g}"
+        _fail(path, value, f"must be a finite number {bound} {low:g}{upper}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    path: str | None = None
+    """A text file or a folder of text files. None: the embedded corpus (the standard library's source)."""
+    tokenizer: str = "byte"
+    """``byte`` (vocabulary 256), ``bpe`` (byte-level BPE trained locally on the corpus and cached), or the
+    path of a Hugging Face ``tokenizer.json``. The model's vocab_size is set from the tokenizer."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size of a locally trained BPE tokenizer."""
+    val_fraction: float = 0.1
+    """The last fraction of the token stream is the validation split."""
+    cache_dir: str | None = None
+    """Where token caches and trained tokenizers live. None: ``~/.cache/spannorm``."""
+    embedded_max_bytes: int = 4_000_000
+    """How much of the embedded corpus to use."""
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.path is not None and not str(self.path).strip():
+            _fail(f"{prefix}.path", self.path, "must name a text file or folder, or be null (embedded corpus)")
+        if self.tokenizer not in TOKENIZER_KINDS and not str(self.tokenizer).endswith(".json"):
+            _fail(f"{prefix}.tokenizer", self.tokenizer,
+                  "allowed: byte, bpe, or the path of a tokenizer.json file")
+        _check_positive_int(f"{prefix}.bpe_vocab_size", self.bpe_vocab_size, minimum=257)
+        _check_number(f"{prefix}.val_fraction", self.val_fraction, low=0.0, high=0.5, low_inclusive=False)
+        _check_positive_int(f"{prefix}.embedded_max_bytes", self.embedded_max_bytes)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (weight decay on matrices only) and the learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr·min_lr_ratio."""
+    schedule: str = "cosine"
+    """``cosine`` (warmup, then cosine decay), ``wsd`` (warmup, stable, then linear decay) or ``constant``."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    """WSD only: the fraction of the steps spent in the final decay."""
+    weight_decay: float = 0.1
+    """Applied to parameters with two or more dimensions (matrices, embeddings, stacked experts) only."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check_number(f"{prefix}.lr", self.lr, low=0.0, low_inclusive=False)
+        _check_number(f"{prefix}.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        if self.schedule not in SCHEDULES:
+            _fail(f"{prefix}.schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
+        _check_positive_int(f"{prefix}.warmup_steps", self.warmup_steps, minimum=0)
+        _check_number(f"{prefix}.decay_fraction", self.decay_fraction, low=0.0, high=1.0)
+        _check_number(f"{prefix}.weight_decay", self.weight_decay, low=0.0)
+        _check_number(f"{prefix}.beta1", self.beta1, low=0.0, high=1.0)
+        _check_number(f"{prefix}.beta2", self.beta2, low=0.0, high=1.0)
+        _check_number(f"{prefix}.eps", self.eps, low=0.0, low_inclusive=False)
+        _check_number(f"{prefix}.grad_clip", self.grad_clip, low=0.0)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: budget, batch, precision, evaluation, checkpoints and display."""
+
+    steps: int = 1000
+    """Optimizer steps in the whole run (the schedule spans them; a resumed run continues to this step)."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seeds the model init, the window sampler and generation."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (autocast on CPU and CUDA; weights and optimizer state stay fp32)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps, and at the end; 0: only at the end."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation (fixed, evenly spaced windows of the split)."""
+    log_every: int = 10
+    """Plain log lines (when not on a terminal) every this many steps."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every this many steps, and at the end; 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the last K checkpoints."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``OUT/tensorboard``."""
+    progress: str = "auto"
+    """``auto`` (a bar on a terminal, plain lines otherwise), ``bar``, ``plain`` or ``none``."""
+    spike_window: int = 128
+    """Steps of history for the spike score (SPEC §6): a value above mean + spike_sigmas·σ is a spike."""
+    spike_sigmas: float = 6.0
+
+    def validate(self, prefix: str = "train") -> None:
+        _check_positive_int(f"{prefix}.steps", self.steps)
+        _check_positive_int(f"{prefix}.batch_size", self.batch_size)
+        _check_positive_int(f"{prefix}.grad_accum", self.grad_accum)
+        _check_positive_int(f"{prefix}.seed", self.seed, minimum=0)
+        if self.precision not in PRECISIONS:
+            _fail(f"{prefix}.precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            _fail(f"{prefix}.device", self.device, f"allowed: {', '.join(DEVICES)}")
+        if self.progress not in PROGRESS_MODES:
+            _fail(f"{prefix}.progress", self.progress, f"allowed: {', '.join(PROGRESS_MODES)}")
+        for name in ("eval_every", "log_every", "checkpoint_every"):
+            _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
+        _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
+        _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)
+        _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
+        _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)
+
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs. ``to_dict``/``from_dict`` round-trip through plain YAML/JSON types."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.model.context_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Build and validate a config from nested dicts (missing fields keep their defaults)."""
+        return _build(cls, data or {}, "")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- building and coercion
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(path: str, name: str, known: list[str]) -> typing.NoReturn:
+    where = f"{path}.{name}" if path else name
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where} is not a known config key{hint}; allowed: {', '.join(sorted(known))}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from a dict, coercing each value to its declared type."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        _fail(path or "config", data, f"must be a mapping of {cls.__name__} fields")
+    hints = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            _unknown_key(path, str(key), known)
+        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a dataclass validator tripping over an odd type
+        raise ConfigError(f"{path or cls.__name__} is invalid: {err}") from None
+    if cls is not RunConfig and hasattr(obj, "validate"):
+        obj.validate(path) if path else obj.validate()
+    return obj
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` (from YAML or a command-line string) to type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        if len(args) == 1:
+            return _coerce(path, value, args[0])
+        raise ConfigError(f"{path}: unsupported config type {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):
+            value = _yaml_value(path, value)
+        return _build(tp, value if value is not None else {}, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        _fail(path, value, "must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(path, value, "must be an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(str(value).replace("_", ""))
+        except ValueError:
+            _fail(path, value, "must be an integer")
+        if not math.isfinite(number) or number != int(number):
+            _fail(path, value, "must be an integer")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(path, value, "must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(str(value).replace("_", ""))
+        except ValueError:
+            _fail(path, value, "must be a number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            _fail(path, value, "must be a string")
+        return str(value)
+    if origin is dict:
+        if isinstance(value, str):
+            value = _yaml_value(path, value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            _fail(path, value, "must be a mapping such as {0: post}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(f"{path}[{k}]", k, key_tp): _coerce(f"{path}[{k}]", v, value_tp) for k, v in value.items()}
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def _yaml_value(path: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        _fail(path, text, "must be a YAML value")
+
+
+# ---------------------------------------------------------------------- presets, files, overrides
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``spannorm/presets``."""
+    folder = resources.files("spannorm") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The nested dict of a named preset."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"preset {name!r} does not exist; allowed: {', '.join(names)}")
+    text = (resources.files("spannorm") / "presets" / f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a YAML config file (also accepts a run directory's ``config.yaml``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; name a YAML file with model/data/optim/train")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "parse error"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping with keys model, data, optim, train")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``"model.n_layers=24"`` (a leading ``--`` is allowed) into (["model", "n_layers"], "24")."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} is invalid: write section.field=value, e.g. model.n_layers=24")
+    key, value = body.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        if len(parts) == 1 and parts[0] in SECTIONS:
+            raise ConfigError(f"override {text!r} is invalid: name a field, e.g. {parts[0]}.FIELD=value")
+        _unknown_key("", key.strip(), [f"{s}.FIELD" for s in SECTIONS])
+    if parts[0] not in SECTIONS:
+        _unknown_key("", parts[0], list(SECTIONS))
+    return parts, value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "placement_overrides":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(data: dict[str, Any], source: str) -> None:
+    for key in data:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key} in {source} is not a known config section{hint}; "
+                              f"allowed: {', '.join(SECTIONS)}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict. Values stay strings; :func:`RunConfig.from_dict` coerces them.
+    Unknown keys fail here, so the message names the override."""
+    data = _merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        cls: Any = SECTIONS[parts[0]]
+        node = data.setdefault(parts[0], {})
+        for depth, name in enumerate(parts[1:], start=1):
+            hints = _field_types(cls)
+            if name not in hints:
+                _unknown_key(".".join(parts[:depth]), name, [f.name for f in dataclasses.fields(cls)])
+            tp = hints[name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            last = depth == len(parts) - 1
+            if last:
+                node[name] = value
+            elif inner or dataclasses.is_dataclass(tp):
+                cls = inner[0] if inner else tp
+                child = node.get(name)
+                if not isinstance(child, dict):
+                    child = {} if child is None or isinstance(child, str) else dataclasses.asdict(child)
+                    node[name] = child
+                node = child
+            else:
+                raise ConfigError(f"override {text!r} is invalid: {'.'.join(parts[:depth + 1])} "
+                                  "is a value, not a section")
+    return data
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the preset, then the config file, then the dotted overrides; validated."""
+    data: dict[str, Any] = {}
+    if preset:
+        layer = load_preset(preset)
+        _check_keys(layer, f"preset {preset!r}")
+        data = _merge(data, layer)
+    if config_file:
+        layer = load_config_file(config_file)
+        _check_keys(layer, f"config file {str(config_file)!r}")
+        data = _merge(data, layer)
+    data = apply_overrides(data, list(overrides))
+    return RunConfig.from_dict(data)
+
+
+__all__ = ["DataConfig", "MoEConfig", "OptimConfig", "RunConfig", "TrainConfig", "apply_overrides",
+           "load_config_file", "load_preset", "parse_override", "preset_names", "resolve_config"]
