@@ -1,0 +1,207 @@
+"""Each placement's block equals a hand-written reference of SPEC §2's equation, built from the same
+sub-modules; the sub-modules themselves equal hand-written references; per-layer overrides resolve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spannorm import ModelConfig, MoEConfig, SpanNormLM
+from spannorm.config import BLOCK_PLACEMENTS
+from spannorm.model.placements import BLOCKS, deepnorm_constants, span_constants
+
+D, H, T = 32, 4, 12
+
+
+def _cfg(placement: str, **kw) -> ModelConfig:
+    base = dict(d_model=D, n_heads=H, n_layers=4, context_length=T, placement=placement, delta_t=0.7)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Give every norm a non-trivial gain (and bias) so that a norm in the wrong position shows."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+# References: SPEC §2 written out with the block's own sub-modules A (attn), F (ffn) and named norms.
+def ref_pre(b, x):
+    h = x + b.delta_t * b.attn(b.attn_in_norm(x))
+    return h + b.delta_t * b.ffn(b.ffn_in_norm(h))
+
+
+def ref_post(b, x):
+    h = b.attn_out_norm(x + b.delta_t * b.attn(x))
+    return b.ffn_out_norm(h + b.delta_t * b.ffn(h))
+
+
+def ref_peri(b, x):
+    h = x + b.delta_t * b.attn_out_norm(b.attn(b.attn_in_norm(x)))
+    return h + b.delta_t * b.ffn_out_norm(b.ffn(b.ffn_in_norm(h)))
+
+
+def ref_span(b, x):
+    a = b.attn(b.attn_in_norm(x))
+    h = x + a
+    f = b.ffn(b.ffn_in_norm(h))
+    return b.block_out_norm(b.alpha * x + b.beta * (a + f))
+
+
+def ref_span_b2t(b, x):
+    h = b.attn_out_norm(x + b.attn(x))
+    f = b.ffn(h)
+    return b.block_out_norm(b.alpha * x + b.beta * (h + f))
+
+
+def ref_deepnorm(b, x):
+    alpha = (2 * b.n_layers) ** 0.25
+    h = b.attn_out_norm(alpha * x + b.attn(x))
+    return b.ffn_out_norm(alpha * h + b.ffn(h))
+
+
+def ref_lns(b, x):
+    s = 1 / math.sqrt(b.layer_index + 1)
+    h = x + b.delta_t * b.attn(s * b.attn_in_norm(x))
+    return h + b.delta_t * b.ffn(s * b.ffn_in_norm(h))
+
+
+def ref_hybrid(b, x):
+    assert b.attn.qkv_norm
+    h = x + b.attn(x)
+    n = b.attn_out_norm(h)
+    return n + b.ffn(n)
+
+
+REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span": ref_span, "span_b2t": ref_span_b2t,
+              "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid}
+
+
+def test_every_block_placement_has_a_reference():
+    assert set(REFERENCES) == set(BLOCK_PLACEMENTS) == set(BLOCKS)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("placement", sorted(REFERENCES))
+def test_block_matches_reference(placement, moe, norm):
+    torch.manual_seed(0)
+    cfg = _cfg(placement, norm=norm, span_beta=0.9, moe=MoEConfig(n_experts=4, top_k=2) if moe else None)
+    model = SpanNormLM(cfg)
+    _randomize_norms(model)
+    x = torch.randn(2, T, D)
+    for block in model.blocks:
+        assert block.placement == placement
+        torch.testing.assert_close(block(x), REFERENCES[placement](block, x), rtol=0, atol=1e-6)
+
+
+def test_mixln_is_post_then_pre():
+    cfg = _cfg("mixln", n_layers=8, mixln_ratio=0.25)
+    model = SpanNormLM(cfg)
+    assert [b.placement for b in model.blocks] == ["post"] * 2 + ["pre"] * 6
+    assert model.final_norm is not None
+    cfg = _cfg("mixln", n_layers=7, mixln_ratio=0.5)  # floor(3.5) = 3
+    assert cfg.layer_placements() == ["post"] * 3 + ["pre"] * 4
+
+
+def test_placement_overrides_by_layer_index():
+    cfg = _cfg("pre", n_layers=4, placement_overrides={0: "post", "3": "span"})
+    model = SpanNormLM(cfg)
+    assert [b.placement for b in model.blocks] == ["post", "pre", "pre", "span"]
+    assert model.final_norm is None  # the last block normalizes its output
+    x = torch.randint(0, 256, (1, T))
+    assert model(x).logits.shape == (1, T, 256)
+
+
+@pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span", False),
+                                             ("span_b2t", False), ("deepnorm", False), ("lns", True),
+                                             ("hybrid", True), ("mixln", True)])
+def test_final_norm_defaults(placement, final):
+    assert (SpanNormLM(_cfg(placement)).final_norm is not None) is final
+    assert (SpanNormLM(_cfg(placement, final_norm=not final)).final_norm is not None) is (not final)
+
+
+def test_norms_are_named_by_position():
+    names = {n for n, _ in SpanNormLM(_cfg("peri", embed_norm=True)).named_parameters()}
+    assert "blocks.0.attn_in_norm.weight" in names and "blocks.0.ffn_out_norm.weight" in names
+    assert "embed_norm.weight" in names and "final_norm.weight" in names
+    assert not any("norm_1" in n or "ln1" in n for n in names)
+
+
+def test_span_scaling_constants():
+    L = 24
+    assert span_constants(_cfg("span", n_layers=L, span_scaling="init"))[0] == 1.0
+    assert span_constants(_cfg("span", n_layers=L, span_scaling="init"))[1].out_proj_scale == pytest.approx(
+        1 / math.sqrt(48))
+    assert span_constants(_cfg("span", n_layers=L, span_scaling="skip"))[0] == pytest.approx(math.sqrt(48))
+    alpha, init = span_constants(_cfg("span", n_layers=L, span_scaling="both"))
+    assert (alpha, init.xavier_gain) == pytest.approx(deepnorm_constants(L))
+    assert span_constants(_cfg("span", n_layers=L, span_alpha=3.0))[0] == 3.0
+
+
+# ---------------------------------------------------------------- sub-modules against hand-written maths
+def test_rmsnorm_and_layernorm_match_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, D)
+    rms = SpanNormLM(_cfg("pre")).blocks[0].attn_in_norm
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(D))
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * rms.weight
+    torch.testing.assert_close(rms(x), expected, rtol=0, atol=1e-6)
+    ln = SpanNormLM(_cfg("pre", norm="layer")).blocks[0].attn_in_norm
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(D))
+        ln.bias.copy_(torch.randn(D))
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(ln(x), (x - mu) / torch.sqrt(var + 1e-6) * ln.weight + ln.bias, rtol=0, atol=1e-5)
+
+
+def _manual_attention(attn, x, n_kv):
+    """Causal softmax attention with RoPE written as explicit rotations of coordinate pairs (i, i + hd/2)."""
+    B, T_, _ = x.shape
+    hd, nh = attn.head_dim, attn.n_heads
+    q = (x @ attn.q_proj.weight.T).view(B, T_, nh, hd)
+    k = (x @ attn.k_proj.weight.T).view(B, T_, n_kv, hd)
+    v = (x @ attn.v_proj.weight.T).view(B, T_, n_kv, hd)
+    theta = attn.rotary.theta
+    freqs = theta ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
+    pos = torch.arange(T_, dtype=torch.float64)[:, None] * freqs[None]  # (T, hd/2)
+    c, s = pos.cos().float()[None, :, None], pos.sin().float()[None, :, None]
+
+    def rope(t):
+        a, b = t[..., : hd // 2], t[..., hd // 2:]
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+
+    q, k = rope(q), rope(k)
+    group = nh // n_kv
+    out = torch.zeros(B, T_, nh, hd)
+    for head in range(nh):
+        kh, vh = k[:, :, head // group], v[:, :, head // group]
+        scores = q[:, :, head] @ kh.transpose(1, 2) / math.sqrt(hd)
+        mask = torch.ones(T_, T_, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[:, :, head] = scores.softmax(-1) @ vh
+    return out.reshape(B, T_, -1) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_attention_matches_manual_rope_softmax(n_kv):
+    torch.manual_seed(0)
+    model = SpanNormLM(_cfg("pre", n_kv_heads=n_kv, rope_theta=5000.0))
+    attn = model.blocks[0].attn
+    x = torch.randn(2, T, D)
+    torch.testing.assert_close(attn(x), _manual_attention(attn, x, n_kv), rtol=0, atol=1e-5)
+
+
+def test_swiglu_matches_formula():
+    torch.manual_seed(0)
+    ffn = SpanNormLM(_cfg("pre")).blocks[0].ffn
+    x = torch.randn(2, T, D)
+    expected = (F.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)) @ ffn.down_proj.weight.T
+    torch.testing.assert_close(ffn(x), expected, rtol=0, atol=1e-6)
