@@ -82,7 +82,7 @@ def _check_shapes(source: ModelConfig, target: ModelConfig) -> None:
         have, want = getattr(source, attribute), getattr(target, attribute)
         if have != want:
             raise ConfigError(f"model.{field_name}={getattr(target, field_name)!r} is invalid: the checkpoint has "
-                              f"{attribute}={have!r}, and initializing from it needs every weight shape to match")
+                              f"{field_name}={have!r}, and initializing from it needs every weight shape to match")
     source_moe = None if source.moe is None else source.moe.__dict__
     target_moe = None if target.moe is None else target.moe.__dict__
     if (source_moe is None) != (target_moe is None) or (
