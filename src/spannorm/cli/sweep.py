@@ -1,0 +1,62 @@
+"""``spannorm sweep PLAN.yaml --out DIR``: run a grid of training runs, resumably, with worker processes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spannorm.cli.main import UsageError
+from spannorm.experiments.plan import load_plan
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep", help="run a sweep plan (placements x depths x dense/MoE x LRs x seeds), resumably",
+        description="Expand PLAN.yaml into runs with stable ids (e.g. span-L24-moe-lr3e-3-s1) and train the "
+                    "ones not finished under DIR/runs/. Finished runs (with a summary.json) are skipped, so "
+                    "a killed sweep continues where it stopped. DIR/index.json lists every run and its "
+                    "status; DIR/runs.jsonl logs each event.")
+    p.add_argument("plan", help="the sweep plan (YAML; see studies/ for examples)")
+    p.add_argument("--out", required=True, help="the sweep directory (created if missing)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (spawn); 0 trains in this process (default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (default: 1; 0 leaves torch's default)")
+    p.add_argument("--max-runs", type=int, default=None, help="start at most this many runs, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs the plan asks for now and their status, train nothing")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from spannorm.experiments.runner import RUNS_DIR, load_index, read_summary, run_sweep
+    from spannorm.train.config import resolve_config
+
+    if args.workers < 0:
+        raise UsageError(f"--workers={args.workers} is invalid: must be >= 0")
+    if args.threads < 0:
+        raise UsageError(f"--threads={args.threads} is invalid: must be >= 0")
+    if args.max_runs is not None and args.max_runs < 1:
+        raise UsageError(f"--max-runs={args.max_runs} is invalid: must be >= 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out={args.out!r} is invalid: it exists and is not a directory")
+    plan = load_plan(args.plan)
+    # Resolve every run's config now, so a bad override fails before anything is written.
+    specs = plan.expand(load_index(out) if out.is_dir() else {})
+    for spec in specs:
+        resolve_config(spec.preset, None, list(spec.overrides))
+    if args.dry_run:
+        for spec in specs:
+            done = read_summary(out / RUNS_DIR / spec.run_id)
+            status = "pending" if done is None else ("diverged" if done.get("diverged") else "done")
+            print(f"{spec.run_id:<40} {spec.stage:<7} {status}")
+        print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
+        return 0
+    outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
+                        plan_text=Path(args.plan).read_text(), max_runs=args.max_runs)
+    print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
+          f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
+          f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")
+    return 1 if outcome.failed else 0

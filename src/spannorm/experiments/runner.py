@@ -1,0 +1,308 @@
+"""Run a sweep plan: worker processes, resumability, and a sweep-level index of every run and its status.
+
+Layout of a sweep directory::
+
+    DIR/plan.yaml          the plan as given (rewritten on every start)
+    DIR/index.json         every run the plan asks for so far, with its status and headline numbers
+    DIR/runs.jsonl         one line per event (a run finished, diverged, failed or was found done)
+    DIR/runs/RUN_ID/       the trainer's run directory: config.yaml, metrics.jsonl, summary.json,
+                           checkpoints/, plus run.json (the run's grid coordinates), layer_stats.json
+                           and train.log
+
+A run whose ``summary.json`` exists is finished and is never run again: a sweep that is started again
+(after a kill, or with more seeds in the plan) runs only what is missing. A run directory without a summary is
+resumed from its last checkpoint when it has one, and restarted otherwise. A run that raises is recorded as
+``failed`` and retried by the next sweep; a run that diverges is finished, recorded as ``diverged``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+
+RUNS_DIR = "runs"
+SUMMARY_NAME = "summary.json"
+RUN_INFO_NAME = "run.json"
+LAYER_STATS_NAME = "layer_stats.json"
+SUMMARY_FIELDS = ("final_val_loss", "best_val_loss", "diverged", "diverged_step", "steps", "tokens", "wall_s",
+                  "tokens_per_s")
+
+
+@dataclass
+class SweepOutcome:
+    """What one call of :func:`run_sweep` did."""
+
+    executed: list[str] = field(default_factory=list)
+    """Runs trained by this call (finished, diverged or failed)."""
+    skipped: list[str] = field(default_factory=list)
+    """Runs found finished and left alone."""
+    failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` as a dict, or None when the run has not finished."""
+    path = run_dir / SUMMARY_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any]:
+    """The index record of a finished run: its coordinates, its status and the summary's numbers."""
+    record = spec.to_dict()
+    record.pop("overrides")
+    for name in SUMMARY_FIELDS:
+        record[name] = summary.get(name)
+    record["diverged"] = bool(summary.get("diverged"))
+    for name in ("final_val_loss", "best_val_loss"):
+        record[name] = _finite_or_none(record[name])
+    record["status"] = "diverged" if record["diverged"] else "done"
+    return record
+
+
+def _latest_model_dir(run_dir: Path) -> Path | None:
+    """The newest directory under ``run_dir/checkpoints`` that holds a saved model."""
+    try:
+        from spannorm.train.checkpoint import latest_checkpoint
+    except ImportError:  # a trainer without that helper: fall back to the newest saved model
+        latest_checkpoint = None
+    if latest_checkpoint is not None:
+        return latest_checkpoint(run_dir)
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [p.parent for p in root.rglob("model.safetensors") if not p.parent.name.startswith(".")]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return _latest_model_dir(run_dir) is not None
+
+
+def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
+    """Measure the per-layer moments of a finished run from its last checkpoint, on the fixed validation
+    batch; write ``layer_stats.json``. None when the run has no checkpoint."""
+    from spannorm.experiments.layer_stats import measure_model_dir
+    from spannorm.train.config import load_config_file, RunConfig
+
+    model_dir = _latest_model_dir(run_dir)
+    if model_dir is None:
+        return None
+    cfg = RunConfig.from_dict(load_config_file(run_dir / "config.yaml"))
+    stats = measure_model_dir(model_dir, cfg.data, batch_size)
+    stats["checkpoint"] = str(model_dir.relative_to(run_dir))
+    _write_json_atomic(run_dir / LAYER_STATS_NAME, stats)
+    return stats
+
+
+def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
+                measure: dict[str, Any]) -> dict[str, Any]:
+    """Train one run (in a worker process or in-process) and return its index record.
+
+    Never raises: an exception becomes a ``failed`` record with the error's last line."""
+    spec = RunSpec.from_dict(spec_data)
+    path = Path(run_dir)
+    started = time.time()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        summary = read_summary(path)
+        if summary is None:
+            from spannorm.train.config import resolve_config
+            from spannorm.train.trainer import train
+
+            cfg = resolve_config(spec.preset, None, list(spec.overrides))
+            resume = _has_checkpoint(path)
+            path.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
+            with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                train(cfg, path, resume=resume, overwrite=not resume)
+            summary = read_summary(path)
+            if summary is None:
+                raise RuntimeError(f"the trainer returned without writing {path / SUMMARY_NAME}")
+        record = record_from_summary(spec, summary)
+        if measure.get("layer_stats") and record["status"] == "done" and not (path / LAYER_STATS_NAME).is_file():
+            measure_run(path, int(measure.get("batch_size", 8)))
+        if measure.get("prune_checkpoints") and (path / "checkpoints").is_dir():
+            shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    except Exception as err:  # noqa: BLE001 - a failed run must not stop the sweep
+        record = spec.to_dict()
+        record.pop("overrides")
+        record.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "error.txt").write_text(traceback.format_exc())
+    record["run_wall_s"] = round(time.time() - started, 2)
+    return record
+
+
+def _cost(spec: RunSpec, plan: StudyPlan) -> float:
+    """A relative cost estimate for ordering: longest runs first (depth, and MoE a little dearer)."""
+    moe = any(o.startswith("model.moe") for o in plan.ffn[spec.cell.ffn])
+    return spec.cell.depth * (1.5 if moe else 1.0)
+
+
+def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none)."""
+    path = Path(out_dir) / "index.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {r["run_id"]: r for r in data.get("runs", [])}
+
+
+def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
+              plan_text: str | None = None, log: Callable[[str], None] = print,
+              max_runs: int | None = None) -> SweepOutcome:
+    """Run every run of ``plan`` that is not finished under ``out_dir``.
+
+    ``workers`` processes (spawn context) train runs in parallel, each with ``threads`` torch threads
+    (None: leave torch's default); ``workers=0`` trains in this process, one run at a time. ``max_runs``
+    stops after starting that many runs (the rest stay pending for the next call)."""
+    out = Path(out_dir)
+    runs_root = out / RUNS_DIR
+    runs_root.mkdir(parents=True, exist_ok=True)
+    if plan_text is not None:
+        (out / "plan.yaml").write_text(plan_text)
+    started = time.time()
+    outcome = SweepOutcome()
+    measure = {"layer_stats": plan.measure.layer_stats, "batch_size": plan.measure.batch_size,
+               "prune_checkpoints": plan.measure.prune_checkpoints}
+    records: dict[str, dict[str, Any]] = {}
+    running: dict[str, Future | None] = {}
+    events = open(out / "runs.jsonl", "a")
+
+    def note(record: dict[str, Any], event: str) -> None:
+        records[record["run_id"]] = record
+        events.write(json.dumps({"event": event, "time": round(time.time(), 3), **record}) + "\n")
+        events.flush()
+
+    def write_index(specs: list[RunSpec]) -> None:
+        rows = []
+        for spec in specs:
+            row = records.get(spec.run_id)
+            if row is None:
+                row = spec.to_dict()
+                row.pop("overrides")
+                row["status"] = "running" if spec.run_id in running else "pending"
+            rows.append(row)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        _write_json_atomic(out / "index.json", {"plan": plan.name, "updated": time.time(), "counts": counts,
+                                                "runs": rows})
+
+    # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
+    def absorb_finished(specs: list[RunSpec]) -> None:
+        for spec in specs:
+            if spec.run_id in records or spec.run_id in running:
+                continue
+            summary = read_summary(runs_root / spec.run_id)
+            if summary is None:
+                continue
+            record = record_from_summary(spec, summary)
+            if plan.measure.layer_stats and record["status"] == "done" \
+                    and not (runs_root / spec.run_id / LAYER_STATS_NAME).is_file():
+                record = execute_run(spec.to_dict(), str(runs_root / spec.run_id), None, measure)
+            note(record, "found")
+            outcome.skipped.append(spec.run_id)
+
+    pool = None if workers == 0 else ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    attempted: set[str] = set()
+    try:
+        while True:
+            specs = plan.expand(records)
+            absorb_finished(specs)
+            specs = plan.expand(records)
+            pending = [s for s in specs if s.run_id not in records and s.run_id not in running
+                       and s.run_id not in attempted]
+            pending.sort(key=lambda s: -_cost(s, plan))
+            slots = max(1, workers) - len(running)
+            if max_runs is not None:
+                slots = min(slots, max_runs - len(attempted))
+            for spec in pending[:max(0, slots)]:
+                attempted.add(spec.run_id)
+                run_dir = str(runs_root / spec.run_id)
+                if pool is None:
+                    running[spec.run_id] = None
+                    write_index(specs)
+                    log(f"[sweep] start {spec.run_id}")
+                    record = execute_run(spec.to_dict(), run_dir, None, measure)
+                    del running[spec.run_id]
+                    _finish(record, outcome, note, log)
+                else:
+                    running[spec.run_id] = pool.submit(execute_run, spec.to_dict(), run_dir, threads, measure)
+                    log(f"[sweep] start {spec.run_id}")
+            write_index(plan.expand(records))
+            if not running:
+                if pool is None and pending and (max_runs is None or len(attempted) < max_runs):
+                    continue
+                break
+            done, _ = wait([f for f in running.values() if f is not None], return_when=FIRST_COMPLETED)
+            for run_id, future in list(running.items()):
+                if future in done:
+                    del running[run_id]
+                    _finish(future.result(), outcome, note, log)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        running.clear()
+        write_index(plan.expand(records))
+        events.close()
+    outcome.wall_s = time.time() - started
+    return outcome
+
+
+def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
+    run_id, status = record["run_id"], record["status"]
+    outcome.executed.append(run_id)
+    if status == "failed":
+        outcome.failed.append(run_id)
+        log(f"[sweep] FAILED {run_id}: {record.get('error')}")
+    else:
+        if status == "diverged":
+            outcome.diverged.append(run_id)
+        loss = record.get("final_val_loss")
+        shown = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
+        log(f"[sweep] {status} {run_id}: final val loss {shown} ({record.get('run_wall_s')} s)")
+    note(record, status)
+
+
+__all__ = ["FINISHED", "SweepOutcome", "execute_run", "load_index", "measure_run", "read_summary",
+           "record_from_summary", "run_sweep"]
