@@ -54,6 +54,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint (its config.yaml is the base "
                         "config unless --preset/--config are given)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these weights (train.init_from): a spannorm model/checkpoint/run folder or a "
+                        "Hugging Face Llama/Mistral/Qwen2 folder; see docs/interop.md")
     p.set_defaults(run=run, accepts_overrides=True)
     return p
 
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other; allowed: one of them")
     overrides = collect_overrides(getattr(args, "overrides", None))
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
     config_file = args.config
     if args.resume and not args.preset and not config_file and (args.out / CONFIG_NAME).is_file():
         config_file = args.out / CONFIG_NAME

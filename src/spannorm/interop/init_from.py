@@ -13,11 +13,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from spannorm.config import ConfigError, ModelConfig
-from spannorm.interop.hf_import import HF_CONFIG, checkpoint_has_bias, import_hf, model_config_from_hf, read_hf_config
+from spannorm.interop.errors import InteropError
+from spannorm.interop.hf_import import (HF_CONFIG, TOKENIZER_FILE, checkpoint_has_bias, import_hf,
+                                        model_config_from_hf, read_hf_config)
 from spannorm.interop.safetensors_files import tensor_names, weight_files
 from spannorm.model.io import CONFIG_NAME, load_model, load_model_config
 from spannorm.model.layers import LayerNorm, RMSNorm
@@ -30,30 +33,75 @@ SHAPE_FIELDS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_layers
 """(config field named in errors, attribute compared): what must match for every weight to be reused."""
 
 
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The folder holding the weights: ``path`` itself, or for a ``spannorm train`` run folder its latest
+    checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / CONFIG_NAME).is_file():
+        from spannorm.train.checkpoint import resolve_checkpoint
+
+        found = resolve_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint")
+        return found
+    return path
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``spannorm`` (``model_config.json``) or ``hf`` (``config.json``); FileNotFoundError otherwise."""
-    path = Path(path)
+    path = resolve_checkpoint_dir(path)
     if (path / CONFIG_NAME).is_file():
         return "spannorm"
     if (path / HF_CONFIG).is_file():
         return "hf"
-    raise FileNotFoundError(f"{path} is neither a spannorm model directory ({CONFIG_NAME}) nor a Hugging Face "
-                            f"checkpoint directory ({HF_CONFIG})")
+    raise FileNotFoundError(f"{path} is neither a spannorm model directory ({CONFIG_NAME}), nor a spannorm run "
+                            f"folder, nor a Hugging Face checkpoint directory ({HF_CONFIG})")
 
 
 def checkpoint_model_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory, read without loading its weights. Start a conversion from it:
     ``dataclasses.replace(checkpoint_model_config(path), placement="span")``."""
     if checkpoint_kind(path) == "spannorm":
-        return load_model_config(path)
+        return load_model_config(resolve_checkpoint_dir(path))
     hf_config = read_hf_config(path)
     names = tensor_names(weight_files(Path(path)))
     return model_config_from_hf(hf_config, bias=checkpoint_has_bias(names), where=str(Path(path) / HF_CONFIG))
 
 
 def load_checkpoint(path: str | os.PathLike) -> SpanNormLM:
-    """The model stored in a spannorm model directory or an HF Llama/Mistral/Qwen2 directory (as ``pre``)."""
-    return load_model(path) if checkpoint_kind(path) == "spannorm" else import_hf(path)
+    """The model stored in a spannorm model directory (or run folder) or an HF Llama/Mistral/Qwen2 directory
+    (as ``pre``)."""
+    return load_model(resolve_checkpoint_dir(path)) if checkpoint_kind(path) == "spannorm" else import_hf(path)
+
+
+def _as_config_error(path: str | os.PathLike, fn, *args):
+    try:
+        return fn(*args)
+    except (FileNotFoundError, InteropError) as err:
+        raise ConfigError(f"train.init_from={str(path)!r} is invalid: {err}") from None
+
+
+def run_config_layer(path: str | os.PathLike) -> dict[str, Any]:
+    """The config layer ``train.init_from`` puts under the preset, config file and overrides: the checkpoint's
+    model section, and its ``tokenizer.json`` as ``data.tokenizer`` when it has one."""
+    model_cfg = _as_config_error(path, checkpoint_model_config, path)
+    layer: dict[str, Any] = {"model": model_cfg.to_dict()}
+    tokenizer = _as_config_error(path, resolve_checkpoint_dir, path) / TOKENIZER_FILE
+    if tokenizer.is_file():
+        layer["data"] = {"tokenizer": str(tokenizer)}
+    return layer
+
+
+def check_init_target(path: str | os.PathLike, target_cfg: ModelConfig,
+                      tokenizer_vocab_size: int | None = None) -> None:
+    """Raise :class:`ConfigError` (reading configs only, no weights) unless :func:`init_model_from` can build
+    ``target_cfg`` from the checkpoint and every token id of the tokenizer has an embedding row."""
+    source = _as_config_error(path, checkpoint_model_config, path)
+    _check_shapes(source, target_cfg)
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size > source.vocab_size:
+        raise ConfigError(f"data.tokenizer is invalid for train.init_from={str(path)!r}: it has "
+                          f"{tokenizer_vocab_size} tokens but the checkpoint embeds only {source.vocab_size}; "
+                          "allowed: the checkpoint's own tokenizer")
 
 
 @dataclass

@@ -148,6 +148,10 @@ class TrainConfig:
     spike_window: int = 128
     """Steps of history for the spike score (SPEC §6): a value above mean + spike_sigmas·σ is a spike."""
     spike_sigmas: float = 6.0
+    init_from: str | None = None
+    """Start from the weights in this folder: a spannorm model, checkpoint or run folder, or a Hugging Face
+    Llama/Mistral/Qwen2 folder. The model section then starts from the checkpoint's (and data.tokenizer from
+    its tokenizer.json); another placement converts it with new norms at identity (docs/interop.md)."""
 
     def validate(self, prefix: str = "train") -> None:
         _check_positive_int(f"{prefix}.steps", self.steps)
@@ -166,6 +170,8 @@ class TrainConfig:
         _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)
         _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
         _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)
+        if self.init_from is not None and not str(self.init_from).strip():
+            _fail(f"{prefix}.init_from", self.init_from, "must name a checkpoint folder, or be null")
 
 
 
@@ -422,6 +428,11 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         _check_keys(layer, f"config file {str(config_file)!r}")
         data = _merge(data, layer)
     data = apply_overrides(data, list(overrides))
+    init_from = (data.get("train") or {}).get("init_from")
+    if isinstance(init_from, str) and init_from.strip().lower() not in ("", "null", "none", "~"):
+        from spannorm.interop.init_from import run_config_layer
+
+        data = _merge(run_config_layer(init_from), data)  # the checkpoint's model under the explicit settings
     return RunConfig.from_dict(data)
 
 

@@ -181,7 +181,11 @@ class Trainer:
         self.splits: TokenSplits
         self.tokenizer, self.splits = load_splits(cfg.data)
         check_long_enough(self.splits, cfg.model.context_length)
-        if cfg.model.vocab_size != self.tokenizer.vocab_size:
+        if cfg.train.init_from is not None:  # the checkpoint fixes vocab_size; the tokenizer must fit in it
+            from spannorm.interop.init_from import check_init_target
+
+            check_init_target(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
+        elif cfg.model.vocab_size != self.tokenizer.vocab_size:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                      vocab_size=self.tokenizer.vocab_size))
         self.cfg = cfg
@@ -210,7 +214,12 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
-        self.model = SpanNormLM(cfg.model).to(self.device)
+        if cfg.train.init_from is not None and self.resume_from is None:
+            from spannorm.interop.init_from import init_model_from
+
+            self.model = init_model_from(cfg.train.init_from, cfg.model).to(self.device)
+        else:
+            self.model = SpanNormLM(cfg.model).to(self.device)
         self.model.train()
         self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
