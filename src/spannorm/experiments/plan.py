@@ -13,7 +13,7 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
       placements:             # a placement name, or a named variant with its own overrides
         - pre
         - span
-        - {name: peri-dt0.1, placement: peri, overrides: [model.delta_t=0.1]}
+        - {name: peri-dt0.1, placement: peri, overrides: [model.delta_t=0.1], ffn: [dense]}
       depths: [6, 24, 48]
       ffn:                    # name -> overrides; "dense" and "moe" are the usual two
         dense: []
@@ -22,8 +22,10 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
       seeds: [0, 1, 2]
     protocol:
       kind: full              # full: every lr x every seed; lr_search: see below
-      search_seeds: [0]       # lr_search: the lr grid runs on these seeds only ...
-      shared_lr: 3.0e-3       # ... then the other seeds run at each cell's best lr and at this shared lr
+      search_seeds: [0]       # lr_search: the lr grid runs on these seeds only, at these depths ...
+      search_depths: [6]      # (default: every depth; other depths take the nearest search depth's best lr)
+      shared_lr: 3.0e-3       # ... then every seed runs at each cell's best lr and at this shared lr
+      shared_runs: true
     measure:
       layer_stats: true       # per-layer moments and gradients after training, on a fixed val batch
       batch_size: 8
@@ -63,6 +65,8 @@ class PlacementVariant:
     name: str
     placement: str
     overrides: tuple[str, ...] = ()
+    ffn: tuple[str, ...] | None = None
+    """Run this variant with these FFN kinds only (None: every kind of ``grid.ffn``)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class RunSpec:
     lr: float
     seed: int
     stage: str
-    """``grid`` (full protocol), ``search`` (the LR search) or ``seeds`` (extra seeds after the search)."""
+    """``grid`` (full protocol); under lr_search: ``search`` (the LR grid on the search seeds), ``best`` (every
+    seed at the cell's best LR) or ``shared`` (every seed at the shared LR)."""
     preset: str | None
     overrides: tuple[str, ...]
 
@@ -126,13 +131,45 @@ class StudyPlan:
     base_overrides: tuple[str, ...] = ()
     protocol: str = "full"
     search_seeds: list[int] = field(default_factory=lambda: [0])
+    search_depths: list[int] | None = None
+    """lr_search: the depths whose cells run the LR grid (None: every depth). A cell at another depth uses
+    the best LR of the same placement and FFN at the nearest search depth (the deeper one on a tie)."""
     shared_lr: float | None = None
+    shared_runs: bool = True
+    """lr_search: also run every seed at the shared LR (besides the best LR)."""
     measure: MeasureOptions = field(default_factory=MeasureOptions)
     description: str = ""
 
     # ------------------------------------------------------------------ cells and runs
     def cells(self) -> list[Cell]:
-        return [Cell(p.name, d, f) for p in self.placements for d in self.depths for f in self.ffn]
+        return [Cell(p.name, d, f) for p in self.placements for d in self.depths for f in self.ffn
+                if p.ffn is None or f in p.ffn]
+
+    def search_cell(self, cell: Cell) -> Cell:
+        """The cell whose LR search decides ``cell``'s best LR (itself, under ``full`` or at a search depth)."""
+        depths = self.search_depths or self.depths
+        if self.protocol == "full" or cell.depth in depths:
+            return cell
+        nearest = min(depths, key=lambda d: (abs(d - cell.depth), -d))
+        return Cell(cell.placement, nearest, cell.ffn)
+
+    def search_specs(self, cell: Cell) -> list[RunSpec]:
+        """The runs of the LR search that decides ``cell``'s best LR."""
+        seeds = self.seeds if self.protocol == "full" else self.search_seeds
+        stage = "grid" if self.protocol == "full" else "search"
+        search = self.search_cell(cell)
+        return [self.run_spec(search, lr, s, stage) for lr in self.lrs for s in seeds]
+
+    def best_lr(self, cell: Cell, results: Mapping[str, Mapping[str, Any]]) -> float | None:
+        """``cell``'s best LR from its search runs' records, or None while any of them is unfinished."""
+        specs = self.search_specs(cell)
+        records = [results.get(spec.run_id) for spec in specs]
+        if not all(r is not None and r.get("status") in FINISHED for r in records):
+            return None
+        by_lr: dict[float, list] = {}
+        for spec, record in zip(specs, records):
+            by_lr.setdefault(spec.lr, []).append(record)
+        return select_best_lr(by_lr)
 
     def variant(self, name: str) -> PlacementVariant:
         return next(p for p in self.placements if p.name == name)
@@ -164,23 +201,37 @@ class StudyPlan:
         search runs have finished, because they depend on the selected LR."""
         results = results or {}
         specs: list[RunSpec] = []
-        for cell in self.cells():
+        known: set[str] = set()
+
+        def add(spec: RunSpec) -> None:
+            if spec.run_id not in known:
+                specs.append(spec)
+                known.add(spec.run_id)
+
+        cells = self.cells()
+        for cell in cells:  # the LR searches first, so that a later stage never renames a search run
             if self.protocol == "full":
-                specs += [self.run_spec(cell, lr, s, "grid") for lr in self.lrs for s in self.seeds]
-                continue
-            search = [self.run_spec(cell, lr, s, "search") for lr in self.lrs for s in self.search_seeds]
-            specs += search
-            records = [results.get(spec.run_id) for spec in search]
-            if not all(r is not None and r.get("status") in FINISHED for r in records):
-                continue
-            best = select_best_lr({spec.lr: [rec] for spec, rec in zip(search, records)})  # type: ignore[misc]
-            known = {spec.run_id for spec in specs}
-            for lr in dict.fromkeys([best, self.reference_lr]):
+                for lr in self.lrs:
+                    for seed in self.seeds:
+                        add(self.run_spec(cell, lr, seed, "grid"))
+            elif self.search_cell(cell) == cell:
+                for spec in self.search_specs(cell):
+                    add(spec)
+        if self.protocol == "full":
+            return specs
+        for stage in ("best", "shared"):
+            for cell in cells:
+                best = self.best_lr(cell, results)
+                if best is None:
+                    continue
+                if stage == "best":
+                    lr = best
+                elif self.shared_runs:
+                    lr = self.reference_lr
+                else:
+                    continue
                 for seed in self.seeds:
-                    spec = self.run_spec(cell, lr, seed, "seeds")
-                    if spec.run_id not in known:
-                        specs.append(spec)
-                        known.add(spec.run_id)
+                    add(self.run_spec(cell, lr, seed, stage))
         return specs
 
 
@@ -275,9 +326,15 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     for item in _need(grid, "placements", "grid") or []:
         if isinstance(item, str):
             variant = PlacementVariant(item, item)
-        elif isinstance(item, dict) and {"name", "placement"} <= set(item):
+        elif isinstance(item, dict) and {"name", "placement"} <= set(item) \
+                and set(item) <= {"name", "placement", "overrides", "ffn"}:
+            only = item.get("ffn")
+            if only is not None and (not isinstance(only, list) or not only):
+                raise ConfigError(f"plan grid.placements[{item['name']}].ffn={only!r} is invalid: "
+                                  "a non-empty list of grid.ffn names")
             variant = PlacementVariant(str(item["name"]), str(item["placement"]),
-                                       _overrides(item.get("overrides"), f"grid.placements[{item['name']}]"))
+                                       _overrides(item.get("overrides"), f"grid.placements[{item['name']}]"),
+                                       None if only is None else tuple(str(f) for f in only))
         else:
             raise ConfigError(f"plan grid.placements item {item!r} is invalid: a placement name, or "
                               "{name, placement, overrides}")
@@ -299,6 +356,11 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     for name in ffn:
         if not name.isalnum():
             raise ConfigError(f"plan grid.ffn name {name!r} is invalid: letters and digits only")
+    for variant in variants:
+        for name in variant.ffn or ():
+            if name not in ffn:
+                raise ConfigError(f"plan grid.placements[{variant.name}].ffn item {name!r} is invalid; "
+                                  f"allowed: {', '.join(ffn)}")
     lrs = _number_list(grid.get("lrs", [1e-3]), "grid.lrs", float)
     if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
         raise ConfigError(f"plan grid.lrs={lrs!r} is invalid: learning rates must be positive")
@@ -315,6 +377,19 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     search_seeds = _number_list(protocol.get("search_seeds", seeds[:1]), "protocol.search_seeds", int)
     if not set(search_seeds) <= set(seeds):
         raise ConfigError(f"plan protocol.search_seeds={search_seeds!r} is invalid: must be among grid.seeds")
+    known_protocol = {"kind", "search_seeds", "search_depths", "shared_lr", "shared_runs"}
+    if set(protocol) - known_protocol:
+        bad = sorted(set(protocol) - known_protocol)[0]
+        raise ConfigError(f"plan protocol.{bad} is not known; allowed: {', '.join(sorted(known_protocol))}")
+    search_depths = protocol.get("search_depths")
+    if search_depths is not None:
+        search_depths = _number_list(search_depths, "protocol.search_depths", int)
+        if not set(search_depths) <= set(depths):
+            raise ConfigError(f"plan protocol.search_depths={search_depths!r} is invalid: must be among "
+                              "grid.depths")
+    shared_runs = protocol.get("shared_runs", True)
+    if not isinstance(shared_runs, bool):
+        raise ConfigError(f"plan protocol.shared_runs={shared_runs!r} is invalid: must be true or false")
     shared_lr = protocol.get("shared_lr")
     if shared_lr is not None:
         shared_lr = float(shared_lr)
@@ -332,7 +407,8 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     name = str(data.get("name") or "sweep")
     return StudyPlan(name=name, placements=variants, depths=depths, ffn=ffn, lrs=lrs, seeds=seeds,
                      preset=base.get("preset"), base_overrides=base_overrides, protocol=kind,
-                     search_seeds=search_seeds, shared_lr=shared_lr, measure=measure,
+                     search_seeds=search_seeds, search_depths=search_depths, shared_lr=shared_lr,
+                     shared_runs=shared_runs, measure=measure,
                      description=str(data.get("description") or ""))
 
 

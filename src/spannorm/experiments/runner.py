@@ -171,6 +171,10 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     return record
 
 
+STAGE_ORDER = {"grid": 0, "search": 0, "best": 1, "shared": 2}
+"""Runs start by stage (LR searches first, shared-LR runs last), then longest first."""
+
+
 def _cost(spec: RunSpec, plan: StudyPlan) -> float:
     """A relative cost estimate for ordering: longest runs first (depth, and MoE a little dearer)."""
     moe = any(o.startswith("model.moe") for o in plan.ffn[spec.cell.ffn])
@@ -252,7 +256,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             specs = plan.expand(records)
             pending = [s for s in specs if s.run_id not in records and s.run_id not in running
                        and s.run_id not in attempted]
-            pending.sort(key=lambda s: -_cost(s, plan))
+            pending.sort(key=lambda s: (STAGE_ORDER.get(s.stage, 0), -_cost(s, plan)))
             slots = max(1, workers) - len(running)
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))

@@ -1,0 +1,436 @@
+"""The study report: markdown tables and PNG plots from one or more finished sweeps.
+
+``build_report(results, out_dir)`` writes into ``out_dir``:
+
+- ``report.md``: the headline tables (final and best val loss per placement and depth, dense and MoE, mean ±
+  std over seeds, at each cell's best LR and at the shared LR), SpanNorm against the best baseline with
+  Welch p-values, the divergence table, and links to every plot;
+- ``results.csv`` (one row per run) and ``results.json`` (the aggregated tables and tests);
+- ``val_vs_depth_{ffn}.png``, ``curves_{ffn}_L{depth}.png``, ``layers_{ffn}_L{depth}.png`` and, when the
+  placements ``pre``, ``peri`` and a ``peri`` variant with Δt ≠ 1 are present, ``kan_moments.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from spannorm.experiments.plan import format_lr
+from spannorm.experiments.results import SPAN_PLACEMENTS, GroupStats, StudyResults
+
+WHICH = {"best": "each placement's best LR", "shared": "the shared LR"}
+
+
+# ---------------------------------------------------------------------- formatting
+def fmt_loss(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_cell(group: GroupStats | None, metric: str = "final", with_lr: bool = True) -> str:
+    """``2.345 ± 0.012 @1e-2``, with ``(k/n div)`` when runs diverged, ``diverged (n/n)`` when all did."""
+    if group is None or group.n == 0:
+        return "—"
+    if not (group.final if metric == "final" else group.best):
+        text = f"diverged ({group.n_diverged}/{group.n})"
+    else:
+        mean = group.final_mean if metric == "final" else group.best_mean
+        std = group.final_std if metric == "final" else group.best_std
+        text = fmt_loss(mean, std)
+        if group.n_diverged:
+            text += f" ({group.n_diverged}/{group.n} div)"
+    if with_lr:
+        text += f" @{format_lr(group.lr)}"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+# ---------------------------------------------------------------------- tables
+def loss_table(results: StudyResults, ffn: str, which: str, metric: str = "final") -> list[str]:
+    """Placements × depths: mean ± std of the final (or best) val loss at ``which`` LR."""
+    header = ["placement"] + [f"L={d}" for d in results.depths]
+    rows = []
+    for placement in results.placements:
+        row = [f"`{placement}`"]
+        for depth in results.depths:
+            cell = results.cell(placement, depth, ffn)
+            row.append(fmt_cell(results.at(cell, which) if cell else None, metric))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def significance_rows(results: StudyResults, which: str) -> list[dict[str, Any]]:
+    rows = []
+    for ffn in results.ffns:
+        for depth in results.depths:
+            for placement in results.placements:
+                if results.base_placement(placement) not in SPAN_PLACEMENTS:
+                    continue
+                test = results.welch(placement, depth, ffn, which)
+                if test is not None:
+                    rows.append(test)
+    return rows
+
+
+def significance_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["ffn", "depth", "SpanNorm variant", "val loss", "best baseline", "baseline val loss", "Δ",
+              "Welch p", "verdict"]
+    out = []
+    for r in rows:
+        delta = None if r["mean"] is None or r["baseline_mean"] is None else r["mean"] - r["baseline_mean"]
+        if delta is None:
+            verdict = "n/a"
+        elif r["p"] is not None and r["p"] < 0.05:
+            verdict = "better" if delta < 0 else "worse"
+        else:
+            verdict = "no significant difference"
+        out.append([r["ffn"], str(r["depth"]), f"`{r['placement']}` @{format_lr(r['lr'])}",
+                    fmt_loss(r["mean"], None) + (f" ({r['n_diverged']} div)" if r["n_diverged"] else ""),
+                    f"`{r['baseline']}` @{format_lr(r['baseline_lr'])}", fmt_loss(r["baseline_mean"], None),
+                    "n/a" if delta is None else f"{delta:+.3f}", fmt_p(r["p"]), verdict])
+    return _table(header, out)
+
+
+def divergence_table(results: StudyResults) -> list[str]:
+    """Per cell: diverged runs out of finished runs at each LR (only cells with a divergence)."""
+    header = ["placement", "depth", "ffn", "LR", "diverged / runs", "diverged at step"]
+    rows = []
+    for cell in results.cells:
+        for lr in results.lrs(cell):
+            runs = results.runs_at(cell, lr)
+            bad = [r for r in runs if r.diverged]
+            if bad:
+                steps = ", ".join(str(r.record.get("diverged_step")) for r in bad)
+                rows.append([f"`{cell.placement}`", str(cell.depth), cell.ffn, format_lr(lr),
+                             f"{len(bad)} / {len(runs)}", steps])
+    if not rows:
+        return ["No run diverged."]
+    return _table(header, rows)
+
+
+def lr_table(results: StudyResults, ffn: str) -> list[str]:
+    """The mean final val loss of every LR on the search seeds at each searched cell: how best LRs were picked."""
+    header = ["placement", "depth"] + [f"lr {format_lr(lr)}" for lr in _all_lrs(results)] + ["best"]
+    rows = []
+    for placement in results.placements:
+        for depth in results.depths:
+            cell = results.cell(placement, depth, ffn)
+            if cell is None or results.plan_of[cell.key].search_cell(cell) != cell:
+                continue
+            plan = results.plan_of[cell.key]
+            seeds = plan.search_seeds if plan.protocol == "lr_search" else plan.seeds
+            row = [f"`{placement}`", str(depth)]
+            for lr in _all_lrs(results):
+                runs = results.runs_at(cell, lr, seeds)
+                if not runs:
+                    row.append("—")
+                elif any(r.diverged for r in runs):
+                    row.append(f"div ({sum(r.diverged for r in runs)}/{len(runs)})")
+                else:
+                    row.append(f"{sum(float(r.record['final_val_loss']) for r in runs) / len(runs):.3f}")
+            best = results.best_lr(cell)
+            row.append("—" if best is None else format_lr(best))
+            rows.append(row)
+    return _table(header, rows)
+
+
+def _all_lrs(results: StudyResults) -> list[float]:
+    return sorted({lr for cell in results.cells for lr in results.lrs(cell)})
+
+
+# ---------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(names: list[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
+    plt = _pyplot()
+    colors = _colors(results.placements)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for col, which in enumerate(("best", "shared")):
+        for row, metric in enumerate(("final", "best")):
+            ax = axes[row][col]
+            for placement in results.placements:
+                xs, ys, es, div = [], [], [], []
+                for depth in results.depths:
+                    cell = results.cell(placement, depth, ffn)
+                    group = results.at(cell, which) if cell else None
+                    if group is None or group.n == 0:
+                        continue
+                    values = group.final if metric == "final" else group.best
+                    if values:
+                        mean = sum(values) / len(values)
+                        std = group.final_std if metric == "final" else group.best_std
+                        xs.append(depth), ys.append(mean), es.append(std or 0.0)
+                    if group.n_diverged:
+                        div.append(depth)
+                if xs:
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=placement, color=colors[placement])
+                for depth in div:
+                    ax.axvline(depth, color=colors[placement], alpha=0.15, lw=4)
+            ax.set_xscale("log")
+            ax.set_xticks(results.depths, [str(d) for d in results.depths])
+            ax.set_title(f"{metric} val loss at {WHICH[which]} ({ffn})", fontsize=10)
+            ax.set_ylabel(f"{metric} val loss")
+            ax.grid(alpha=0.3)
+    axes[1][0].set_xlabel("depth (blocks)")
+    axes[1][1].set_xlabel("depth (blocks)")
+    axes[0][1].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(s for s, v in by_step.items() if len(v) == len(curves))
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> None:
+    """Train loss (mean over seeds, at each placement's best LR) and val loss points."""
+    plt = _pyplot()
+    colors = _colors(results.placements)
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for placement in results.placements:
+        cell = results.cell(placement, depth, ffn)
+        lr = results.best_lr(cell) if cell else None
+        if lr is None:
+            continue
+        runs = [r for r in results.runs_at(cell, lr) if not r.diverged]
+        if not runs:
+            continue
+        steps, values = _mean_curve([r.train_curve for r in runs])
+        if steps:
+            ax_train.plot(steps, values, label=f"{placement} @{format_lr(lr)}", color=colors[placement], lw=1.2)
+        steps, values = _mean_curve([r.val_curve for r in runs])
+        if steps:
+            ax_val.plot(steps, values, marker="o", label=f"{placement} @{format_lr(lr)}", color=colors[placement])
+    for ax, name in ((ax_train, "train loss"), (ax_val, "val loss")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name}, L={depth}, {ffn}, mean over seeds at the best LR", fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_val.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mean_layer_stats(results: StudyResults, placement: str, depth: int, ffn: str) -> dict[str, list[float]] | None:
+    """Per-layer stats averaged over the seeds of the cell's best LR (runs without stats are left out)."""
+    cell = results.cell(placement, depth, ffn)
+    lr = results.best_lr(cell) if cell else None
+    if lr is None:
+        return None
+    stats = [r.layer_stats for r in results.runs_at(cell, lr) if r.layer_stats and not r.diverged]
+    if not stats:
+        return None
+    out = {}
+    for key in ("rms", "mean_abs", "variance", "max_abs", "grad_norm", "param_grad_norm"):
+        columns = [s[key] for s in stats if key in s]
+        if columns and all(len(c) == len(columns[0]) for c in columns):
+            out[key] = [sum(v) / len(v) for v in zip(*columns)]
+    out["n_runs"] = [float(len(stats))]
+    out["lr"] = [lr]
+    return out
+
+
+def plot_layers(results: StudyResults, ffn: str, depth: int, path: Path) -> bool:
+    """Per-layer RMS of the stream and the activation-gradient norm after training, per placement."""
+    plt = _pyplot()
+    colors = _colors(results.placements)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    drew = False
+    for placement in results.placements:
+        stats = mean_layer_stats(results, placement, depth, ffn)
+        if not stats or "rms" not in stats:
+            continue
+        drew = True
+        layers = list(range(len(stats["rms"])))
+        axes[0].plot(layers, stats["rms"], label=placement, color=colors[placement])
+        axes[1].plot(layers, stats["grad_norm"], label=placement, color=colors[placement])
+        if "param_grad_norm" in stats:
+            axes[2].plot(range(len(stats["param_grad_norm"])), stats["param_grad_norm"], label=placement,
+                         color=colors[placement])
+    for ax, title in zip(axes, ("RMS of x_l (x_0 = embedding)", "‖∂loss/∂x_l‖", "‖∂loss/∂θ‖ per block")):
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(f"{title}, L={depth}, {ffn}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    if drew:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drew
+
+
+def kan_placements(results: StudyResults) -> list[str]:
+    """``pre``, ``peri`` and every ``peri`` variant (e.g. ``peri-dt0.1``) present in the results."""
+    names = [p for p in ("pre", "peri") if p in results.placements]
+    names += [p for p in results.placements if p not in ("pre", "peri") and results.base_placement(p) == "peri"]
+    return names
+
+
+def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
+    """Kan et al.'s picture: mean |x_l|, entry-wise variance and max |x_l| per layer after training, for pre,
+    peri and peri with a small Δt, dense, at the deepest depth where all of them have stats."""
+    names = kan_placements(results)
+    if len(names) < 2 or "dense" not in results.ffns:
+        return None
+    depth = None
+    for d in sorted(results.depths, reverse=True):
+        if all(mean_layer_stats(results, p, d, "dense") for p in names):
+            depth = d
+            break
+    if depth is None:
+        return None
+    plt = _pyplot()
+    colors = _colors(names)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for placement in names:
+        stats = mean_layer_stats(results, placement, depth, "dense")
+        assert stats is not None
+        layers = list(range(len(stats["mean_abs"])))
+        for ax, key in zip(axes, ("mean_abs", "variance", "max_abs")):
+            ax.plot(layers, stats[key], marker=".", label=f"{placement} @{format_lr(stats['lr'][0])}",
+                    color=colors[placement])
+    for ax, title in zip(axes, ("mean |x_l|", "entry-wise variance of x_l", "max |x_l|")):
+        ax.set_yscale("log")
+        ax.set_xlabel("layer l (0 = embedding)")
+        ax.set_title(f"{title} after training, L={depth}, dense", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return depth, names
+
+
+def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
+    header = ["placement", "LR", "mean|x_0|", "mean|x_L|", "ratio", "Var(x_L)/Var(x_0)", "max|x| (all layers)"]
+    rows = []
+    for placement in names:
+        s = mean_layer_stats(results, placement, depth, "dense")
+        if not s:
+            continue
+        rows.append([f"`{placement}`", format_lr(s["lr"][0]), f"{s['mean_abs'][0]:.3g}", f"{s['mean_abs'][-1]:.3g}",
+                     f"{s['mean_abs'][-1] / s['mean_abs'][0]:.3g}", f"{s['variance'][-1] / s['variance'][0]:.3g}",
+                     f"{max(s['max_abs']):.3g}"])
+    return _table(header, rows)
+
+
+# ---------------------------------------------------------------------- files
+CSV_FIELDS = ("run_id", "placement", "depth", "ffn", "lr", "seed", "stage", "status", "final_val_loss",
+              "best_val_loss", "diverged_step", "steps", "tokens", "wall_s", "tokens_per_s")
+
+
+def write_csv(results: StudyResults, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for cell in results.cells:
+            for run in sorted(results.runs.get(cell.key, []), key=lambda r: (r.record["lr"], r.record["seed"])):
+                writer.writerow({k: run.record.get(k) for k in CSV_FIELDS})
+
+
+def results_json(results: StudyResults) -> dict[str, Any]:
+    cells = []
+    for cell in results.cells:
+        entry: dict[str, Any] = {"placement": cell.placement, "depth": cell.depth, "ffn": cell.ffn,
+                                 "best_lr": results.best_lr(cell), "shared_lr": results.shared_lr(cell)}
+        for which in ("best", "shared"):
+            group = results.at(cell, which)
+            entry[which] = None if group is None else group.to_dict()
+        cells.append(entry)
+    return {"cells": cells, "welch": {w: significance_rows(results, w) for w in WHICH}}
+
+
+def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study report") -> Path:
+    """Write ``report.md``, ``results.csv``, ``results.json`` and the plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_runs = sum(len(v) for v in results.runs.values())
+    n_div = sum(r.diverged for v in results.runs.values() for r in v)
+    lines = [f"# {title}", "",
+             f"Finished runs: {n_runs} ({n_div} diverged), from "
+             + ", ".join(f"`{s.path}` (plan `{s.plan.name}`, {s.plan.protocol} protocol)" for s in results.sweeps)
+             + ".", "",
+             "Cells are mean ± sample std over seeds of the validation loss, `@LR` the learning rate; "
+             "`(k/n div)` counts diverged runs, which are left out of the mean and of the tests, never "
+             "averaged in. The best LR of a cell is chosen on the plan's search seeds by mean final val "
+             "loss, with any divergence ranking an LR last.", ""]
+    for ffn in results.ffns:
+        for which in WHICH:
+            lines += [f"## Final val loss, {ffn}, at {WHICH[which]}", ""]
+            lines += loss_table(results, ffn, which, "final") + [""]
+        lines += [f"## Best val loss (lowest evaluation of the run), {ffn}, at each placement's best LR", ""]
+        lines += loss_table(results, ffn, "best", "best") + [""]
+    for which in WHICH:
+        lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss)", ""]
+        lines += significance_table(significance_rows(results, which)) + [""]
+    lines += ["## Divergences", ""] + divergence_table(results) + [""]
+    for ffn in results.ffns:
+        lines += [f"## LR search ({ffn}): mean final val loss on the search seeds", ""]
+        lines += lr_table(results, ffn) + [""]
+    lines += ["## Plots", ""]
+    for ffn in results.ffns:
+        name = f"val_vs_depth_{ffn}.png"
+        plot_val_vs_depth(results, ffn, out / name)
+        lines += [f"![val loss vs depth, {ffn}]({name})", ""]
+        for depth in results.depths:
+            name = f"curves_{ffn}_L{depth}.png"
+            plot_curves(results, ffn, depth, out / name)
+            lines += [f"![loss curves, {ffn}, L={depth}]({name})", ""]
+    lines += ["## Per-layer moments and gradients after training", "",
+              "Measured on the run's final checkpoint with one forward and backward pass on a fixed "
+              "validation batch (the first evenly spaced validation windows), mean over the seeds of the best LR.",
+              ""]
+    for ffn in results.ffns:
+        for depth in results.depths:
+            name = f"layers_{ffn}_L{depth}.png"
+            if plot_layers(results, ffn, depth, out / name):
+                lines += [f"![per-layer stats, {ffn}, L={depth}]({name})", ""]
+    kan = plot_kan(results, out / "kan_moments.png")
+    if kan is not None:
+        depth, names = kan
+        lines += ["## Kan et al.'s picture: hidden-state moments per layer after training", "",
+                  f"![Kan et al. moments](kan_moments.png)", ""] + kan_table(results, depth, names) + [""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_csv(results, out / "results.csv")
+    (out / "results.json").write_text(json.dumps(results_json(results), indent=2))
+    return out / "report.md"
+
+
+__all__ = ["build_report", "divergence_table", "fmt_cell", "loss_table", "mean_layer_stats", "plot_kan",
+           "results_json", "significance_rows", "significance_table", "write_csv"]

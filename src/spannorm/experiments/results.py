@@ -1,0 +1,262 @@
+"""Read finished sweeps back and aggregate them: per-cell statistics over seeds, LR selection, Welch tests.
+
+Statistics follow SPEC §7: each cell (placement, depth, ffn) is reported at its best LR (selected on the
+plan's search seeds by the mean final validation loss, a divergence ranking an LR below every LR without
+one) and at the plan's shared LR, as mean ± sample std over seeds. Diverged runs are counted, never averaged:
+means and tests use the runs that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
+from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
+
+SPAN_PLACEMENTS = ("span", "span_b2t")
+
+
+@dataclass
+class RunResult:
+    """One run of a sweep: its index record, its loss curves and (when measured) its per-layer stats."""
+
+    record: dict[str, Any]
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    layer_stats: dict[str, Any] | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.record["placement"], int(self.record["depth"]), self.record["ffn"])
+
+    @property
+    def diverged(self) -> bool:
+        return self.record.get("status") == "diverged"
+
+    @property
+    def finished(self) -> bool:
+        return self.record.get("status") in ("done", "diverged")
+
+
+@dataclass
+class GroupStats:
+    """Statistics of the runs of one cell at one LR."""
+
+    lr: float
+    n: int
+    """Finished runs (diverged included)."""
+    n_diverged: int
+    final: list[float]
+    """Final validation losses of the runs that did not diverge."""
+    best: list[float]
+
+    @staticmethod
+    def _mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    @staticmethod
+    def _std(values: list[float]) -> float | None:
+        return statistics.stdev(values) if len(values) >= 2 else None
+
+    @property
+    def final_mean(self) -> float | None:
+        return self._mean(self.final)
+
+    @property
+    def final_std(self) -> float | None:
+        return self._std(self.final)
+
+    @property
+    def best_mean(self) -> float | None:
+        return self._mean(self.best)
+
+    @property
+    def best_std(self) -> float | None:
+        return self._std(self.best)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "n": self.n, "n_diverged": self.n_diverged, "final_val_loss": self.final,
+                "best_val_loss": self.best, "final_mean": self.final_mean, "final_std": self.final_std,
+                "best_mean": self.best_mean, "best_std": self.best_std}
+
+
+def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    val, train = [], []
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return val, train
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        step = row.get("step")
+        if step is None:
+            continue
+        for key, out in (("val_loss", val), ("train_loss", train)):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out.append((int(step), float(value)))
+    return val, train
+
+
+@dataclass
+class Sweep:
+    """One sweep directory: its plan and its runs."""
+
+    path: Path
+    plan: StudyPlan
+    runs: list[RunResult]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read ``path/plan.yaml``, ``path/index.json`` and each listed run's metrics and layer stats."""
+    import yaml
+
+    path = Path(path)
+    plan_file, index_file = path / "plan.yaml", path / "index.json"
+    if not plan_file.is_file() or not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
+                                "(written by `spannorm sweep`)")
+    plan = parse_plan(yaml.safe_load(plan_file.read_text()), str(plan_file))
+    runs = []
+    for record in load_index(path).values():
+        run_dir = path / RUNS_DIR / record["run_id"]
+        val, train = _read_curves(run_dir)
+        stats_path = run_dir / LAYER_STATS_NAME
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        runs.append(RunResult(record, val, train, stats))
+    return Sweep(path, plan, runs)
+
+
+class StudyResults:
+    """Finished runs of one or more sweeps, grouped by cell and LR."""
+
+    def __init__(self, sweeps: list[Sweep]):
+        self.sweeps = sweeps
+        self.plan_of: dict[str, StudyPlan] = {}
+        self.runs: dict[str, list[RunResult]] = {}
+        order: list[Cell] = []
+        for sweep in sweeps:
+            for cell in sweep.plan.cells():
+                if cell.key not in self.plan_of:
+                    self.plan_of[cell.key] = sweep.plan
+                    order.append(cell)
+            for run in sweep.runs:
+                if run.finished:
+                    self.runs.setdefault(run.cell.key, []).append(run)
+        self.cells = order
+
+    # ------------------------------------------------------------------ axes
+    @property
+    def placements(self) -> list[str]:
+        return list(dict.fromkeys(c.placement for c in self.cells))
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted({c.depth for c in self.cells})
+
+    @property
+    def ffns(self) -> list[str]:
+        return list(dict.fromkeys(c.ffn for c in self.cells))
+
+    def cell(self, placement: str, depth: int, ffn: str) -> Cell | None:
+        cell = Cell(placement, depth, ffn)
+        return cell if cell.key in self.plan_of else None
+
+    def base_placement(self, placement: str) -> str:
+        """The model placement behind a variant name (``peri-dt0.1`` -> ``peri``)."""
+        for sweep in self.sweeps:
+            for variant in sweep.plan.placements:
+                if variant.name == placement:
+                    return variant.placement
+        return placement
+
+    # ------------------------------------------------------------------ groups
+    def runs_at(self, cell: Cell, lr: float, seeds: list[int] | None = None) -> list[RunResult]:
+        return [r for r in self.runs.get(cell.key, [])
+                if math.isclose(float(r.record["lr"]), lr, rel_tol=1e-9)
+                and (seeds is None or int(r.record["seed"]) in seeds)]
+
+    def group(self, cell: Cell, lr: float) -> GroupStats:
+        runs = self.runs_at(cell, lr)
+        ok = [r for r in runs if not r.diverged and r.record.get("final_val_loss") is not None]
+        return GroupStats(lr=lr, n=len(runs), n_diverged=sum(r.diverged for r in runs),
+                          final=[float(r.record["final_val_loss"]) for r in ok],
+                          best=[float(r.record["best_val_loss"]) for r in ok
+                                if r.record.get("best_val_loss") is not None])
+
+    def lrs(self, cell: Cell) -> list[float]:
+        return sorted(self.plan_of[cell.key].lrs)
+
+    def best_lr(self, cell: Cell) -> float | None:
+        """The cell's best LR from the plan's LR search (its search seeds at its search depth; every seed
+        under the full protocol); None until every run of that search has finished."""
+        plan = self.plan_of[cell.key]
+        search = plan.search_cell(cell)
+        records = {r.run_id: r.record for r in self.runs.get(search.key, [])}
+        return plan.best_lr(cell, records)
+
+    def shared_lr(self, cell: Cell) -> float:
+        return self.plan_of[cell.key].reference_lr
+
+    def at(self, cell: Cell, which: str) -> GroupStats | None:
+        """The cell's statistics at its ``best`` LR or at the ``shared`` LR."""
+        lr = self.best_lr(cell) if which == "best" else self.shared_lr(cell)
+        return None if lr is None else self.group(cell, lr)
+
+    # ------------------------------------------------------------------ significance
+    def best_baseline(self, depth: int, ffn: str, which: str = "best") -> tuple[str, GroupStats] | None:
+        """The non-SpanNorm placement with the lowest mean final val loss at ``which`` LR (a divergence ranks
+        below every cell without one)."""
+        candidates = []
+        for placement in self.placements:
+            if self.base_placement(placement) in SPAN_PLACEMENTS:
+                continue
+            cell = self.cell(placement, depth, ffn)
+            group = self.at(cell, which) if cell else None
+            if group is None or group.n == 0:
+                continue
+            records = [{"status": "diverged"}] * group.n_diverged + [{"final_val_loss": v} for v in group.final]
+            candidates.append((rank_key(records), placement, group))
+        if not candidates:
+            return None
+        _, placement, group = min(candidates, key=lambda c: c[0])
+        return placement, group
+
+    def welch(self, placement: str, depth: int, ffn: str, which: str = "best") -> dict[str, Any] | None:
+        """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
+        the best baseline's, at ``which`` LR. None when either side has fewer than two finished runs."""
+        from scipy import stats
+
+        cell = self.cell(placement, depth, ffn)
+        base = self.best_baseline(depth, ffn, which)
+        group = self.at(cell, which) if cell else None
+        if group is None or base is None:
+            return None
+        base_name, base_group = base
+        out: dict[str, Any] = {"placement": placement, "depth": depth, "ffn": ffn, "which": which,
+                               "lr": group.lr, "mean": group.final_mean, "n": len(group.final),
+                               "n_diverged": group.n_diverged, "baseline": base_name, "baseline_lr": base_group.lr,
+                               "baseline_mean": base_group.final_mean, "baseline_n": len(base_group.final),
+                               "t": None, "p": None}
+        if len(group.final) >= 2 and len(base_group.final) >= 2:
+            result = stats.ttest_ind(group.final, base_group.final, equal_var=False)
+            t, p = float(result.statistic), float(result.pvalue)
+            out["t"] = t if math.isfinite(t) else None
+            out["p"] = p if math.isfinite(p) else None
+        return out
+
+
+def load_results(paths: list[str | Path]) -> StudyResults:
+    """Read one or more sweep directories into one :class:`StudyResults`."""
+    return StudyResults([load_sweep(p) for p in paths])
