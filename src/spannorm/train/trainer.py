@@ -150,6 +150,14 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
+def training_objective(out, moe_cfg) -> torch.Tensor:
+    """The loss that is backpropagated: cross-entropy plus, for MoE models, the balance loss and router
+    z-loss weighted by ``model.moe.balance_coef`` and ``model.moe.z_loss_coef``."""
+    if moe_cfg is None or out.balance_loss is None:
+        return out.loss
+    return out.loss + moe_cfg.balance_coef * out.balance_loss + moe_cfg.z_loss_coef * out.z_loss
+
+
 class Trainer:
     """One training run. Build with the resolved config and the run folder, then call :meth:`run`.
 
@@ -350,9 +358,8 @@ class Trainer:
             inputs, targets = self.sample_batch("train")
             with autocast_context(self.device, cfg.train.precision):
                 out = self.forward_model(inputs, targets)
-            objective = out.loss
+            objective = training_objective(out, moe)
             if moe is not None and out.balance_loss is not None:
-                objective = objective + moe.balance_coef * out.balance_loss + moe.z_loss_coef * out.z_loss
                 balance_sum += out.balance_loss.detach().float()
                 z_sum += out.z_loss.detach().float()
                 load = out.expert_load.detach().float()
@@ -518,4 +525,4 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
     return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
 
 
-__all__ = ["Divergence", "RunSummary", "SpikeScore", "Trainer", "train"]
+__all__ = ["Divergence", "RunSummary", "SpikeScore", "Trainer", "train", "training_objective"]

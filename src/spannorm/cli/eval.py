@@ -1,0 +1,66 @@
+"""``spannorm eval``: a checkpoint's loss, perplexity and bits per byte on a corpus."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from spannorm.cli.main import UsageError
+from spannorm.cli.train import collect_overrides
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="loss, perplexity and bits per byte of a checkpoint on a corpus",
+        description="Evaluate a checkpoint (a run folder, a checkpoint folder or a model folder) on the "
+                    "validation split of its training corpus, or of another corpus given with "
+                    "--data.path=FILE_OR_FOLDER (any data.* field can be overridden). The checkpoint's own "
+                    "tokenizer is always used.")
+    p.add_argument("checkpoint", type=Path, help="run folder, checkpoint folder or model folder")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="evaluate at most this many batches of evenly spaced windows (default: the whole split)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run, accepts_overrides=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from spannorm.data.dataset import load_splits
+    from spannorm.train.checkpoint import load_for_inference
+    from spannorm.train.config import DataConfig, apply_overrides, RunConfig
+    from spannorm.train.evaluation import evaluate
+
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise UsageError("--batch-size and --max-batches must be positive integers")
+    overrides = collect_overrides(getattr(args, "overrides", None))
+    for text in overrides:
+        if not text.startswith("data."):
+            raise UsageError(f"override {text!r} is not allowed here; allowed: data.* fields (the model comes "
+                             "from the checkpoint)")
+    model, run_cfg, tokenizer, ckpt = load_for_inference(args.checkpoint, device=args.device)
+    base = run_cfg.data if run_cfg is not None else DataConfig()
+    data = apply_overrides({"data": dataclasses.asdict(base)}, overrides)
+    data_cfg = RunConfig.from_dict(data).data
+    _, splits = load_splits(data_cfg, tokenizer=tokenizer)
+    tokens = splits.split(args.split)
+    context = model.cfg.context_length
+    if len(tokens) < context + 1:
+        raise UsageError(f"the {args.split} split of {splits.source!r} has {len(tokens)} tokens, fewer than one "
+                         f"window of {context + 1}; allowed: a longer corpus")
+    n_bytes = splits.val_bytes if args.split == "val" else splits.train_bytes
+    result = evaluate(model, tokens, context, args.batch_size, max_batches=args.max_batches,
+                      bytes_per_token=n_bytes / len(tokens), device=args.device, precision=args.precision)
+    report = {"checkpoint": str(ckpt), "corpus": splits.source, "split": args.split, "loss": result.loss,
+              "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{ckpt}: {args.split} split of {splits.source}: loss {result.loss:.4f}  perplexity "
+              f"{result.perplexity:.3f}  bits/byte {result.bits_per_byte:.4f}  ({result.tokens} tokens)")
+    return 0

@@ -1,0 +1,244 @@
+"""The trainer: outputs, schedule, optimizer groups, MoE objective, spike score, exact resume, divergence."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from spannorm.config import ModelConfig, MoEConfig
+from spannorm.model.transformer import SpanNormLM
+from spannorm.train import checkpoint as ckpt_io
+from spannorm.train.config import RunConfig, resolve_config
+from spannorm.train.progress import Progress
+from spannorm.train.schedule import lr_at
+from spannorm.train.trainer import SpikeScore, Trainer, train, training_objective
+
+TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
+
+
+def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_bytes(TEXT)
+    base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32",
+            f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
+            "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3",
+            "train.precision=fp32", "train.progress=none", "train.tensorboard=false", "optim.lr=3e-3",
+            "optim.warmup_steps=2", "train.device=cpu"]
+    return resolve_config(None, None, base + list(overrides))
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_config_metrics_summary_and_checkpoints(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=8", "train.eval_every=4", "train.checkpoint_every=4",
+                   "train.tensorboard=true", "optim.lr=1e-2")
+    run = tmp_path / "run"
+    summary = train(cfg, run)
+    assert RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert {"train_loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(r)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    last = evals[-1]
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] / math.log(2))  # byte tokenizer: 1 byte/token
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5  # it learns
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary.to_dict()))
+    assert summary.status == "completed" and not summary.diverged and summary.steps == 8
+    assert summary.final_val_loss == last["val_loss"] and summary.best_val_loss == min(r["val_loss"] for r in evals)
+    assert summary.tokens == 8 * 4 * 32
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000004", "step_00000008"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["train_loss"] for r in records])
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 8]
+
+
+def test_schedules():
+    kw = dict(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 100, 1.0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, **kw) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, schedule="cosine", **kw) == pytest.approx(0.1)
+    mid = 10 + (99 - 10) / 2
+    assert lr_at(int(mid), 100, 1.0, schedule="cosine", **kw) == pytest.approx(0.55, abs=0.02)
+    wsd = [lr_at(s, 100, 1.0, schedule="wsd", decay_fraction=0.2, **kw) for s in range(100)]
+    assert wsd[10:80] == [1.0] * 70 and wsd[99] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(wsd[80:], wsd[81:]))
+    assert lr_at(57, 100, 1.0, schedule="constant", **kw) == 1.0
+
+
+def test_weight_decay_applies_to_matrices_only(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "optim.weight_decay=0.3"), tmp_path / "run")
+    trainer._build()
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_params = sum(1 for _ in trainer.model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params and no_decay["params"]
+
+
+def test_moe_objective_adds_aux_losses_with_coefficients_and_logs_load(tmp_path):
+    moe = MoEConfig(n_experts=4, top_k=2, balance_coef=0.5, z_loss_coef=0.25)
+    model = SpanNormLM(ModelConfig(d_model=32, n_layers=2, n_heads=2, context_length=16, moe=moe))
+    idx = torch.randint(0, 256, (2, 16))
+    out = model(idx, idx)
+    expected = out.loss + 0.5 * out.balance_loss + 0.25 * out.z_loss
+    assert torch.equal(training_objective(out, moe), expected)
+    assert torch.equal(training_objective(out, None), out.loss)
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "model.moe.n_experts=4", "train.steps=2"), run)
+    record = read_metrics(run)[-1]
+    load = torch.tensor(record["expert_load"])
+    assert load.shape == (2, 4) and torch.allclose(load.sum(dim=1), torch.ones(2))
+    assert record["balance_loss"] >= 1.0 - 1e-4 and record["z_loss"] > 0
+
+
+def test_spike_score_flags_values_above_mean_plus_six_sigma():
+    score = SpikeScore(window=128, sigmas=6.0)
+    assert score.update(1.0) == (None, False)  # too little history
+    for i in range(200):
+        z, spike = score.update(1.0 + 0.01 * (i % 2))
+        assert not spike
+    assert len(score.history) == 128
+    z, spike = score.update(1.0 + 0.005 + 7 * 0.005)  # mean 1.005, std 0.005: z = 7
+    assert spike and z == pytest.approx(7.0)
+    z, spike = score.update(1.005 + 5 * 0.005)
+    assert not spike and 4 < z < 6
+
+
+def test_progress_bar_on_terminal_and_plain_lines_otherwise():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = Progress("auto", total_steps=10, log_every=5, stream=tty)
+    bar.step(3, {"train_loss": 2.5, "tokens_per_s": 1500.0})
+    assert tty.getvalue().startswith("\r[") and "3/10 loss 2.5000 1.5k tok/s ETA" in tty.getvalue()
+    plain_stream = io.StringIO()
+    plain = Progress("auto", total_steps=10, log_every=5, stream=plain_stream)
+    for step in range(1, 11):
+        plain.step(step, {"train_loss": 1.0, "tokens_per_s": 10.0, "lr": 1e-3, "grad_norm": 0.5})
+    lines = plain_stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["5/10", "10/10"] and "\r" not in plain_stream.getvalue()
+    quiet = io.StringIO()
+    Progress("none", total_steps=10, stream=quiet).step(10, {"train_loss": 1.0})
+    assert quiet.getvalue() == ""
+
+
+class StopAt:
+    """Callback: request a stop after optimizer step ``step``, like an interrupted run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, record):
+        if step == self.step:
+            trainer.request_stop("test stop")
+
+
+@pytest.mark.parametrize("precision, accum", [("fp32", 1), ("bf16", 2)])
+def test_resume_gives_identical_losses(tmp_path, precision, accum):
+    extra = [f"train.precision={precision}", f"train.grad_accum={accum}", "train.checkpoint_every=100"]
+    straight = tmp_path / "straight"
+    full = train(tiny_cfg(tmp_path, *extra), straight)
+    split = tmp_path / "split"
+    first = train(tiny_cfg(tmp_path, *extra), split, callbacks=[StopAt(3)])
+    assert first.status == "interrupted" and first.steps == 3
+    assert ckpt_io.latest_checkpoint(split).name == "step_00000003"
+    resumed = train(tiny_cfg(tmp_path, *extra), split, resume=True)
+    assert resumed.status == "completed" and resumed.steps == 6
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("train_loss", "grad_norm", "lr", "loss_z", "grad_norm_z"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert [r["val_loss"] for r in a if "val_loss" in r] == [r["val_loss"] for r in b if "val_loss" in r]
+    assert full.final_val_loss == resumed.final_val_loss and full.tokens == resumed.tokens
+    wa = load_file(str(ckpt_io.latest_checkpoint(straight) / "model.safetensors"))
+    wb = load_file(str(ckpt_io.latest_checkpoint(split) / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_drops_metrics_past_the_checkpoint_and_can_extend_the_run(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2", "optim.schedule=constant"), run)
+    # Pretend a kill after step 4's metrics but before its checkpoint: keep only checkpoint 2.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")  # stale pointer: falls back to step 2
+    summary = train(tiny_cfg(tmp_path, "train.steps=7", "train.checkpoint_every=2", "optim.schedule=constant"),
+                    run, resume=True)
+    assert summary.steps == 7
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 8))
+
+
+class NaNGradientAt:
+    """Callback: after the backward pass of step ``step``, poison one gradient; remembers the weights."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.weights_before = None
+
+    def on_after_backward(self, trainer, step):
+        if step == self.step:
+            self.weights_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            next(trainer.model.parameters()).grad[0, 0] = float("nan")
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
+    run = tmp_path / "run"
+    poison = NaNGradientAt(5)
+    summary = train(tiny_cfg(tmp_path, "train.steps=8", "train.checkpoint_every=2"), run, callbacks=[poison])
+    assert summary.diverged and summary.status == "diverged" and summary.diverged_step == 5
+    assert summary.steps == 4
+    assert "step 5: non-finite gradient norm" in summary.message and "step_00000004" in summary.message
+    # The last good checkpoint stays, and it holds exactly the weights the model had before step 5.
+    latest = ckpt_io.latest_checkpoint(run)
+    assert latest.name == "step_00000004"
+    saved = load_file(str(latest / "model.safetensors"))
+    assert all(torch.equal(saved[k], poison.weights_before[k]) for k in saved)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["diverged_step"] == 5
+
+
+def test_non_finite_loss_is_reported_with_its_step(tmp_path):
+    class PoisonWeights:
+        def on_train_start(self, trainer):
+            with torch.no_grad():
+                trainer.model.embed.weight[:] = float("inf")
+
+    summary = train(tiny_cfg(tmp_path), tmp_path / "run", callbacks=[PoisonWeights()])
+    assert summary.diverged and summary.diverged_step == 1 and summary.steps == 0
+    assert "step 1: non-finite loss" in summary.message
+    assert ckpt_io.latest_checkpoint(tmp_path / "run") is None
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                   "train.eval_every=0"), run)
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000004", "step_00000005"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    state = json.loads((run / "checkpoints" / "step_00000005" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["sampler"]["batches_drawn"] == 5
+    assert "val_loss" in read_metrics(run)[-1]  # eval_every=0 still evaluates at the end
