@@ -63,6 +63,18 @@ def test_init_from_spannorm_dir_converts_pre_to_span(source_model, tmp_path):
     assert cfg2.model.placement == "span" and cfg2.model.context_length == 16
 
 
+def test_resume_does_not_need_the_source_any_more(source_model, tmp_path):
+    save_model(source_model, tmp_path / "pre")
+    settings = [f"train.init_from={tmp_path / 'pre'}", "model.placement=peri", *_run_settings(tmp_path)]
+    train(resolve_config(None, None, settings), tmp_path / "run")
+    (tmp_path / "pre" / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    (tmp_path / "pre" / "model_config.json").unlink()
+    (tmp_path / "pre").rmdir()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--train.steps=3"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["status"] == "completed"
+
+
 def test_cli_init_from_hf_llama_starts_from_its_function(source_model, tmp_path, monkeypatch):
     """An HF directory (written by export) imported by the trainer: the first model computes the source's
     logits exactly (same placement, embedding multiplier folded to 1)."""

@@ -108,7 +108,7 @@ def llama_state_dict(model: SpanNormLM) -> dict[str, torch.Tensor]:
     reasons = llama_incompatibilities(cfg)
     if reasons:
         raise InteropError("HF cannot load this model as LlamaForCausalLM: " + "; ".join(reasons))
-    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
     scale = cfg.embedding_multiplier
     state["embed.weight"] *= scale
     if cfg.tie_embeddings:

@@ -36,7 +36,7 @@ def max_logit_difference(model: SpanNormLM, hf_dir: str | os.PathLike, *, batch:
     was_training = model.training
     model.eval()
     try:
-        ours = model(idx).logits.float()
+        ours = model(idx.to(next(model.parameters()).device)).logits.float().cpu()
     finally:
         model.train(was_training)
     theirs = hf_model(input_ids=idx, use_cache=False).logits.float()

@@ -429,10 +429,12 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         data = _merge(data, layer)
     data = apply_overrides(data, list(overrides))
     init_from = (data.get("train") or {}).get("init_from")
-    if isinstance(init_from, str) and init_from.strip().lower() not in ("", "null", "none", "~"):
+    # The checkpoint's model section goes under the explicit settings. A missing folder is reported by the
+    # trainer, except on resume, which needs only the run's own checkpoint.
+    if isinstance(init_from, str) and init_from.strip() and Path(init_from).exists():
         from spannorm.interop.init_from import run_config_layer
 
-        data = _merge(run_config_layer(init_from), data)  # the checkpoint's model under the explicit settings
+        data = _merge(run_config_layer(init_from), data)
     return RunConfig.from_dict(data)
 
 

@@ -190,9 +190,10 @@ class Trainer:
         self.tokenizer, self.splits = load_splits(cfg.data)
         check_long_enough(self.splits, cfg.model.context_length)
         if cfg.train.init_from is not None:  # the checkpoint fixes vocab_size; the tokenizer must fit in it
-            from spannorm.interop.init_from import check_init_target
+            if self.resume_from is None:
+                from spannorm.interop.init_from import check_init_target
 
-            check_init_target(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
+                check_init_target(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
         elif cfg.model.vocab_size != self.tokenizer.vocab_size:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                      vocab_size=self.tokenizer.vocab_size))
