@@ -1,0 +1,162 @@
+"""The sweep harness: plan expansion and the LR-search protocol, a micro-sweep end to end, and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spannorm.config import ConfigError
+from spannorm.experiments.plan import format_lr, parse_plan, rank_key, select_best_lr
+from spannorm.experiments.runner import load_index, run_sweep
+
+MICRO_BASE = {
+    "config": {
+        "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
+        "data": {"embedded_max_bytes": 60000},
+        "optim": {"warmup_steps": 1},
+        "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
+                  "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu"},
+    }
+}
+
+
+def micro_plan(cache_dir: Path) -> dict:
+    base = json.loads(json.dumps(MICRO_BASE))
+    base["config"]["data"]["cache_dir"] = str(cache_dir)
+    return {"name": "micro", "base": base,
+            "grid": {"placements": ["pre", "span"], "depths": [1, 2], "ffn": {"dense": []}, "lrs": [3e-3],
+                     "seeds": [0]},
+            "measure": {"layer_stats": True, "batch_size": 2}}
+
+
+def test_format_lr_is_compact_and_stable():
+    assert format_lr(0.003) == "3e-3"
+    assert format_lr(1e-2) == "1e-2"
+    assert format_lr(0.0015) == "1.5e-3"
+
+
+def test_full_protocol_expands_the_product_with_stable_ids():
+    plan = parse_plan({"grid": {"placements": ["pre", "span"], "depths": [6, 24],
+                                "ffn": {"dense": [], "moe": ["model.moe.n_experts=4"]},
+                                "lrs": [1e-3, 3e-3], "seeds": [0, 1, 2]}})
+    specs = plan.expand()
+    assert len(specs) == 2 * 2 * 2 * 2 * 3
+    ids = {s.run_id for s in specs}
+    assert len(ids) == len(specs)
+    assert "span-L24-moe-lr3e-3-s1" in ids
+    spec = next(s for s in specs if s.run_id == "span-L24-moe-lr3e-3-s1")
+    assert "model.placement=span" in spec.overrides and "model.n_layers=24" in spec.overrides
+    assert "model.moe.n_experts=4" in spec.overrides and "train.seed=1" in spec.overrides
+    assert spec.overrides[-2] == "optim.lr=0.003"
+
+
+def _done(loss: float) -> dict:
+    return {"status": "done", "final_val_loss": loss}
+
+
+def test_lr_search_protocol_waits_for_the_search_then_runs_best_and_shared():
+    plan = parse_plan({"grid": {"placements": ["pre"], "depths": [6, 24], "ffn": {"dense": []},
+                                "lrs": [1e-3, 1e-2, 3e-2], "seeds": [0, 1, 2]},
+                       "protocol": {"kind": "lr_search", "search_seeds": [0], "search_depths": [6],
+                                    "shared_lr": 1e-2}})
+    first = plan.expand({})
+    assert [s.run_id for s in first] == ["pre-L6-dense-lr1e-3-s0", "pre-L6-dense-lr1e-2-s0",
+                                         "pre-L6-dense-lr3e-2-s0"]
+    partial = {"pre-L6-dense-lr1e-3-s0": _done(2.5), "pre-L6-dense-lr1e-2-s0": _done(2.4)}
+    assert len(plan.expand(partial)) == 3  # the search is unfinished: nothing else yet
+    # 3e-2 has the lowest loss but diverged: it ranks last, so 1e-3 (2.5) loses to 1e-2 (2.4) only
+    results = {**partial, "pre-L6-dense-lr3e-2-s0": {"status": "diverged", "final_val_loss": None}}
+    results["pre-L6-dense-lr1e-3-s0"] = _done(2.3)
+    specs = plan.expand(results)
+    stages = {s.run_id: s.stage for s in specs}
+    # best LR is 1e-3 at depth 6, and depth 24 takes depth 6's choice
+    for depth in (6, 24):
+        for seed in (0, 1, 2):
+            assert f"pre-L{depth}-dense-lr1e-3-s{seed}" in stages
+            assert f"pre-L{depth}-dense-lr1e-2-s{seed}" in stages
+    assert stages["pre-L6-dense-lr1e-3-s0"] == "search"
+    assert stages["pre-L24-dense-lr1e-3-s1"] == "best"
+    assert stages["pre-L24-dense-lr1e-2-s2"] == "shared"
+    assert len(specs) == 3 + 2 + 2 + 3 + 3  # search, L6 best/shared seeds 1-2, L24 best/shared seeds 0-2
+
+
+def test_diverged_counts_as_worst_when_ranking_lrs():
+    assert rank_key([_done(2.0), {"status": "diverged"}]) == (1, 2.0)
+    assert select_best_lr({1e-3: [_done(3.0)], 1e-2: [_done(1.0), {"status": "diverged"}]}) == 1e-3
+    assert select_best_lr({1e-3: [_done(2.0)], 1e-2: [_done(2.0)]}) == 1e-3  # ties go to the smaller LR
+    assert math.isinf(rank_key([{"status": "diverged"}])[1])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"grid": {"placements": ["prenorm"], "depths": [2]}}, "allowed: pre"),
+    ({"grid": {"placements": ["pre"], "depths": [2], "lrs": [1e-3]}, "protocol": {"shared_lr": 5e-3}},
+     "protocol.shared_lr"),
+    ({"grid": {"placements": ["pre"], "depths": [0]}}, "grid.depths"),
+    ({"grid": {"placements": ["pre"], "depths": [2]}, "protocol": {"kind": "random"}}, "protocol.kind"),
+    ({"grid": {"placements": ["pre"], "depths": [2]}, "extra": 1}, "'extra' is not known"),
+])
+def test_bad_plans_fail_with_a_message_naming_the_key(bad, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_plan(bad)
+
+
+def test_micro_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
+    plan = parse_plan(micro_plan(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    logs: list[str] = []
+    outcome = run_sweep(plan, out, workers=2, threads=1, log=logs.append)
+    expected = {"pre-L1-dense-lr3e-3-s0", "pre-L2-dense-lr3e-3-s0", "span-L1-dense-lr3e-3-s0",
+                "span-L2-dense-lr3e-3-s0"}
+    assert set(outcome.executed) == expected and not outcome.failed and not outcome.skipped
+    index = load_index(out)
+    assert set(index) == expected
+    for run_id, record in index.items():
+        assert record["status"] == "done"
+        run_dir = out / "runs" / run_id
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert record["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+        assert summary["steps"] == 3
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        stats = json.loads((run_dir / "layer_stats.json").read_text())
+        depth = record["depth"]
+        assert stats["n_layers"] == depth and len(stats["rms"]) == depth + 1
+        assert len(stats["grad_norm"]) == depth + 1 and len(stats["param_grad_norm"]) == depth
+        assert all(v > 0 and math.isfinite(v) for v in stats["rms"] + stats["grad_norm"])
+    events = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(e["run_id"] for e in events) == sorted(expected)
+
+    mtimes = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in expected}
+    again = run_sweep(plan, out, workers=0, log=logs.append)
+    assert again.executed == [] and set(again.skipped) == expected
+    assert {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in expected} == mtimes
+
+    # A sweep killed mid-run leaves a run directory without a summary: only that run trains again.
+    victim = out / "runs" / "span-L2-dense-lr3e-3-s0"
+    (victim / "summary.json").unlink()
+    third = run_sweep(plan, out, workers=0, log=logs.append)
+    assert third.executed == ["span-L2-dense-lr3e-3-s0"]
+    assert set(third.skipped) == expected - {"span-L2-dense-lr3e-3-s0"}
+    assert (victim / "summary.json").is_file()
+    assert {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns
+            for r in expected - {victim.name}} == {r: mtimes[r] for r in expected - {victim.name}}
+    assert load_index(out)["span-L2-dense-lr3e-3-s0"]["status"] == "done"
+
+
+def test_sweep_cli_rejects_a_bad_plan_and_writes_nothing(tmp_path):
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump({"grid": {"placements": ["pre"], "depths": [2],
+                                                  "ffn": {"dense": ["model.d_modle=16"]}}}))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spannorm: error:") and "d_modle" in lines[0]
+    assert not out.exists()
