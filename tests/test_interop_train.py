@@ -11,8 +11,8 @@ import torch
 
 from spannorm import ConfigError, ModelConfig, SpanNormLM
 from spannorm.cli.main import main
-from spannorm.interop import export_hf
-from spannorm.model.io import save_model
+from spannorm.interop import export_hf, import_hf
+from spannorm.model.io import load_model, save_model
 from spannorm.train.config import resolve_config
 from spannorm.train.trainer import train
 
@@ -96,6 +96,12 @@ def test_cli_init_from_hf_llama_starts_from_its_function(source_model, tmp_path,
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(model(idx).logits, source_model(idx).logits, atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    # and the trained run exports back to HF: export-hf takes the run folder (its latest checkpoint)
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf-trained")]) == 0
+    trained = load_model(tmp_path / "run" / "checkpoints" / "step_00000002")
+    assert not torch.equal(trained.blocks[0].attn.q_proj.weight, model.blocks[0].attn.q_proj.weight)
+    torch.testing.assert_close(import_hf(tmp_path / "hf-trained")(idx).logits, trained(idx).logits,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_init_from_errors_are_one_line_and_write_nothing(source_model, tmp_path, capsys):

@@ -47,7 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Write the spannorm model in MODEL_DIR to HF_DIR. Placements that Llama computes (pre, lns) "
                     "become a LlamaForCausalLM directory; any other model is written in spannorm's own format "
                     "with a message saying why HF cannot load it as Llama (--require-llama makes that an error).")
-    exp.add_argument("model_dir", metavar="MODEL_DIR", type=Path)
+    exp.add_argument("model_dir", metavar="MODEL_DIR", type=Path,
+                     help="a spannorm model folder, checkpoint folder, or run folder (its latest checkpoint)")
     exp.add_argument("--out", required=True, type=Path, metavar="HF_DIR", help="directory to write")
     exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     exp.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
@@ -106,16 +107,18 @@ def run_import(args: argparse.Namespace) -> int:
 @_user_errors
 def run_export(args: argparse.Namespace) -> int:
     from spannorm.interop.hf_export import export_hf, export_model, llama_incompatibilities
+    from spannorm.interop.init_from import resolve_checkpoint_dir
     from spannorm.interop.output_dir import check_writable
     from spannorm.interop.parity import max_logit_difference
     from spannorm.model.io import load_model
 
     check_writable(args.out, args.overwrite)
-    model = load_model(args.model_dir)
+    model_dir = resolve_checkpoint_dir(args.model_dir)
+    model = load_model(model_dir)
     reasons = llama_incompatibilities(model.cfg)
     if reasons and args.require_llama:
         raise UsageError("HF cannot load this model as LlamaForCausalLM: " + "; ".join(reasons))
-    options = dict(dtype=args.dtype, max_shard_bytes=args.max_shard_size, source_dir=args.model_dir,
+    options = dict(dtype=args.dtype, max_shard_bytes=args.max_shard_size, source_dir=model_dir,
                    overwrite=args.overwrite)
     if reasons:
         result = export_model(model, args.out, **options)
