@@ -158,7 +158,7 @@ def test_console_script_version_help_and_profile():
     run = lambda *a: subprocess.run([sys.executable, "-m", "spannorm", *a], capture_output=True, text=True)
     assert run("--version").stdout.startswith("spannorm 0.")
     assert "profile" in run("--help").stdout
-    prof = run("profile", "--placements", "pre,span", "--depths", "4", "--json")
+    prof = run("profile", "--placements", "pre,span", "--depths", "4", "--format", "json")
     assert prof.returncode == 0 and prof.stdout.count("variance_ratio") == 2
     bad = run("profile", "--placements", "sandwich", "--depths", "4")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
