@@ -65,20 +65,22 @@ def read_corpus(path: str | Path, field_name: str = "data.path") -> bytes:
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{field_name}={str(path)!r} is invalid: no such file or folder; "
-                          "name a text file, a folder of text files, or leave it unset for the embedded corpus")
+                          "allowed: a text file, a folder of text files, or null for the embedded corpus")
     if path.is_file():
         data = path.read_bytes()
         if not data:
-            raise ConfigError(f"{field_name}={str(path)!r} is invalid: the file is empty; name a non-empty text file")
+            raise ConfigError(f"{field_name}={str(path)!r} is invalid: the file is empty; "
+                              "allowed: a non-empty text file")
         return data
     if path.is_dir():
         files = folder_text_files(path)
         if not files:
             raise ConfigError(f"{field_name}={str(path)!r} is invalid: the folder holds no text files; "
-                              "name a folder that contains text files")
+                              "allowed: a folder that contains text files")
         data = b"\n".join(f.read_bytes() for f in files)
         if not data.strip():
             raise ConfigError(f"{field_name}={str(path)!r} is invalid: its text files are empty; "
-                              "name a folder with non-empty text files")
+                              "allowed: a folder with non-empty text files")
         return data
-    raise ConfigError(f"{field_name}={str(path)!r} is invalid: not a regular file or folder")
+    raise ConfigError(f"{field_name}={str(path)!r} is invalid: not a regular file or folder; "
+                      "allowed: a text file or a folder of text files")
