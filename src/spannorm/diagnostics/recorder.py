@@ -8,6 +8,7 @@ Points are named ``embed`` (x_0), ``block{l}.mid`` (after the attention sub-laye
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,10 @@ class Recording:
         return [self.gradients[n] for n in names]
 
 
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+"""A block's own hook point; hook points nested deeper (inside a user's block) are not residual-stream points."""
+
+
 def hook_point_names(model: nn.Module) -> dict[str, ResidualHook]:
     """The model's hook points under their short names (``embed``, ``block3.mid``, ``block3.out``)."""
     points = {}
@@ -40,9 +45,8 @@ def hook_point_names(model: nn.Module) -> dict[str, ResidualHook]:
             continue
         if name == "hook_embed":
             points["embed"] = module
-        elif name.startswith("blocks."):
-            _, index, hook = name.split(".")
-            points[f"block{index}.{hook.removeprefix('hook_')}"] = module
+        elif match := _BLOCK_HOOK.fullmatch(name):
+            points[f"block{match[1]}.{match[2]}"] = module
     return points
 
 

@@ -148,6 +148,9 @@ class TrainConfig:
     spike_window: int = 128
     """Steps of history for the spike score (SPEC §6): a value above mean + spike_sigmas·σ is a spike."""
     spike_sigmas: float = 6.0
+    diagnostics_every: int = 0
+    """Measure the stability statistics of SPEC §6 (:class:`spannorm.diagnostics.callback.DiagnosticsCallback`)
+    every this many steps, into metrics.jsonl (``diag/...``) and TensorBoard; 0: off."""
     init_from: str | None = None
     """Start from the weights in this folder: a spannorm model, checkpoint or run folder, or a Hugging Face
     Llama/Mistral/Qwen2 folder. The model section then starts from the checkpoint's (and data.tokenizer from
@@ -164,7 +167,7 @@ class TrainConfig:
             _fail(f"{prefix}.device", self.device, f"allowed: {', '.join(DEVICES)}")
         if self.progress not in PROGRESS_MODES:
             _fail(f"{prefix}.progress", self.progress, f"allowed: {', '.join(PROGRESS_MODES)}")
-        for name in ("eval_every", "log_every", "checkpoint_every"):
+        for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
         _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)

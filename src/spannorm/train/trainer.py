@@ -171,6 +171,10 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.callbacks = list(callbacks)
+        if cfg.train.diagnostics_every:
+            from spannorm.diagnostics.callback import DiagnosticsCallback
+
+            self.callbacks.append(DiagnosticsCallback(cfg.train.diagnostics_every))
         self.resume = resume
         self.tb = None
         self._stop_reason: str | None = None
@@ -396,7 +400,8 @@ class Trainer:
     def _write_record(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
         self._metrics.flush()
         if self.tb is not None:
             step = record["step"]

@@ -1,0 +1,91 @@
+"""``spannorm check TARGET [TARGET ...]``: screen placements or a user's block for stability (SPEC §6)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from spannorm.cli.main import UsageError
+from spannorm.diagnostics.check import CheckError, CheckSettings, run_check
+from spannorm.diagnostics.report import REPORT_JSON, REPORT_MD, format_run, write_report
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    key = key.strip().removeprefix("model.")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a model config field), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "check", help="screen placements or your own block for stability at init and after a short run",
+        description="Measure each TARGET at every depth at init and after --steps training steps on the "
+                    "embedded corpus, beside the theory's predictions; print verdicts and write report.json, "
+                    "report.md and plots to --out. TARGET is a placement name, 'all', or package.module:factory "
+                    "where factory(d_model, n_heads, layer_index, n_layers) returns an nn.Module mapping "
+                    "(B, T, d) to (B, T, d). Placements use the library's default config (e.g. pre scales its "
+                    "output projections by 1/sqrt(2L)); change it with --set.")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("--depths", type=_int_list, default=[4, 16, 64], help="comma-separated depths (default 4,16,64)")
+    p.add_argument("--steps", type=int, default=50, help="training steps after init (default 50; 0: init only)")
+    p.add_argument("--out", required=True, help="output folder (must not already hold a report)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any verdict is unstable")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps/10)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip threshold (0: none)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--band", type=float, default=4.0,
+                   help="growth, gradient ratio and identity product are judged against [1/band, band]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="model config field for placement targets, e.g. --set scale_out_proj=false")
+    p.add_argument("--no-suggest", action="store_true", help="skip the Δt/α stability criterion")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; name a folder")
+    if not args.overwrite and any((out / name).exists() for name in (REPORT_JSON, REPORT_MD)):
+        raise UsageError(f"--out {str(out)!r} already holds a report; allowed: --overwrite or another folder")
+    settings = CheckSettings(
+        depths=args.depths, steps=args.steps, d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, clip=args.clip,
+        weight_decay=args.weight_decay, seed=args.seed, band=args.band, model_overrides=dict(args.overrides),
+        device=args.device, suggest=not args.no_suggest)
+    if os.getcwd() not in sys.path:  # let package.module:factory name a module in the current folder
+        sys.path.insert(0, os.getcwd())
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[check] {msg}", file=sys.stderr, flush=True))
+    try:
+        result = run_check(args.targets, settings, log)
+    except CheckError as err:
+        raise UsageError(str(err)) from None
+    write_report(result, out)
+    print(format_run(result))
+    print(f"\nwrote {out / REPORT_JSON}, {out / REPORT_MD} and plots")
+    return 1 if args.strict and result.overall == "unstable" else 0

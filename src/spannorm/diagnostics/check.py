@@ -1,0 +1,334 @@
+"""``spannorm check``: screen a block design for stability before expensive training (SPEC §6, after Kan et
+al.).
+
+For each target (a placement, or a user's block factory ``package.module:factory``) and each depth, it
+
+1. builds the model (placements with the library's default config plus any overrides, user blocks inside
+   :class:`~spannorm.diagnostics.custom.CustomBlockLM`) and measures it at init on a fixed validation batch of
+   the embedded corpus (byte-level), beside the theory's prediction for that batch;
+2. trains it for K steps (:func:`short_training`) and measures it again on the same batch;
+3. turns all of it into verdicts (:mod:`spannorm.diagnostics.verdicts`).
+
+Every target trains through the same short loop, so that a user's block and the built-in placements are
+treated identically: :func:`short_training` is the one place ``check`` trains. It uses the training stack's
+optimizer settings (:class:`~spannorm.train.config.OptimConfig`: AdamW, β = (0.9, 0.95), weight decay on
+matrices, linear warmup, clipping), its learning-rate schedule, its window sampler and its spike score; it
+cannot use :func:`spannorm.train.trainer.train` itself, which builds models only from a ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from spannorm.config import PLACEMENTS, ModelConfig
+from spannorm.data.corpus import embedded_corpus
+from spannorm.data.dataset import WindowSampler, eval_batches, split_point
+from spannorm.diagnostics.custom import BlockFactory, BlockFactoryError, CustomBlockLM, load_block_factory
+from spannorm.diagnostics.measure import Measurement, measure
+from spannorm.diagnostics.verdicts import Verdict, judge, worst
+from spannorm.model import SpanNormLM
+from spannorm.theory.criterion import ScalingSuggestion, suggest_scaling
+from spannorm.theory.meanfield import InitPrediction, predict_init
+from spannorm.train.config import OptimConfig
+from spannorm.train.schedule import lr_for
+from spannorm.train.trainer import SpikeScore, training_objective
+
+
+class CheckError(ValueError):
+    """Bad input to ``check`` (a target or a setting): one line naming what is wrong and what is allowed."""
+
+
+@dataclass
+class CheckSettings:
+    """Everything ``check`` needs besides the targets. Defaults are the CLI's."""
+
+    depths: list[int] = field(default_factory=lambda: [4, 16, 64])
+    steps: int = 50
+    """K: training steps after the init measurement (0: init only)."""
+    d_model: int = 64
+    n_heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    """Linear warmup steps. None: a tenth of ``steps`` (at least 1)."""
+    clip: float = 1.0
+    """Gradient-norm clip threshold (0: no clipping; the fraction above it is still reported)."""
+    weight_decay: float = 0.1
+    seed: int = 0
+    band: float = 4.0
+    """Forward growth, gradient ratio and identity-path product are judged against [1/band, band]."""
+    model_overrides: dict = field(default_factory=dict)
+    """ModelConfig fields applied to placement targets (e.g. {"scale_out_proj": False})."""
+    device: str = "cpu"
+    suggest: bool = True
+    """Run the stability criterion (a Δt or α suggestion) for placement targets."""
+
+    def validate(self) -> None:
+        if not self.depths or any(not isinstance(L, int) or L < 1 for L in self.depths):
+            raise CheckError(f"depths={self.depths!r} is invalid: give positive integers, e.g. 4,16,64")
+        for name in ("steps",):
+            if getattr(self, name) < 0:
+                raise CheckError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
+        for name in ("d_model", "n_heads", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CheckError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if self.seq_len < 2:
+            raise CheckError(f"seq_len={self.seq_len} is invalid: must be >= 2")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CheckError(f"lr={self.lr!r} is invalid: must be a positive number")
+        if self.clip < 0 or self.weight_decay < 0:
+            raise CheckError("clip and weight_decay must be >= 0")
+        if not self.band > 1:
+            raise CheckError(f"band={self.band!r} is invalid: must be > 1")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise CheckError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
+            raise CheckError(f"device={self.device!r} is invalid: allowed: cpu"
+                             + (", cuda" if torch.cuda.is_available() else " (no CUDA device here)"))
+        self.depths = sorted(set(self.depths))
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, schedule="constant", warmup_steps=self.warmup,
+                           weight_decay=self.weight_decay, grad_clip=self.clip)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+@dataclass
+class Target:
+    """What ``check`` examines: a placement or a user's block factory."""
+
+    name: str
+    placement: str | None = None
+    factory: BlockFactory | None = None
+
+    @property
+    def kind(self) -> str:
+        return "placement" if self.placement is not None else "custom"
+
+    def model_config(self, settings: CheckSettings, n_layers: int) -> ModelConfig | None:
+        if self.placement is None:
+            return None
+        base = dict(d_model=settings.d_model, n_heads=settings.n_heads, context_length=settings.seq_len,
+                    vocab_size=256, placement=self.placement)
+        return ModelConfig.from_dict({**base, **settings.model_overrides, "n_layers": n_layers})
+
+    def build(self, settings: CheckSettings, n_layers: int) -> nn.Module:
+        torch.manual_seed(settings.seed)
+        cfg = self.model_config(settings, n_layers)
+        if cfg is not None:
+            return SpanNormLM(cfg)
+        assert self.factory is not None
+        return CustomBlockLM(self.factory, n_layers=n_layers, d_model=settings.d_model, n_heads=settings.n_heads)
+
+
+def resolve_targets(names: list[str], settings: CheckSettings) -> list[Target]:
+    """Placement names (or ``all``) and ``package.module:factory`` specs, validated before anything runs:
+    configs are built, factories imported and their blocks' shapes checked."""
+    targets: list[Target] = []
+    for name in names:
+        if name == "all":
+            targets += [Target(p, placement=p) for p in PLACEMENTS]
+        elif name in PLACEMENTS:
+            targets.append(Target(name, placement=name))
+        elif ":" in name:
+            try:
+                targets.append(Target(name, factory=load_block_factory(name)))
+            except BlockFactoryError as err:
+                raise CheckError(str(err)) from None
+        else:
+            raise CheckError(f"target {name!r} is neither a placement (allowed: {', '.join(PLACEMENTS)}, all) "
+                             "nor a block factory package.module:factory")
+    if not targets:
+        raise CheckError("no target given: name a placement, all, or package.module:factory")
+    for target in targets:
+        if target.placement is not None:
+            for L in settings.depths:
+                target.model_config(settings, L)  # raises ConfigError naming the field
+        else:
+            if settings.model_overrides:
+                raise CheckError(f"model overrides ({', '.join(settings.model_overrides)}) apply to placements, "
+                                 f"not to the user block {target.name!r}")
+            try:
+                target.build(settings, min(settings.depths)).check_shapes(min(settings.seq_len, 8))
+            except BlockFactoryError as err:
+                raise CheckError(f"{target.name}: {err}") from None
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ data
+class CorpusBatches:
+    """Byte-level windows of the embedded corpus, split as the trainer splits it (the last 10% is
+    validation): seeded random training batches, and one fixed validation batch for every measurement."""
+
+    def __init__(self, seq_len: int, batch_size: int):
+        corpus = embedded_corpus()
+        tokens = np.frombuffer(corpus, dtype=np.uint8)
+        cut = split_point(corpus, 0.1)
+        self.train, self.val = tokens[:cut], tokens[cut:]
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.eval_batch = next(eval_batches(self.val, seq_len, batch_size, max_batches=1))
+
+    def sampler(self, seed: int) -> WindowSampler:
+        return WindowSampler(self.train, self.seq_len, self.batch_size, seed)
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainingTrace:
+    """What happened during the short training run."""
+
+    clip: float
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    """Total gradient norm of each step, before clipping."""
+    lrs: list[float] = field(default_factory=list)
+    diverged: bool = False
+    diverged_step: int | None = None
+    """1-based step at which a non-finite loss or gradient norm was detected (before the optimizer step)."""
+    loss_spikes: int = 0
+    """Steps whose loss exceeded mean + 6σ of the previous (up to 128) steps (SPEC §6)."""
+    grad_spikes: int = 0
+
+    @property
+    def clip_fraction(self) -> float:
+        """Fraction of the completed steps whose gradient norm exceeded the clip threshold."""
+        if not self.grad_norms:
+            return 0.0
+        return sum(g > self.clip for g in self.grad_norms) / len(self.grad_norms) if self.clip > 0 else 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 10% of the completed steps."""
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail) if tail else math.nan
+
+    def to_dict(self) -> dict:
+        return {"steps": len(self.losses), "clip": self.clip, "losses": self.losses,
+                "grad_norms": self.grad_norms, "lrs": self.lrs, "diverged": self.diverged,
+                "diverged_step": self.diverged_step, "loss_spikes": self.loss_spikes,
+                "grad_spikes": self.grad_spikes, "clip_fraction": self.clip_fraction,
+                "final_loss": self.final_loss}
+
+
+def short_training(model: nn.Module, sampler: WindowSampler, steps: int, optim: OptimConfig,
+                   device: torch.device | str = "cpu") -> TrainingTrace:
+    """Train ``model`` for ``steps`` AdamW steps on ``sampler``'s batches, in fp32, with ``optim``'s schedule
+    and clipping. Stops at the first non-finite loss or gradient norm, before the optimizer step."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    moe_cfg = model.cfg.moe if isinstance(model, SpanNormLM) else None
+    trace = TrainingTrace(clip=optim.grad_clip)
+    loss_spikes, grad_spikes = SpikeScore(), SpikeScore()
+    max_norm = optim.grad_clip if optim.grad_clip > 0 else math.inf
+    for step in range(steps):
+        lr = lr_for(optim, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = sampler.next_batch()
+        out = model(inputs.to(device), targets.to(device))
+        loss = out.loss.item()
+        if not math.isfinite(loss):
+            trace.diverged, trace.diverged_step = True, step + 1
+            break
+        optimizer.zero_grad(set_to_none=True)
+        training_objective(out, moe_cfg).backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            trace.diverged, trace.diverged_step = True, step + 1
+            break
+        optimizer.step()
+        trace.losses.append(loss)
+        trace.grad_norms.append(grad_norm)
+        trace.lrs.append(lr)
+        trace.loss_spikes += loss_spikes.update(loss)[1]
+        trace.grad_spikes += grad_spikes.update(grad_norm)[1]
+    optimizer.zero_grad(set_to_none=True)
+    return trace
+
+
+# ------------------------------------------------------------------------------------------------ running
+@dataclass
+class DepthResult:
+    """One target at one depth."""
+
+    n_layers: int
+    init: Measurement
+    trained: Measurement | None = None
+    training: TrainingTrace | None = None
+    prediction: InitPrediction | None = None
+    """The theory at init on the same batch (placements only)."""
+    suggestion: ScalingSuggestion | None = None
+    model_config: dict | None = None
+
+
+@dataclass
+class TargetResult:
+    target: str
+    kind: str
+    depths: list[DepthResult]
+    verdicts: list[Verdict]
+
+    @property
+    def overall(self) -> str:
+        return worst(v.status for v in self.verdicts)
+
+
+@dataclass
+class CheckRun:
+    settings: CheckSettings
+    results: list[TargetResult]
+
+    @property
+    def overall(self) -> str:
+        return worst(r.overall for r in self.results)
+
+
+def check_depth(target: Target, n_layers: int, settings: CheckSettings, data: CorpusBatches,
+                log: Callable[[str], None] = lambda _: None) -> DepthResult:
+    """Measure ``target`` at one depth: init, prediction, suggestion, K steps, trained."""
+    device = torch.device(settings.device)
+    model = target.build(settings, n_layers).to(device)
+    cfg = target.model_config(settings, n_layers)
+    idx, tgt = (t.to(device) for t in data.eval_batch)
+    log(f"{target.name} L={n_layers}: measuring at init")
+    result = DepthResult(n_layers, init=measure(model, idx, tgt),
+                         model_config=cfg.to_dict() if cfg is not None else None)
+    if cfg is not None:
+        result.prediction = predict_init(cfg, data.eval_batch[0])
+        if settings.suggest:
+            result.suggestion = suggest_scaling(cfg, band=settings.band, seq_len=settings.seq_len)
+    if settings.steps:
+        log(f"{target.name} L={n_layers}: training {settings.steps} steps")
+        result.training = short_training(model, data.sampler(settings.seed), settings.steps,
+                                         settings.optim_config(), device)
+        result.trained = measure(model, idx, tgt)
+    return result
+
+
+def run_check(target_names: list[str], settings: CheckSettings,
+              log: Callable[[str], None] = lambda _: None) -> CheckRun:
+    """Validate the targets and settings, then check every target at every depth. Raises
+    :class:`CheckError` or :class:`~spannorm.config.ConfigError` on bad input before any work."""
+    settings.validate()
+    targets = resolve_targets(target_names, settings)
+    data = CorpusBatches(settings.seq_len, settings.batch_size)
+    results = []
+    for target in targets:
+        depths = [check_depth(target, L, settings, data, log) for L in settings.depths]
+        results.append(TargetResult(target.name, target.kind, depths, judge(depths, settings.band)))
+    return CheckRun(dataclasses.replace(settings), results)

@@ -1,0 +1,280 @@
+"""Measure a model on one batch: the statistics of SPEC §6 at every hook point, the gradient profile,
+collapse, the identity path, the Peri-LN bound and the attention logits.
+
+Everything is collected from outside the model: forward hooks on the residual hook points (through
+:class:`~spannorm.diagnostics.recorder.ResidualRecorder`), forward pre-hooks on the norms that sit on the
+identity path and on the attention modules. Gradients come from ``torch.autograd.grad``, so the model's own
+``.grad`` fields are left untouched (a training run can measure between steps).
+
+Usage::
+
+    from spannorm import ModelConfig, SpanNormLM
+    from spannorm.diagnostics.measure import measure
+    model = SpanNormLM(ModelConfig(d_model=64, n_layers=8, placement="span"))
+    tokens = torch.randint(0, 256, (4, 65))
+    m = measure(model, tokens[:, :-1], tokens[:, 1:])
+    m.variance_ratio, m.grad_ratio, m.identity_product
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from spannorm.diagnostics import stats
+from spannorm.diagnostics.recorder import ResidualRecorder
+from spannorm.model.layers import CausalSelfAttention
+from spannorm.theory.bounds import peri_bound_ratios, peri_step_bound
+from spannorm.theory.meanfield import IDENTITY_PATH_NORMS
+
+
+@dataclass
+class Measurement:
+    """Every measurement of one model on one batch. Per-point lists follow ``points`` (forward order);
+    per-stream lists follow x_0 … x_L; per-block lists follow blocks 0 … L-1."""
+
+    points: list[str]
+    """Hook points: ``embed`` (x_0), ``block{l}.mid`` (after block l's attention, where the block has one),
+    ``block{l}.out`` (x_{l+1})."""
+    mean_abs: list[float]
+    entry_variance: list[float]
+    data_variance: list[float]
+    rms: list[float]
+    max_abs: list[float]
+    act_grad_norm: list[float] | None
+    """‖∂loss/∂H‖ at each point (None when measured without gradients)."""
+    stream_points: list[str]
+    """The points that are the residual stream x_0 … x_L."""
+    block_param_grad_norm: list[float] | None
+    """‖∂loss/∂θ‖ over each block's parameters."""
+    adjacent_cosine: list[float]
+    """cos(x_l, x_{l+1}) per token, averaged, for l = 0 … L-1."""
+    angular_distance: list[float]
+    """arccos of the same cosine over π, for l = 0 … L-1."""
+    effective_rank: list[float]
+    """Effective rank of x_0 … x_L."""
+    token_uniformity: list[float]
+    """Mean pairwise token cosine of x_0 … x_L."""
+    attn_logit_max: list[float | None]
+    """max |q·k|/√d_head over heads and causal pairs per block (None for a block without our attention)."""
+    identity_factor_names: list[str] = field(default_factory=list)
+    """The norms on the identity path (``block{l}.{position}``)."""
+    identity_factors: list[float] = field(default_factory=list)
+    """α·RMS(skip input)/RMS(pre-norm sum) of each of them, from the norms' actual inputs."""
+    peri_bound_ratio: dict[str, float] = field(default_factory=dict)
+    """For Peri-LN blocks, per sub-layer (``block{l}.attn``/``.ffn``): max over tokens of
+    ‖x_{k+1} − x_k‖₂ / (Δt·(√d‖γᵒ‖∞ + ‖βᵒ‖₂)); the bound holds when every value is ≤ 1."""
+    loss: float = math.nan
+
+    # ---------------------------------------------------------------- views
+    def at_stream(self, values: list[float]) -> list[float]:
+        """The entries of a per-point list at x_0 … x_L."""
+        index = {name: i for i, name in enumerate(self.points)}
+        return [values[index[name]] for name in self.stream_points]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.stream_points) - 1
+
+    @property
+    def stream_variance(self) -> list[float]:
+        """Entry-wise variance of x_0 … x_L."""
+        return self.at_stream(self.entry_variance)
+
+    @property
+    def variance_ratio(self) -> float:
+        """Var(x_L)/Var(x_0), entry-wise."""
+        v = self.stream_variance
+        return v[-1] / v[0] if v[0] > 0 else math.inf
+
+    @property
+    def block_input_grad_norm(self) -> list[float] | None:
+        """‖∂loss/∂x_l‖ for the block inputs x_0 … x_{L-1}."""
+        return None if self.act_grad_norm is None else self.at_stream(self.act_grad_norm)[:-1]
+
+    @property
+    def grad_ratio(self) -> float | None:
+        """‖∂loss/∂x_0‖ / ‖∂loss/∂x_{L-1}‖: the first-to-last block gradient ratio."""
+        g = self.block_input_grad_norm
+        if g is None:
+            return None
+        return g[0] / g[-1] if g[-1] > 0 else math.inf
+
+    @property
+    def identity_product(self) -> float | None:
+        """∏ α/σ over the norms on the identity path; 1.0 for placements without such norms, None for blocks
+        this module does not know (a user's block)."""
+        if self.identity_factors:
+            return math.prod(self.identity_factors)
+        return None if self.identity_factor_names is None else 1.0
+
+    @property
+    def max_abs_overall(self) -> float:
+        return max(self.max_abs)
+
+    @property
+    def fp16_headroom_log2(self) -> float:
+        """log2(max |H| / 65504) over every hook point: negative means room, ≥ 0 means fp16 overflows."""
+        return stats.headroom_log2(self.max_abs_overall, stats.FP16_MAX)
+
+    @property
+    def bf16_headroom_log2(self) -> float:
+        """log2(max |H| / bf16 max) over every hook point."""
+        return stats.headroom_log2(self.max_abs_overall, stats.BF16_MAX)
+
+    @property
+    def attn_logit_max_overall(self) -> float | None:
+        values = [v for v in self.attn_logit_max if v is not None]
+        return max(values) if values else None
+
+    def summary(self) -> dict[str, float]:
+        """Scalar summaries (for metrics.jsonl and TensorBoard), keyed without a prefix."""
+        out = {
+            "loss": self.loss,
+            "variance_ratio": self.variance_ratio,
+            "rms_last": self.at_stream(self.rms)[-1],
+            "max_abs": self.max_abs_overall,
+            "fp16_headroom_log2": self.fp16_headroom_log2,
+            "bf16_headroom_log2": self.bf16_headroom_log2,
+            "cosine_last": self.adjacent_cosine[-1],
+            "angular_distance_last": self.angular_distance[-1],
+            "effective_rank_last": self.effective_rank[-1],
+            "token_uniformity_last": self.token_uniformity[-1],
+        }
+        if self.grad_ratio is not None:
+            out["grad_ratio"] = self.grad_ratio
+        if self.block_param_grad_norm is not None:
+            out["param_grad_norm_max_block"] = max(self.block_param_grad_norm)
+        if self.attn_logit_max_overall is not None:
+            out["attn_logit_max"] = self.attn_logit_max_overall
+        if self.identity_factors:
+            out["identity_product"] = self.identity_product
+        if self.peri_bound_ratio:
+            out["peri_bound_ratio_max"] = max(self.peri_bound_ratio.values())
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def attention_logit_max(attn: CausalSelfAttention, x: torch.Tensor) -> float:
+    """max |q·k|/√d_head over heads and causal (query, key) pairs, recomputed from the attention module's
+    own projections (and per-head norms and rotary) on its input ``x``, exactly as its forward computes
+    them before softmax."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim)
+    if attn.qkv_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.rotary(q.transpose(1, 2), k.transpose(1, 2))
+    if attn.n_kv_heads != attn.n_heads:
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(attn.head_dim)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return logits.abs().masked_fill(~causal, 0.0).max().item()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads: bool = True) -> Measurement:
+    """Run ``model`` on (idx, targets) and measure it. ``model`` is a :class:`~spannorm.SpanNormLM` or any
+    module with ``blocks`` and the same hook points (e.g. :class:`~spannorm.diagnostics.custom.CustomBlockLM`)
+    whose forward returns an object with ``loss``. With ``grads``, the loss is differentiated (without
+    touching ``.grad``) for the activation- and parameter-gradient profiles."""
+    model = _unwrap(model)
+    blocks = list(model.blocks)
+    norm_input_rms: dict[str, float] = {}
+    attn_inputs: dict[int, list[tuple[CausalSelfAttention, torch.Tensor]]] = {}
+    known_identity = True
+    handles = []
+    for layer, block in enumerate(blocks):
+        placement = getattr(block, "placement", None)
+        if placement is None:
+            known_identity = False
+        for position, _ in IDENTITY_PATH_NORMS.get(placement, ()):
+            key = f"block{layer}.{position}"
+            handles.append(getattr(block, f"{position}_norm").register_forward_pre_hook(
+                lambda _m, args, key=key: norm_input_rms.__setitem__(key, stats.rms(args[0].detach()))))
+        for module in block.modules():
+            if isinstance(module, CausalSelfAttention):
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, layer=layer: attn_inputs.setdefault(layer, []).append((m, args[0].detach()))))
+    try:
+        with torch.enable_grad(), ResidualRecorder(model, grads=False, detach=False) as rec:
+            out = model(idx, targets)
+        activations = rec.activations
+        points = list(activations)
+        act_grads = param_grads = None
+        if grads and out.loss is not None and out.loss.requires_grad:
+            block_params = [[p for p in block.parameters() if p.requires_grad] for block in blocks]
+            flat_params = [p for params in block_params for p in params]
+            inputs = [activations[name] for name in points] + flat_params
+            grads_all = torch.autograd.grad(out.loss, inputs, allow_unused=True)
+            act_grads = [0.0 if g is None else g.float().norm().item() for g in grads_all[:len(points)]]
+            param_grads, offset = [], len(points)
+            for params in block_params:
+                chunk = grads_all[offset:offset + len(params)]
+                offset += len(params)
+                param_grads.append(math.sqrt(sum(0.0 if g is None else g.float().pow(2).sum().item()
+                                                 for g in chunk)))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    acts = {name: activations[name].detach() for name in points}
+    stream_points = ["embed"] + [name for name in points if name.endswith(".out")]
+    stream = [acts[name] for name in stream_points]
+    m = Measurement(
+        points=points,
+        mean_abs=[stats.mean_abs(acts[n]) for n in points],
+        entry_variance=[stats.entrywise_variance(acts[n]) for n in points],
+        data_variance=[stats.datawise_variance(acts[n]) for n in points],
+        rms=[stats.rms(acts[n]) for n in points],
+        max_abs=[stats.max_abs(acts[n]) for n in points],
+        act_grad_norm=act_grads,
+        stream_points=stream_points,
+        block_param_grad_norm=param_grads,
+        adjacent_cosine=[stats.adjacent_cosine(a, b) for a, b in zip(stream, stream[1:])],
+        angular_distance=[stats.angular_distance(a, b) for a, b in zip(stream, stream[1:])],
+        effective_rank=[stats.effective_rank(h) for h in stream],
+        token_uniformity=[stats.token_uniformity(h) for h in stream],
+        attn_logit_max=[max((attention_logit_max(a, x) for a, x in attn_inputs[layer]), default=None)
+                        if layer in attn_inputs else None for layer in range(len(blocks))],
+        loss=out.loss.item() if out.loss is not None else math.nan,
+    )
+    if known_identity:
+        _identity_path(m, blocks, acts, stream, norm_input_rms)
+    else:
+        m.identity_factor_names = None  # type: ignore[assignment]  # unknown blocks: not defined
+    _peri_bound(m, blocks, acts, stream)
+    return m
+
+
+def _identity_path(m: Measurement, blocks: list[nn.Module], acts: dict[str, torch.Tensor],
+                   stream: list[torch.Tensor], norm_input_rms: dict[str, float]) -> None:
+    for layer, block in enumerate(blocks):
+        alpha = float(getattr(block, "alpha", 1.0))
+        for position, source in IDENTITY_PATH_NORMS.get(block.placement, ()):
+            key = f"block{layer}.{position}"
+            skip = stream[layer] if source == "in" else acts[f"block{layer}.mid"]
+            m.identity_factor_names.append(key)
+            m.identity_factors.append(alpha * stats.rms(skip) / norm_input_rms[key])
+
+
+def _peri_bound(m: Measurement, blocks: list[nn.Module], acts: dict[str, torch.Tensor],
+                stream: list[torch.Tensor]) -> None:
+    for layer, block in enumerate(blocks):
+        if getattr(block, "placement", None) != "peri":
+            continue
+        x_in, mid, x_out = stream[layer], acts[f"block{layer}.mid"], stream[layer + 1]
+        m.peri_bound_ratio[f"block{layer}.attn"] = peri_bound_ratios(
+            mid - x_in, peri_step_bound(block.attn_out_norm, block.delta_t))
+        m.peri_bound_ratio[f"block{layer}.ffn"] = peri_bound_ratios(
+            x_out - mid, peri_step_bound(block.ffn_out_norm, block.delta_t))

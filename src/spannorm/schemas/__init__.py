@@ -1,0 +1,1 @@
+"""JSON Schemas of the files spannorm writes (package data)."""
