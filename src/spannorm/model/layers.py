@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spannorm.config import ModelConfig
+
+
+@functools.cache
+def fused_rms_norm_available(device_type: str) -> bool:
+    """Whether this torch has ATen's one-kernel RMSNorm (``aten._fused_rms_norm``, forward and backward) for
+    ``device_type``. It computes the same values as ``F.rms_norm``, which on CPU runs as five separate ops
+    with a composite backward (measured about 2x slower). Probed once per device type on a tiny tensor."""
+    op = getattr(torch.ops.aten, "_fused_rms_norm", None)
+    if op is None:
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.ones(2, 8, device=device_type, requires_grad=True)
+            w = torch.ones(8, device=device_type, requires_grad=True)
+            op(x, [8], w, 1e-6)[0].sum().backward()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x², last dim) + eps) · weight, through the fused ATen kernel where available. Under
+    ``torch.compile`` the plain ``F.rms_norm`` is traced instead, so that the compiler fuses it itself."""
+    if not torch.compiler.is_compiling() and fused_rms_norm_available(x.device.type):
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0]
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -18,8 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.type_as(x)
+        return rms_norm(x.float(), self.weight.float(), self.eps).type_as(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -48,14 +75,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the non-interleaved (Llama / GPT-NeoX) layout."""
+    """Rotary position embedding in the non-interleaved (Llama / GPT-NeoX) layout:
+    x·cos + rotate_half(x)·sin. It is computed as x·cos + roll(x, head_dim/2)·sin_signed, where ``sin_signed``
+    is sin with its first half negated: the same products (negation is exact), in three ops instead of six."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         cos, sin = self._table(max_len)
+        half = head_dim // 2
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.register_buffer("sin_signed", sin_signed, persistent=False)
 
     def _table(self, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
@@ -69,8 +101,20 @@ class RotaryEmbedding(nn.Module):
         if T > self.cos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.shape[0]}); "
                              "raise model.context_length")
-        cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, sin_signed = self.cos[:T].to(q.dtype), self.sin_signed[:T].to(q.dtype)
+        half = self.head_dim // 2
+        return (q * cos + q.roll(half, dims=-1) * sin_signed,
+                k * cos + k.roll(half, dims=-1) * sin_signed)
+
+
+def sdpa_handles_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA should take grouped key/value heads as they are (``enable_gqa=True``) rather than
+    repeated to every query head. On CUDA only the flash and math kernels accept ``enable_gqa``, and flash
+    runs only in fp16/bf16: in fp32, repeating the heads keeps the memory-efficient kernel instead of the math
+    one. On CPU the flash kernel accepts grouped heads (measured faster than repeating them)."""
+    if q.device.type == "cuda":
+        return q.dtype in (torch.float16, torch.bfloat16)
+    return True
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,10 +145,12 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotary(q, k)
-        if self.n_kv_heads != self.n_heads:
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and not sdpa_handles_gqa(q):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {}))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

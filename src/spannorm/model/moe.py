@@ -33,27 +33,72 @@ def switch_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts
     return n_experts * (f * p).sum()
 
 
+def grouped_mm_supported(x: torch.Tensor, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` can run the expert matmuls of ``x`` (already in its compute dtype): the
+    op exists in this torch; on CPU in fp32 or bf16, on CUDA in bf16 on compute capability 9.0 or newer
+    (Hopper); and every row length (``widths``) is a multiple of 16 bytes, which the op requires. Under
+    ``torch.compile`` only bf16 (the op's shape function rejects fp32 there)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        ok_dtype = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
+    elif x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    else:
+        ok_dtype = False
+    return ok_dtype and all(w * x.element_size() % 16 == 0 for w in widths)
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights: (E, d, h) for gate and up, (E, h, d) for down."""
+    """E SwiGLU experts with stacked weights: (E, d, h) for gate and up, (E, h, d) for down.
+
+    ``dispatch`` picks how the tokens, sorted by expert, meet their expert's weights (the results are the
+    same): ``grouped`` runs one grouped matmul per weight over all experts (``torch._grouped_mm``), ``loop``
+    runs one matmul per expert, and ``auto`` (the default) takes ``grouped`` where it is supported."""
+
+    DISPATCHES = ("auto", "grouped", "loop")
 
     def __init__(self, n_experts: int, d_model: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.dispatch = "auto"
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Apply expert e to its contiguous slice of ``x_sorted`` (tokens sorted by expert)."""
-        out = torch.empty_like(x_sorted)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xe = x_sorted[start:start + n]
-            h = F.silu(xe @ self.w_gate[e].to(xe.dtype)) * (xe @ self.w_up[e].to(xe.dtype))
-            out[start:start + n] = h @ self.w_down[e].to(xe.dtype)
-            start += n
-        return out
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Apply expert e to its contiguous slice of ``x_sorted`` (tokens sorted by expert; ``counts[e]``
+        tokens for expert e). Under autocast the matmuls run in the autocast dtype; the result has the dtype
+        of ``x_sorted``."""
+        if self.dispatch not in self.DISPATCHES:
+            raise ValueError(f"Experts.dispatch={self.dispatch!r} is invalid: "
+                             f"allowed: {', '.join(self.DISPATCHES)}")
+        device = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
+        x = x_sorted.to(dtype)
+        grouped = self.dispatch == "grouped" or (
+            self.dispatch == "auto" and grouped_mm_supported(x, self.w_gate.shape[1], self.w_gate.shape[2]))
+        with torch.autocast(device, enabled=False):
+            w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+            out = (self._grouped(x, counts, w_gate, w_up, w_down) if grouped
+                   else self._loop(x, counts, w_gate, w_up, w_down))
+        return out.to(x_sorted.dtype)
+
+    @staticmethod
+    def _grouped(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 w_down: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x, w_gate, offs=offsets)) * torch._grouped_mm(x, w_up, offs=offsets)
+        return torch._grouped_mm(h, w_down, offs=offsets)
+
+    @staticmethod
+    def _loop(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+              w_down: torch.Tensor) -> torch.Tensor:
+        # split/unbind (not slicing and indexing) so that backward concatenates the gradients once instead of
+        # materializing a full-size zero gradient per expert.
+        outs = [(F.silu(xe @ g) * (xe @ u)) @ d
+                for xe, g, u, d in zip(x.split(counts.tolist()), w_gate.unbind(0), w_up.unbind(0),
+                                       w_down.unbind(0))]
+        return torch.cat(outs)
 
 
 class MoEFFN(nn.Module):
@@ -84,7 +129,7 @@ class MoEFFN(nn.Module):
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k
         counts_t = torch.bincount(flat_expert, minlength=self.n_experts)
-        expert_out = self.experts(flat[token_of], counts_t.tolist())
+        expert_out = self.experts(flat[token_of], counts_t)
         weighted = expert_out * gates.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         y = torch.zeros_like(flat).index_add_(0, token_of, weighted)
         if self.shared_expert is not None:
