@@ -165,8 +165,12 @@ def _pyplot():
 
 def _colors(names: list[str]) -> dict[str, Any]:
     plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+    if len(names) <= 10:
+        cmap = plt.get_cmap("tab10")
+        return {name: cmap(i) for i, name in enumerate(names)}
+    cmap = plt.get_cmap("tab20")  # the ten strong colors first, then their light partners
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return {name: cmap(order[i % 20]) for i, name in enumerate(names)}
 
 
 def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
@@ -201,7 +205,8 @@ def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[1][0].set_xlabel("depth (blocks)")
     axes[1][1].set_xlabel("depth (blocks)")
-    axes[0][1].legend(fontsize=8, ncol=2)
+    if axes[0][1].get_legend_handles_labels()[0]:
+        axes[0][1].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -240,7 +245,8 @@ def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> None
         ax.set_ylabel(name)
         ax.set_title(f"{name}, L={depth}, {ffn}, mean over seeds at the best LR", fontsize=10)
         ax.grid(alpha=0.3)
-    ax_val.legend(fontsize=8, ncol=2)
+    if ax_val.get_legend_handles_labels()[0]:
+        ax_val.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -287,9 +293,9 @@ def plot_layers(results: StudyResults, ffn: str, depth: int, path: Path) -> bool
         ax.set_xlabel("layer")
         ax.set_title(f"{title}, L={depth}, {ffn}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
-    fig.tight_layout()
     if drew:
+        axes[0].legend(fontsize=8, ncol=2)
+        fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
     return drew
