@@ -62,6 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from spannorm.train.distributed import is_main_process
     from spannorm.train.trainer import CONFIG_NAME, train
 
     if args.resume and args.overwrite:
@@ -74,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         config_file = args.out / CONFIG_NAME
     cfg = resolve_config(args.preset, config_file, overrides)
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps(summary.to_dict()))
+    if is_main_process():  # under torchrun, rank 0 speaks for every process
+        print(json.dumps(summary.to_dict()))
     if summary.diverged:
-        print(f"spannorm: training diverged: {summary.message}", file=__import__("sys").stderr)
+        if is_main_process():
+            print(f"spannorm: training diverged: {summary.message}", file=__import__("sys").stderr)
         return EXIT_DIVERGED
     return 0

@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
 TOKENIZER_KINDS = ("byte", "bpe")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
 def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -151,6 +152,9 @@ class TrainConfig:
     diagnostics_every: int = 0
     """Measure the stability statistics of SPEC §6 (:class:`spannorm.diagnostics.callback.DiagnosticsCallback`)
     every this many steps, into metrics.jsonl (``diag/...``) and TensorBoard; 0: off."""
+    parallel: str = "auto"
+    """Data parallelism under torchrun: ``auto`` (DDP when WORLD_SIZE > 1), ``ddp``, ``fsdp`` (FSDP2
+    ``fully_shard``) or ``none``; a run outside torchrun is one process. See docs/training.md."""
     init_from: str | None = None
     """Start from the weights in this folder: a spannorm model, checkpoint or run folder, or a Hugging Face
     Llama/Mistral/Qwen2 folder. The model section then starts from the checkpoint's (and data.tokenizer from
@@ -167,6 +171,8 @@ class TrainConfig:
             _fail(f"{prefix}.device", self.device, f"allowed: {', '.join(DEVICES)}")
         if self.progress not in PROGRESS_MODES:
             _fail(f"{prefix}.progress", self.progress, f"allowed: {', '.join(PROGRESS_MODES)}")
+        if self.parallel not in PARALLEL_MODES:
+            _fail(f"{prefix}.parallel", self.parallel, f"allowed: {', '.join(PARALLEL_MODES)}")
         for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)

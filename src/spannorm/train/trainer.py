@@ -11,8 +11,8 @@ checkpoints, exact resume, non-finite detection before the optimizer step, and t
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
 
-Only rank 0 writes or displays anything; the sampler takes (rank, world_size), so data parallelism can be
-added around this loop without changing it.
+Only rank 0 writes or displays anything. Under torchrun the same loop runs in every process, with DDP or FSDP2
+behind the hooks of :mod:`spannorm.train.distributed`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import RunConfig
+from spannorm.train.distributed import SingleProcess
 from spannorm.train.evaluation import EvalResult, autocast_context, evaluate
 from spannorm.train.progress import Progress
 from spannorm.train.schedule import lr_for
@@ -165,11 +166,12 @@ class Trainer:
     written into ``out_dir``; it raises :class:`ConfigError`."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Iterable[Any] = (), rank: int = 0, world_size: int = 1):
+                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None):
         cfg.validate()
         self.out_dir = Path(out_dir)
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
+        self.parallel = parallel if parallel is not None else SingleProcess()
+        self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
+        self.is_main = self.rank == 0
         self.callbacks = list(callbacks)
         if cfg.train.diagnostics_every:
             from spannorm.diagnostics.callback import DiagnosticsCallback
@@ -213,7 +215,7 @@ class Trainer:
                                   f"but the config asks for {now!r}; allowed: the checkpoint's architecture "
                                   "(drop the model overrides) or a new --out")
             self.saved_run_config = saved
-        self.device = self._resolve_device(cfg.train.device)
+        self.device = self.parallel.place(self._resolve_device(cfg.train.device))
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -234,7 +236,7 @@ class Trainer:
         else:
             self.model = SpanNormLM(cfg.model).to(self.device)
         self.model.train()
-        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.forward_model = self.parallel.wrap_model(self.model, compile=cfg.train.compile)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -242,8 +244,8 @@ class Trainer:
         extra = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                            eps=cfg.optim.eps, **extra)
-        self.sampler = WindowSampler(self.splits.train, cfg.model.context_length, cfg.train.batch_size,
-                                     cfg.train.seed, rank=self.rank, world_size=self.world_size)
+        self.sampler = self.parallel.train_sampler(self.splits.train, cfg.model.context_length,
+                                                   cfg.train.batch_size, cfg.train.seed)
         self.loss_spikes = SpikeScore(cfg.train.spike_window, cfg.train.spike_sigmas)
         self.grad_spikes = SpikeScore(cfg.train.spike_window, cfg.train.spike_sigmas)
         self.step = 0
@@ -256,7 +258,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
 
     def _restore(self, ckpt: Path) -> None:
-        state = ckpt_io.load_checkpoint(ckpt, self.model, self.optimizer, device=self.device)
+        state = self.parallel.load_checkpoint(ckpt, self.model, self.optimizer, device=self.device)
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
@@ -359,31 +361,34 @@ class Trainer:
         balance_sum = torch.zeros((), device=self.device)
         z_sum = torch.zeros((), device=self.device)
         load_sum = None
-        for _ in range(accum):
-            inputs, targets = self.sample_batch("train")
-            with autocast_context(self.device, cfg.train.precision):
-                out = self.forward_model(inputs, targets)
-            objective = training_objective(out, moe)
-            if moe is not None and out.balance_loss is not None:
-                balance_sum += out.balance_loss.detach().float()
-                z_sum += out.z_loss.detach().float()
-                load = out.expert_load.detach().float()
-                load_sum = load if load_sum is None else load_sum + load
-            (objective / accum).backward()
-            loss_sum += out.loss.detach().float()
+        for micro_step in range(accum):
+            with self.parallel.gradient_sync(self.forward_model, enabled=micro_step == accum - 1):
+                inputs, targets = self.sample_batch("train")
+                with autocast_context(self.device, cfg.train.precision):
+                    out = self.forward_model(inputs, targets)
+                objective = training_objective(out, moe)
+                if moe is not None and out.balance_loss is not None:
+                    balance_sum += out.balance_loss.detach().float()
+                    z_sum += out.z_loss.detach().float()
+                    load = out.expert_load.detach().float()
+                    load_sum = load if load_sum is None else load_sum + load
+                (objective / accum).backward()
+                loss_sum += out.loss.detach().float()
         self._callbacks("on_after_backward", self.step + 1)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # global under DDP/FSDP2
+        loss_sum, balance_sum, z_sum, load_sum, grad_norm = self.parallel.mean_over_ranks(
+            loss_sum, balance_sum, z_sum, load_sum, grad_norm)  # means over processes; nan if nan anywhere
         train_loss = float(loss_sum) / accum
         grad_norm_value = float(grad_norm)
-        if not math.isfinite(train_loss) or not math.isfinite(grad_norm_value):
+        if self.parallel.any_rank(not math.isfinite(train_loss) or not math.isfinite(grad_norm_value)):
             what = "loss" if not math.isfinite(train_loss) else "gradient norm"
             value = train_loss if not math.isfinite(train_loss) else grad_norm_value
             raise Divergence(f"step {self.step + 1}: non-finite {what} ({value}) detected before the optimizer "
                              f"step; weights are those after step {self.step}")
         self.optimizer.step()
         self.step += 1
-        self.tokens += cfg.tokens_per_step * self.world_size
+        self.tokens += cfg.tokens_per_step  # the global batch, whatever the world size
         record: dict[str, Any] = {"step": self.step, "train_loss": train_loss, "lr": lr,
                                   "grad_norm": grad_norm_value, "tokens": self.tokens}
         loss_z, loss_spike = self.loss_spikes.update(train_loss)
@@ -418,11 +423,12 @@ class Trainer:
                         self.tb.add_scalar(f"moe/load_layer{layer}/expert{expert}", value, step)
 
     def _save_checkpoint(self) -> None:
+        model, optimizer = self.parallel.full_state(self.model, self.optimizer)  # FSDP: every process gathers
         if not self.is_main:
             return
         tokenizer_json = self.tokenizer.to_json() if isinstance(self.tokenizer, HFTokenizer) else None
         self.last_checkpoint = ckpt_io.save_checkpoint(
-            self.out_dir, self.step, self.model, self.optimizer, self._trainer_state(), self.cfg.to_dict(),
+            self.out_dir, self.step, model, optimizer, self._trainer_state(), self.cfg.to_dict(),
             tokenizer_json=tokenizer_json, keep=self.cfg.train.keep_checkpoints)
 
     def _summary(self, status: str, message: str = "", diverged_step: int | None = None) -> RunSummary:
@@ -471,7 +477,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
                 self.train_time_s += elapsed
-                record["tokens_per_s"] = cfg.tokens_per_step * self.world_size / elapsed
+                record["tokens_per_s"] = cfg.tokens_per_step / elapsed
                 final = self.step == cfg.train.steps
                 every = cfg.train.eval_every
                 if final or (every and self.step % every == 0):
@@ -487,10 +493,11 @@ class Trainer:
                 self._write_record(record)
                 progress.step(self.step, record)
                 every = cfg.train.checkpoint_every
-                if final or (every and self.step % every == 0) or self._stop_reason:
+                stop_reason = self.parallel.agreed_stop(self._stop_reason)  # the same in every process
+                if final or (every and self.step % every == 0) or stop_reason:
                     self._save_checkpoint()
-                if self._stop_reason and not final:
-                    status, message = "interrupted", f"{self._stop_reason} after step {self.step}"
+                if stop_reason and not final:
+                    status, message = "interrupted", f"{stop_reason} after step {self.step}"
                     break
         finally:
             self._restore_sigint(previous_handler)
@@ -527,7 +534,13 @@ class Trainer:
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           callbacks: Iterable[Any] = ()) -> RunSummary:
     """Train ``cfg`` into ``out_dir`` and return the :class:`RunSummary` (also on divergence, with
-    ``diverged=True``). Raises :class:`ConfigError` for bad input, before writing anything."""
+    ``diverged=True``). Raises :class:`ConfigError` for bad input, before writing anything.
+
+    Under torchrun every process calls it; see :func:`spannorm.train.distributed.train_distributed`."""
+    from spannorm.train import distributed
+
+    if distributed.launch_env() is not None:
+        return distributed.train_distributed(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
     return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
 
 
