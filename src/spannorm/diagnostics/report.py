@@ -244,6 +244,9 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     files = []
 
     def finish(fig, kind: str) -> None:
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.suptitle(f"{result.target}: {kind} (solid: init, dashed: trained, dotted: theory)", fontsize=10)
         fig.tight_layout()
         path = f"{name}_{kind}.png"
@@ -268,7 +271,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("layer l")
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8)
     finish(fig, "moments")
 
     # gradient profile
@@ -284,7 +286,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     axes[0].set_yscale("log")
     axes[0].set_xlabel("layer l")
     axes[0].set_title("‖∂L/∂x_l‖ / ‖∂L/∂x_(L-1)‖", fontsize=9)
-    axes[0].legend(fontsize=8)
     depths = [d.n_layers for d in result.depths]
     for key, style, label in (("init", "o-", "init"), ("trained", "s--", "trained")):
         ys = [getattr(d, key).grad_ratio if getattr(d, key) is not None else None for d in result.depths]
@@ -298,7 +299,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     axes[1].set_yscale("log")
     axes[1].set_xlabel("depth L")
     axes[1].set_title("first-to-last gradient ratio", fontsize=9)
-    axes[1].legend(fontsize=8)
     finish(fig, "gradients")
 
     # collapse
@@ -319,7 +319,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
                                 "effective rank of x_l")):
         ax.set_xlabel("layer l")
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8)
     finish(fig, "collapse")
     return files
 
