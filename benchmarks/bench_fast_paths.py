@@ -4,6 +4,8 @@
   ``torch.compile``d norm;
 - RoPE: x·cos + rotate_half(x)·sin (chunk, neg, cat) vs x·cos + roll(x)·sin_signed (what the model uses);
 - grouped-query attention: K/V repeated to every head vs SDPA's ``enable_gqa=True`` (what the model uses);
+- AdamW: the default (for-loop), ``foreach=True`` and ``fused=True`` (what ``spannorm bench`` uses) on the
+  parameters of the CPU benchmark model (``--size cpu``: d=256, 4 layers, 3.2M parameters);
 - MoE experts: the old loop (slice and index per expert), the split/unbind loop (the model's fallback) and
   ``torch._grouped_mm`` (what the model uses where supported), at 8 and 64 experts.
 
@@ -99,6 +101,21 @@ def bench_gqa(repeats: int) -> dict:
     return {"shape": {"q": [8, 8, 128, 32], "kv": [8, 2, 128, 32]}, "times": interleaved_times(variants, repeats)}
 
 
+def bench_adamw(repeats: int) -> dict:
+    from spannorm import ModelConfig, SpanNormLM
+
+    model = SpanNormLM(ModelConfig(d_model=256, n_layers=4, n_heads=4, context_length=128))
+    variants = {}
+    for name, kwargs in (("default (for-loop)", {"foreach": False}), ("foreach=True", {"foreach": True}),
+                         ("fused=True (bench, trainer)", {"fused": True})):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
+        variants[name] = opt.step
+    return {"params": sum(p.numel() for p in model.parameters()), "times": interleaved_times(variants, repeats)}
+
+
 def bench_moe(n_experts: int, repeats: int) -> dict:
     # 2048 = batch 8 x 128 tokens x top-2; 344 = the compute-matched expert width of d=256 at top-2
     n_tokens, d, h = 2048, 256, (344 if n_experts <= 8 else 64)
@@ -147,9 +164,9 @@ def main() -> None:
                          + (" --no-compile" if args.no_compile else "")
                          + (f" --out {args.out}" if args.out else ""),
               "rms_norm": bench_norm(args.repeats, not args.no_compile), "rope": bench_rope(args.repeats),
-              "gqa_attention": bench_gqa(args.repeats),
+              "gqa_attention": bench_gqa(args.repeats), "adamw": bench_adamw(args.repeats),
               "moe_experts": [bench_moe(8, args.repeats), bench_moe(64, max(5, args.repeats // 3))]}
-    for section in ("rms_norm", "rope", "gqa_attention"):
+    for section in ("rms_norm", "rope", "gqa_attention", "adamw"):
         print(section)
         for name, t in report[section]["times"].items():
             print(f"  {name:<40}{t['median_ms']:>9.2f} ms  (IQR {t['p25_ms']:.2f}-{t['p75_ms']:.2f})")

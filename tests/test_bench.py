@@ -47,6 +47,8 @@ def test_report_has_every_case_with_positive_measurements(cli_report):
         assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
         assert r["params"] == param_counts(cfg).total
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_kind"] == "process_rss_high_water_mark"
+        # parameters + AdamW's two moments, fp32 (+ the rotary tables)
+        assert r["resident_state_bytes"] >= 3 * 4 * r["params"]
         assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
         # CPU without --peak-tflops: no peak, so MFU is n/a (null), never a made-up figure
         assert r["peak_tflops"] is None and r["mfu"] is None and r["matmul_precision"] == "fp32"
@@ -86,6 +88,7 @@ def test_compute_ratios_on_known_values():
     span = ratios["span/pre step time [dense, eager, fp32]"]
     assert span["value"] == pytest.approx(1.1)
     assert (span["per_round_min"], span["per_round_max"]) == pytest.approx((1.0, 1.2))
+    assert span["per_round_median"] == pytest.approx(1.1)
     assert ratios["ours(pre)/HF Llama tokens/s [eager, fp32]"]["value"] == pytest.approx(1.25)
     assert ratios["MoE/dense step time [pre, eager, fp32]"]["value"] == pytest.approx(1.5)
     assert ratios["compiled speed-up (eager/compiled step) [pre, dense, fp32]"]["value"] == pytest.approx(2.0)
@@ -176,3 +179,14 @@ def test_existing_out_file_is_not_overwritten_without_flag(tmp_path, capsys):
     assert main(["bench", *TINY, "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "keep"
+
+
+def test_markdown_rendering_lists_every_case_and_ratio(cli_report):
+    from spannorm.bench.harness import format_markdown
+
+    text = format_markdown(cli_report)
+    for r in cli_report["results"]:
+        assert f"| `{r['name']}` | {r['params']:,} | {1e3 * r['step_time_s']['median']:.1f} |" in text
+    assert text.count("| n/a |") == len(cli_report["results"])
+    for q in cli_report["ratios"]:
+        assert f"| {q['label']} | {q['value']:.3f} |" in text

@@ -262,6 +262,7 @@ def case_result(runner: _Runner, device_label: str) -> dict[str, Any]:
         "matmul_precision": precision, "peak_tflops": peak, "peak_tflops_source": peak_source,
         "mfu": None if peak is None else achieved_tflops / peak,
         "peak_memory_bytes": runner.peak_memory_bytes,
+        "resident_state_bytes": runner.resident_bytes(),
         "peak_memory_kind": ("cuda_max_memory_allocated" if runner.device.type == "cuda"
                              else "process_rss_high_water_mark"),
         "warmup_s": runner.warmup_s, "final_loss": runner.last_loss,
@@ -270,7 +271,8 @@ def case_result(runner: _Runner, device_label: str) -> dict[str, Any]:
 
 def _ratio(label: str, num: dict, den: dict, metric: str) -> dict[str, Any]:
     """``metric`` is ``step_time`` (num/den of median step times) or ``tokens_per_s`` (num/den of
-    tokens/s, the inverse)."""
+    tokens/s, the inverse). Besides the ratio of the medians, the ratio is taken within each round (the two
+    cases ran seconds apart there, under the same load): its median and range."""
     pairs = list(zip(num["round_median_s"], den["round_median_s"]))
     if metric == "step_time":
         value = num["step_time_s"]["median"] / den["step_time_s"]["median"]
@@ -279,7 +281,8 @@ def _ratio(label: str, num: dict, den: dict, metric: str) -> dict[str, Any]:
         value = num["tokens_per_s"] / den["tokens_per_s"]
         per_round = [b / a for a, b in pairs]
     return {"label": label, "numerator": num["name"], "denominator": den["name"], "metric": metric,
-            "value": value, "per_round_min": min(per_round), "per_round_max": max(per_round)}
+            "value": value, "per_round_median": statistics.median(per_round),
+            "per_round_min": min(per_round), "per_round_max": max(per_round)}
 
 
 def compute_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -365,9 +368,13 @@ def format_report(report: BenchReport) -> str:
     """The report as two plain-text tables: one row per case, then the ratios."""
     hw = report.hardware
     lines = [f"device: {hw['device_name']} | torch {hw['torch']} | threads {hw['torch_threads']}"
-             + (f" | transformers {hw['transformers']}" if "transformers" in hw else "")]
+             + (f" | transformers {hw['transformers']}" if "transformers" in hw else ""),
+             "peak MiB: " + ("CUDA max_memory_allocated of one step, as if the case ran alone"
+                             if hw["device"] == "cuda" else "process RSS high-water mark (covers every case "
+                                                            "built so far)")
+             + "; state MiB: parameters, buffers and optimizer state"]
     header = (f"{'case':<34}{'params':>11}{'step ms':>10}{'IQR ms':>16}{'tok/s':>11}"
-              f"{'TFLOP/s':>9}{'MFU':>8}{'peak MiB':>10}")
+              f"{'TFLOP/s':>9}{'MFU':>8}{'peak MiB':>10}{'state MiB':>10}")
     lines += [header, "-" * len(header)]
     for r in report.results:
         st = r["step_time_s"]
@@ -375,10 +382,29 @@ def format_report(report: BenchReport) -> str:
         iqr = f"{1e3 * st['p25']:.1f}-{1e3 * st['p75']:.1f}"
         lines.append(f"{r['name']:<34}{r['params']:>11,}{1e3 * st['median']:>10.1f}{iqr:>16}"
                      f"{r['tokens_per_s']:>11,.0f}{r['achieved_tflops']:>9.3f}{mfu:>8}"
-                     f"{r['peak_memory_bytes'] / 2**20:>10.0f}")
+                     f"{r['peak_memory_bytes'] / 2**20:>10.0f}{r['resident_state_bytes'] / 2**20:>10.1f}")
     if report.ratios:
-        lines += ["", f"{'ratio':<72}{'value':>8}{'per-round range':>18}"]
+        lines += ["", f"{'ratio':<72}{'value':>8}{'paired median':>15}{'per-round range':>18}"]
         for q in report.ratios:
             spread = f"{q['per_round_min']:.3f}-{q['per_round_max']:.3f}"
-            lines.append(f"{q['label']:<72}{q['value']:>8.3f}{spread:>18}")
+            lines.append(f"{q['label']:<72}{q['value']:>8.3f}{q['per_round_median']:>15.3f}{spread:>18}")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """A report (as written to JSON) as two Markdown tables, cases then ratios, for docs."""
+    lines = ["| case | params | step ms (median) | IQR ms | tokens/s | TFLOP/s | MFU | state MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        st = r["step_time_s"]
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| `{r['name']}` | {r['params']:,} | {1e3 * st['median']:.1f} | "
+                     f"{1e3 * st['p25']:.1f}–{1e3 * st['p75']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['achieved_tflops']:.3f} | {mfu} | {r['resident_state_bytes'] / 2**20:.1f} |")
+    if report["ratios"]:
+        lines += ["", "| ratio | ratio of medians | paired (per-round) median | per-round range |",
+                  "|---|---:|---:|---:|"]
+        for q in report["ratios"]:
+            lines.append(f"| {q['label']} | {q['value']:.3f} | {q['per_round_median']:.3f} | "
+                         f"{q['per_round_min']:.3f}–{q['per_round_max']:.3f} |")
     return "\n".join(lines)
