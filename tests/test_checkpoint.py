@@ -24,6 +24,15 @@ from spannorm.train.trainer import train
 TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_overrides(tmp_path) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(TEXT)
@@ -73,6 +82,7 @@ def test_checkpoint_folder_is_a_model_folder_and_latest_falls_back(tmp_path):
 
 WRITER = """
 import sys, time, pathlib
+import torch
 from spannorm.train import checkpoint
 from spannorm.train.config import resolve_config
 from spannorm.train.trainer import train
@@ -85,6 +95,7 @@ def pause_in_write(current, path):
         time.sleep(120)
 
 checkpoint.write_hook = pause_in_write
+torch.set_num_threads(1)
 train(resolve_config(None, None, overrides), run)
 """
 

@@ -21,6 +21,15 @@ TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
@@ -150,7 +159,7 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(finished_run, capsys):
     assert report["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
     assert report["perplexity"] == pytest.approx(torch.tensor(report["loss"]).exp().item(), rel=1e-6)
     assert report["bits_per_byte"] == pytest.approx(report["loss"] / 0.6931471805599453)
-    assert main(["eval", str(finished_run)]) == 0  # the whole validation split by default
+    assert main(["eval", str(finished_run), "--max-batches", "0"]) == 0  # the whole validation split
     assert "loss" in capsys.readouterr().out
     assert main(["eval", str(finished_run), "--data.path=/does/not/exist"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -203,3 +212,22 @@ def test_readme_main_job_runs_shortened(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("def ") or "\ndef " in out
     assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
+
+
+def test_bpe_run_saves_its_tokenizer_and_reports_bits_per_byte(tmp_path, corpus, capsys):
+    run = tmp_path / "bpe"
+    assert main(["train", "--out", str(run), *tiny_args(tmp_path, corpus), "--train.steps=2",
+                 "--data.tokenizer=bpe", "--data.bpe_vocab_size=300", "--train.progress=none"]) == 0
+    capsys.readouterr()
+    assert "vocab_size: 300" in (run / "config.yaml").read_text()
+    latest = ckpt_io.latest_checkpoint(run)
+    assert (latest / "tokenizer.json").is_file() and (run / "tokenizer.json").is_file()
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["val_bpb"] < record["val_loss"] / 0.6931471805599453 / 1.2  # BPE tokens span > 1.2 bytes
+    assert main(["eval", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, run_cfg, tokenizer, _ = load_for_inference(run)
+    assert tokenizer.vocab_size == 300 and model.cfg.vocab_size == 300
+    assert report["bits_per_byte"] < report["loss"] / 0.6931471805599453
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("def ")

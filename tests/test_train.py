@@ -24,6 +24,15 @@ from spannorm.train.trainer import SpikeScore, Trainer, train, training_objectiv
 TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
@@ -242,3 +251,19 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
     state = json.loads((run / "checkpoints" / "step_00000005" / "trainer_state.json").read_text())
     assert state["step"] == 5 and state["sampler"]["batches_drawn"] == 5
     assert "val_loss" in read_metrics(run)[-1]  # eval_every=0 still evaluates at the end
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+
+    class PressCtrlC:
+        def on_step_end(self, trainer, step, record):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    summary = train(tiny_cfg(tmp_path, "train.checkpoint_every=100"), run, callbacks=[PressCtrlC()])
+    assert summary.status == "interrupted" and summary.steps == 2 and "Ctrl-C" in summary.message
+    assert ckpt_io.latest_checkpoint(run).name == "step_00000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

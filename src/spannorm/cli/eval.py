@@ -21,8 +21,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="run folder, checkpoint folder or model folder")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batches", type=int, default=None,
-                   help="evaluate at most this many batches of evenly spaced windows (default: the whole split)")
+    p.add_argument("--max-batches", type=int, default=50,
+                   help="evaluate this many batches of evenly spaced, non-overlapping windows (default 50); "
+                        "0: every window of the split")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -36,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from spannorm.train.config import DataConfig, apply_overrides, RunConfig
     from spannorm.train.evaluation import evaluate
 
-    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
-        raise UsageError("--batch-size and --max-batches must be positive integers")
+    if args.batch_size < 1 or args.max_batches < 0:
+        raise UsageError(f"--batch-size={args.batch_size} --max-batches={args.max_batches} are invalid: "
+                         "allowed: a batch size >= 1 and max-batches >= 0 (0: the whole split)")
     overrides = collect_overrides(getattr(args, "overrides", None))
     for text in overrides:
         if not text.startswith("data."):
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the {args.split} split of {splits.source!r} has {len(tokens)} tokens, fewer than one "
                          f"window of {context + 1}; allowed: a longer corpus")
     n_bytes = splits.val_bytes if args.split == "val" else splits.train_bytes
-    result = evaluate(model, tokens, context, args.batch_size, max_batches=args.max_batches,
+    result = evaluate(model, tokens, context, args.batch_size, max_batches=args.max_batches or None,
                       bytes_per_token=n_bytes / len(tokens), device=args.device, precision=args.precision)
     report = {"checkpoint": str(ckpt), "corpus": splits.source, "split": args.split, "loss": result.loss,
               "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens}
