@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spannorm.config import ModelConfig
-
-
-@functools.cache
-def fused_rms_norm_available(device_type: str) -> bool:
-    """Whether this torch has ATen's one-kernel RMSNorm (``aten._fused_rms_norm``, forward and backward) for
-    ``device_type``. It computes the same values as ``F.rms_norm``, which on CPU runs as five separate ops
-    with a composite backward (measured about 2x slower). Probed once per device type on a tiny tensor."""
-    op = getattr(torch.ops.aten, "_fused_rms_norm", None)
-    if op is None:
-        return False
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            x = torch.ones(2, 8, device=device_type, requires_grad=True)
-            w = torch.ones(8, device=device_type, requires_grad=True)
-            op(x, [8], w, 1e-6)[0].sum().backward()
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x², last dim) + eps) · weight, through the fused ATen kernel where available. Under
-    ``torch.compile`` the plain ``F.rms_norm`` is traced instead, so that the compiler fuses it itself."""
-    if not torch.compiler.is_compiling() and fused_rms_norm_available(x.device.type):
-        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0]
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x.float(), self.weight.float(), self.eps).type_as(x)
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.type_as(x)
 
 
 class LayerNorm(nn.LayerNorm):
