@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "status": summary.status,
-        "command": " ".join(["python benchmarks/shakespeare_nanogpt.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/shakespeare_nanogpt.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"shakespeare_nanogpt_{args.precision}_{time.strftime('%Y%m%d-%H%M%S')}.json"

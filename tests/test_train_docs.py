@@ -39,7 +39,7 @@ def shorten(argv: list[str], cache_dir: Path) -> list[str]:
     """Insert fast settings right after ``train`` and cut every --train.steps=N to a few steps."""
     fast = ["--model.context_length=32", "--train.batch_size=4", "--train.eval_batches=1",
             "--train.steps=4", "--data.embedded_max_bytes=200000", f"--data.cache_dir={cache_dir}"]
-    rest = [f"--train.steps={int(a.split('=')[1]) // 300 + 2}" if a.startswith("--train.steps=") else a
+    rest = [f"--train.steps={int(a.split('=')[1]) // 100 + 2}" if a.startswith("--train.steps=") else a
             for a in argv[1:]]
     return [argv[0], *fast, *rest]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
@@ -11,6 +12,8 @@ from spannorm.train.config import preset_names, resolve_config
 
 EXIT_DIVERGED = 3
 """Exit status of a run that stopped on a non-finite loss or gradient (bad input is 2)."""
+EXIT_INTERRUPTED = 130
+"""Exit status of a run stopped by Ctrl-C (after a checkpoint; resumable)."""
 
 
 def collect_overrides(extra: list[str] | None) -> list[str]:
@@ -79,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict()))
     if summary.diverged:
         if is_main_process():
-            print(f"spannorm: training diverged: {summary.message}", file=__import__("sys").stderr)
+            print(f"spannorm: training diverged: {summary.message}", file=sys.stderr)
         return EXIT_DIVERGED
+    if summary.status == "interrupted":
+        print(f"spannorm: {summary.message}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
