@@ -190,6 +190,9 @@ class Trainer:
         self.resume_from = ckpt_io.latest_checkpoint(self.out_dir) if (resume and existing) else None
         self.overwrite = overwrite and not resume
 
+        if cfg.data.path is not None:  # config.yaml records where the text is, from any working folder
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, path=str(Path(cfg.data.path).expanduser().resolve())))
         # Data and tokenizer (may fill the shared token cache, never the run folder).
         self.tokenizer: Tokenizer
         self.splits: TokenSplits
