@@ -23,6 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default: 1; 0 leaves torch's default)")
     p.add_argument("--max-runs", type=int, default=None, help="start at most this many runs, then stop")
+    p.add_argument("--order", choices=("longest", "shortest"), default="longest",
+                   help="within a stage, start the deepest runs first (longest; the shortest makespan) or the "
+                        "cheapest first (shortest; the most runs done by a deadline)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the runs the plan asks for now and their status, train nothing")
     p.set_defaults(run=run)
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
         return 0
     outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
-                        plan_text=Path(args.plan).read_text(), max_runs=args.max_runs)
+                        plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
+                        order=args.order)
     print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
           f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")

@@ -171,6 +171,7 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     return record
 
 
+ORDERS = ("longest", "shortest")
 STAGE_ORDER = {"grid": 0, "search": 0, "best": 1, "shared": 2}
 """Runs start by stage (LR searches first, shared-LR runs last), then longest first."""
 
@@ -192,12 +193,16 @@ def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
               plan_text: str | None = None, log: Callable[[str], None] = print,
-              max_runs: int | None = None) -> SweepOutcome:
+              max_runs: int | None = None, order: str = "longest") -> SweepOutcome:
     """Run every run of ``plan`` that is not finished under ``out_dir``.
 
     ``workers`` processes (spawn context) train runs in parallel, each with ``threads`` torch threads
     (None: leave torch's default); ``workers=0`` trains in this process, one run at a time. ``max_runs``
-    stops after starting that many runs (the rest stay pending for the next call)."""
+    stops after starting that many runs (the rest stay pending for the next call). Runs start stage by
+    stage (LR search, best LR, shared LR); within a stage ``order="longest"`` starts the deepest runs first
+    (the shortest total time), ``"shortest"`` the cheapest first (the most runs finished by any deadline)."""
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is invalid; allowed: {', '.join(ORDERS)}")
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             specs = plan.expand(records)
             pending = [s for s in specs if s.run_id not in records and s.run_id not in running
                        and s.run_id not in attempted]
-            pending.sort(key=lambda s: (STAGE_ORDER.get(s.stage, 0), -_cost(s, plan)))
+            sign = -1.0 if order == "longest" else 1.0
+            pending.sort(key=lambda s: (STAGE_ORDER.get(s.stage, 0), sign * _cost(s, plan)))
             slots = max(1, workers) - len(running)
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))
