@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--preset", "tiny", "--train.progress=none", "--train.tensorboard=false", "--train.device=cpu",
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     single = [sys.executable, "-m", "spannorm", "train"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "spannorm", "train"]
-    rows = []
+    rows, resolved = [], {}
     for name in args.case or list(CASES):
         folder = root / name.replace(", ", "-").replace(" ", "_")
         shutil.rmtree(folder, ignore_errors=True)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("ddp", "fsdp"):
             walls[mode] = run([*torchrun, *extra, f"--train.parallel={mode}"], folder / mode)
         reference = metrics(folder / "single")
+        resolved[name] = yaml.safe_load((folder / "single" / "config.yaml").read_text())
         for mode in ("ddp", "fsdp"):
             records = metrics(folder / mode)
             assert [r["step"] for r in records] == [r["step"] for r in reference]
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": walls[mode], "single_wall_s": walls["single"]})
     result = {"command": "python benchmarks/distributed_agreement.py " + " ".join(argv or sys.argv[1:]),
               "base_overrides": common, "torch": torch.__version__, "python": platform.python_version(),
-              "cpu_count": os.cpu_count(), "rows": rows}
+              "cpu_count": os.cpu_count(), "rows": rows, "resolved_configs": resolved}
     out = REPO / "benchmarks" / "results" / "distributed_agreement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -285,17 +285,21 @@ def test_parallel_modes_resolve_and_bad_ones_name_what_is_allowed():
         resolve_config(None, None, ["train.parallel=zero3"])
 
 
-def test_bad_input_under_torchrun_fails_before_anything_is_written(tmp_path, monkeypatch, capsys):
-    """torchrun's variables with a batch that does not split over the processes: exit 2, one line, no files
-    (checked before the process group is made, so one process is enough to see it)."""
+@pytest.mark.parametrize("bad, message", [
+    (["--train.batch_size=3"], "train.batch_size=3 is invalid with WORLD_SIZE=2"),
+    (["--train.parallel=none"], "train.parallel='none' is invalid under torchrun with WORLD_SIZE=2"),
+    (["--train.parallel=fsdp", "--train.diagnostics_every=2"], "train.diagnostics_every=2 is invalid with "
+                                                               "train.parallel='fsdp'")])
+def test_bad_input_under_torchrun_fails_before_anything_is_written(tmp_path, monkeypatch, capsys, bad, message):
+    """torchrun's variables with settings that cannot run distributed: exit 2, one line, no files (checked
+    before the process group is made, so one process is enough to see it)."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "run"
-    argv = ["train", "--out", str(run), *fast_overrides(tmp_path), "--train.batch_size=3"]
-    assert main(argv) == 2
+    assert main(["train", "--out", str(run), *fast_overrides(tmp_path), *bad]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "train.batch_size=3 is invalid with WORLD_SIZE=2" in err
+    assert err.count("\n") == 0 and message in err and err.startswith("spannorm: error: ")
     assert not run.exists()
 
 

@@ -343,6 +343,10 @@ def train_distributed(cfg, out_dir: str | Path, *, resume: bool = False, overwri
     check_batch_divides(cfg.train.batch_size, env.world_size)
     if mode == "fsdp":
         fully_shard_function()
+        if getattr(cfg.train, "diagnostics_every", 0):  # it reads weights outside forward; FSDP2 shards them
+            raise ConfigError(f"train.diagnostics_every={cfg.train.diagnostics_every} is invalid with "
+                              "train.parallel='fsdp': the stability diagnostics need whole weights; allowed: "
+                              "train.parallel=ddp, or train.diagnostics_every=0")
     device = Trainer._resolve_device(cfg.train.device)
     parallel = DataParallel(mode, env.rank, env.world_size, env.local_rank)
     parallel.place(device)
