@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("ddp", "fsdp"):
             records = metrics(folder / mode)
             assert [r["step"] for r in records] == [r["step"] for r in reference]
+            pairs = list(zip(records, reference))
             rows.append({
                 "case": name, "mode": mode, "steps": len(records),
-                "max_rel_train_loss": max(relative(r["train_loss"], s["train_loss"]) for r, s in zip(records, reference)),
-                "max_rel_grad_norm": max(relative(r["grad_norm"], s["grad_norm"]) for r, s in zip(records, reference)),
+                "max_rel_train_loss": max(relative(r["train_loss"], s["train_loss"]) for r, s in pairs),
+                "max_rel_grad_norm": max(relative(r["grad_norm"], s["grad_norm"]) for r, s in pairs),
                 "rel_final_val_loss": relative(records[-1]["val_loss"], reference[-1]["val_loss"]),
                 "final_train_loss": records[-1]["train_loss"], "single_final_train_loss": reference[-1]["train_loss"],
                 "wall_s": walls[mode], "single_wall_s": walls["single"]})
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / "benchmarks" / "results" / "distributed_agreement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| case | parallel | steps | max rel. diff, train loss | max rel. diff, grad norm | rel. diff, final val loss |")
+    print("| case | parallel | steps | max rel. diff, train loss | max rel. diff, grad norm "
+          "| rel. diff, final val loss |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['case']} | {row['mode']} | {row['steps']} | {row['max_rel_train_loss']:.1e} | "

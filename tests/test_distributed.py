@@ -219,17 +219,21 @@ class PoisonRankOne:
             next(trainer.model.parameters()).grad.view(-1)[0] = float("nan")
 
 class StopRankOne:
-    """Rank 1 alone is asked to stop at step 2."""
+    """Rank 1 alone is asked to stop at step 2; records the shape of this process's micro-batches."""
+    def on_train_start(self, trainer):
+        self.rows = trainer.sampler.state_dict()["world_size"], trainer.sample_batch("train")[0].shape[0]
     def on_step_end(self, trainer, step, record):
         if step == 2 and trainer.rank == 1:
             trainer.request_stop("rank 1 asked")
 
 results = {}
-for name, callback, extra in (("poisoned", PoisonRankOne(), []), ("stopped", StopRankOne(), ["train.parallel=fsdp"])):
+stopper = StopRankOne()
+for name, callback, extra in (("poisoned", PoisonRankOne(), []), ("stopped", stopper, ["train.parallel=fsdp"])):
     cfg = resolve_config(None, None, overrides + extra)
     summary = train(cfg, os.path.join(base, name), callbacks=[callback])
     results[name] = {"status": summary.status, "steps": summary.steps, "diverged_step": summary.diverged_step,
                      "message": summary.message}
+results["sampler_world_size_and_rows"] = stopper.rows
 with open(os.path.join(base, f"rank{rank}.json"), "w") as handle:
     json.dump(results, handle)
 print("still in a group of", dist.get_world_size())
@@ -254,6 +258,7 @@ def test_every_process_stops_at_the_same_step(tmp_path):
     assert ranks[1]["stopped"]["message"].startswith("rank 1 asked after step 2")
     assert ckpt_io.latest_checkpoint(tmp_path / "stopped").name == "step_00000002"  # FSDP gathered it
     assert len(read_metrics(tmp_path / "poisoned")) == 3
+    assert ranks[0]["sampler_world_size_and_rows"] == [2, 2]  # each process trains on 2 of the 4 sequences
 
 
 # ---------------------------------------------------------------------- without processes
