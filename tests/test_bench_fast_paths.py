@@ -178,3 +178,14 @@ def test_rms_norm_equals_its_formula_forward_and_backward():
     # in bf16 the norm still computes in fp32 and returns bf16
     assert norm(x.detach().bfloat16()).dtype == torch.bfloat16
 
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    """SPEC §4: the router runs in fp32. Under bf16 autocast its matmul would otherwise run in bf16."""
+    moe = _moe(4, 2)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(10))
+    logits_fp32, probs_fp32, idx_fp32, _ = moe.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, probs, idx, gates = moe.route(x)
+    assert logits.dtype == probs.dtype == gates.dtype == torch.float32
+    assert torch.equal(logits, logits_fp32) and torch.equal(idx, idx_fp32)

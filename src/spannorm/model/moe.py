@@ -114,11 +114,13 @@ class MoEFFN(nn.Module):
         self.last_aux: MoEAux | None = None
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits and probabilities in fp32, the top-k experts and their renormalized gates."""
-        logits = F.linear(flat.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        top_p, expert_idx = probs.topk(self.top_k, dim=-1)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True)
+        """Router logits and probabilities in fp32 (autocast off: it would run the router matmul in bf16),
+        the top-k experts and their renormalized gates."""
+        with torch.autocast(flat.device.type, enabled=False):
+            logits = F.linear(flat.float(), self.router.weight.float())
+            probs = logits.softmax(dim=-1)
+            top_p, expert_idx = probs.topk(self.top_k, dim=-1)
+            gates = top_p / top_p.sum(dim=-1, keepdim=True)
         return logits, probs, expert_idx, gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
