@@ -403,7 +403,10 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
         lines += [f"## Best val loss (lowest evaluation of the run), {ffn}, at each placement's best LR", ""]
         lines += loss_table(results, ffn, "best", "best") + [""]
     for which in WHICH:
-        lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss)", ""]
+        lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss)", "",
+                  "The best baseline is the non-SpanNorm placement with the lowest mean at that depth and FFN; "
+                  "a depth where some baseline has no finished run at that LR is left out. `verdict` reads "
+                  "p < 0.05 (two-sided).", ""]
         lines += significance_table(significance_rows(results, which)) + [""]
     lines += ["## Divergences", ""] + divergence_table(results) + [""]
     for ffn in results.ffns:

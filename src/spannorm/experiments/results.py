@@ -217,15 +217,18 @@ class StudyResults:
     # ------------------------------------------------------------------ significance
     def best_baseline(self, depth: int, ffn: str, which: str = "best") -> tuple[str, GroupStats] | None:
         """The non-SpanNorm placement with the lowest mean final val loss at ``which`` LR (a divergence ranks
-        below every cell without one)."""
+        below every cell without one). None while any baseline of that depth and FFN has no finished run
+        at that LR: a best chosen among some baselines only would not be the best baseline."""
         candidates = []
         for placement in self.placements:
             if self.base_placement(placement) in SPAN_PLACEMENTS:
                 continue
             cell = self.cell(placement, depth, ffn)
-            group = self.at(cell, which) if cell else None
-            if group is None or group.n == 0:
+            if cell is None:
                 continue
+            group = self.at(cell, which)
+            if group is None or group.n == 0:
+                return None
             records = [{"status": "diverged"}] * group.n_diverged + [{"final_val_loss": v} for v in group.final]
             candidates.append((rank_key(records), placement, group))
         if not candidates:
