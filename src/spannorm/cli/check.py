@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from spannorm.cli.main import UsageError
@@ -59,6 +60,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="growth, gradient ratio and identity product are judged against [1/band, band]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model config field for placement targets, e.g. --set scale_out_proj=false")
     p.add_argument("--no-suggest", action="store_true", help="skip the Δt/α stability criterion")
@@ -78,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, clip=args.clip,
         weight_decay=args.weight_decay, seed=args.seed, band=args.band, model_overrides=dict(args.overrides),
         device=args.device, suggest=not args.no_suggest)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads} is invalid: must be >= 1")
+        torch.set_num_threads(args.threads)
     if os.getcwd() not in sys.path:  # let package.module:factory name a module in the current folder
         sys.path.insert(0, os.getcwd())
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[check] {msg}", file=sys.stderr, flush=True))

@@ -2,8 +2,8 @@
 ``ok``, ``warn`` or ``unstable``. ``docs/stability.md`` explains every rule; the thresholds are below.
 
 Architecture:
-- ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and how
-  much it grew. Exponential growth beyond the band is unstable; polynomial growth beyond the band warns,
+- ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
+  Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth beyond the band is unstable; polynomial growth beyond the band warns,
   unless a weight-free bound holds (Peri-LN).
 - ``gradient``: the first-to-last block gradient ratio r(L) across depths. Beyond the band at the deepest
   depth and exponential in L (a constant factor per block) is depth-unstable; a power law beyond the band
@@ -98,7 +98,8 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
     parts, statuses = [], []
     for phase, m in _phases(deepest):
         growth = fit_growth(m.stream_variance)
-        label = "non-finite" if growth.non_finite else f"{growth.growth_class} ×{_fmt(growth.factor)}"
+        end_to_end = m.stream_variance[-1] / m.stream_variance[0] if m.stream_variance[0] > 0 else math.inf
+        label = "non-finite" if growth.non_finite else f"{growth.growth_class} ×{_fmt(end_to_end)}"
         parts.append((phase, label))
         beyond = not growth.non_finite and growth.factor > band
         if growth.non_finite or (growth.growth_class == "exponential" and beyond):

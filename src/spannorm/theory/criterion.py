@@ -90,7 +90,8 @@ def configured_value(cfg: ModelConfig) -> float | None:
 
 def suggest_scaling(cfg: ModelConfig, band: float = 4.0, seq_len: int = 64, steps: int = 12) -> ScalingSuggestion:
     """Apply the criterion to ``cfg`` (its placement, width, init and depth ``cfg.n_layers``) on ``seq_len``
-    distinct tokens. ``steps`` bisection steps on log(knob) (a factor of 2^(ln 1000 / 2^12)... ≈ 0.2% at 12)."""
+    distinct tokens, with ``steps`` bisection steps on log(knob) over a range of 1000× (12 steps: the boundary
+    to within 0.2%)."""
     if band <= 1:
         raise ValueError(f"band={band} must be > 1")
     knob = KNOBS.get(cfg.placement)
