@@ -175,6 +175,8 @@ def _colors(names: list[str]) -> dict[str, Any]:
 
 def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     colors = _colors(results.placements)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for col, which in enumerate(("best", "shared")):
@@ -200,6 +202,7 @@ def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
                     ax.axvline(depth, color=colors[placement], alpha=0.15, lw=4)
             ax.set_xscale("log")
             ax.set_xticks(results.depths, [str(d) for d in results.depths])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{metric} val loss at {WHICH[which]} ({ffn})", fontsize=10)
             ax.set_ylabel(f"{metric} val loss")
             ax.grid(alpha=0.3)
@@ -344,7 +347,8 @@ def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
 
 
 def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
-    header = ["placement", "LR", "mean|x_0|", "mean|x_L|", "ratio", "Var(x_L)/Var(x_0)", "max|x| (all layers)"]
+    header = ["placement", "LR", "mean abs x_0", "mean abs x_L", "ratio", "Var(x_L)/Var(x_0)",
+              "max abs x (all layers)"]
     rows = []
     for placement in names:
         s = mean_layer_stats(results, placement, depth, "dense")
