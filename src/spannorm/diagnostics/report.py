@@ -16,6 +16,7 @@ import torch
 import spannorm
 from spannorm.diagnostics.check import CheckRun, DepthResult, TargetResult
 from spannorm.diagnostics.measure import Measurement
+from spannorm.diagnostics.verdicts import CHECKS
 from spannorm.theory.criterion import ScalingSuggestion
 from spannorm.theory.growth import fit_growth
 from spannorm.theory.meanfield import InitPrediction
@@ -178,11 +179,8 @@ def _suggestion_text(x: ScalingSuggestion) -> str:
 
 def summary_table(run: CheckRun) -> tuple[list[str], list[list[str]]]:
     """Targets × checks, each cell the status and the short verdict."""
-    checks: list[str] = []
-    for r in run.results:
-        for v in r.verdicts:
-            if v.check not in checks:
-                checks.append(v.check)
+    present = {v.check for r in run.results for v in r.verdicts}
+    checks = [c for c in CHECKS if c in present]
     rows = []
     for r in run.results:
         by_check = {v.check: v for v in r.verdicts}
@@ -232,6 +230,16 @@ def report_markdown(run: CheckRun, plots: dict[str, list[str]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ plots
+def _auto_log_y(ax) -> None:
+    """Log y when the plotted values span more than ×20 (all positive), linear otherwise."""
+    import numpy as np
+
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines] or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() / values.min() > 20:
+        ax.set_yscale("log")
+
+
 def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     """Three PNGs for one target; returns their file names."""
     import matplotlib
@@ -245,6 +253,7 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
 
     def finish(fig, kind: str) -> None:
         for ax in fig.axes:
+            _auto_log_y(ax)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         fig.suptitle(f"{result.target}: {kind} (solid: init, dashed: trained, dotted: theory)", fontsize=10)
@@ -268,7 +277,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
         if d.prediction is not None:
             axes[0].plot(d.prediction.stream_mean_square, ":", color=c)
     for ax, title in zip(axes, ("entry-wise variance of x_l", "mean |x_l|", "max |x_l|")):
-        ax.set_yscale("log")
         ax.set_xlabel("layer l")
         ax.set_title(title, fontsize=9)
     finish(fig, "moments")
@@ -283,7 +291,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
                 axes[0].plot([v / g[-1] for v in g], style, color=c, label=f"L={d.n_layers}" if style == "-" else None)
         if d.prediction is not None:
             axes[0].plot(d.prediction.grad_norm, ":", color=c)
-    axes[0].set_yscale("log")
     axes[0].set_xlabel("layer l")
     axes[0].set_title("‖∂L/∂x_l‖ / ‖∂L/∂x_(L-1)‖", fontsize=9)
     depths = [d.n_layers for d in result.depths]
@@ -296,7 +303,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     if preds:
         axes[1].plot(*zip(*preds), "k:", label="theory")
     axes[1].set_xscale("log")
-    axes[1].set_yscale("log")
     axes[1].set_xlabel("depth L")
     axes[1].set_title("first-to-last gradient ratio", fontsize=9)
     finish(fig, "gradients")
@@ -314,7 +320,6 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
             axes[2].plot(m.effective_rank, style, color=c)
         if d.prediction is not None:
             axes[1].plot(d.prediction.token_correlation, ":", color=c)
-    axes[0].set_yscale("log")
     for ax, title in zip(axes, ("angular distance x_l → x_(l+1) (/π)", "token uniformity of x_l",
                                 "effective rank of x_l")):
         ax.set_xlabel("layer l")

@@ -33,6 +33,9 @@ from spannorm.theory.growth import depth_dependence, fit_growth
 if TYPE_CHECKING:
     from spannorm.diagnostics.check import DepthResult
 
+CHECKS = ("forward", "gradient", "identity path", "peri bound", "collapse", "fp16", "bf16", "attention logits",
+          "clipping", "training")
+"""Every check, in the order they are reported."""
 STATUSES = ("ok", "warn", "unstable")
 """From good to bad; a target's overall status is its worst verdict."""
 
