@@ -1,6 +1,6 @@
 """The speed paths of the model compute what the plain equations compute: grouped and looped MoE dispatch
 against a per-token reference, SDPA with grouped KV heads against repeated heads, the rolled RoPE against
-rotate_half, and RMSNorm against its formula."""
+rotate_half, and RMSNorm (hand-written backward on CPU) against its formula."""
 
 from __future__ import annotations
 
@@ -168,6 +168,7 @@ def test_rms_norm_equals_its_formula_forward_and_backward():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 24))
     x = (3 * torch.randn(5, 6, 24, generator=torch.Generator().manual_seed(8))).requires_grad_()
     out = norm(x)
+    assert "_RMSNormFunction" in out.grad_fn.name()  # the CPU path with the hand-written backward
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     g = torch.randn(5, 6, 24, generator=torch.Generator().manual_seed(9))
