@@ -1,7 +1,7 @@
 """The CPU benchmark runs behind docs/benchmarks.md, each one ``spannorm bench`` command.
 
 - ``headline``: pre and span, dense, eager fp32, beside the Hugging Face Llama, one step of each per round
-  (40 rounds), so that the paired ratios compare steps taken seconds apart. Gives the two CPU targets:
+  (60 rounds), so that the paired ratios compare steps taken seconds apart. Gives the two CPU targets:
   span/pre step time and ours/HF tokens/s.
 - ``placements``: every placement, dense and MoE, eager fp32, beside a Hugging Face Llama of the same size.
   Gives span/pre, the other placements/pre, MoE/dense and ours/HF.
@@ -26,7 +26,7 @@ from spannorm.cli.main import main as spannorm_main
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS: dict[str, list[str]] = {
     "headline": ["--placements", "pre,span", "--ffn", "dense", "--modes", "eager", "--dtypes", "fp32",
-                 "--steps", "40", "--rounds", "40"],
+                 "--steps", "60", "--rounds", "60"],
     "placements": ["--placements", "pre,span,span_b2t,post,peri,deepnorm,mixln,lns,hybrid", "--ffn", "dense,moe",
                    "--modes", "eager", "--dtypes", "fp32"],
     "modes": ["--placements", "pre,span", "--ffn", "dense", "--modes", "eager,compiled", "--dtypes", "fp32,bf16"],
@@ -40,8 +40,8 @@ def main() -> int:
     parser.add_argument("run", choices=sorted(RUNS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 30; headline 40)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 10; headline 40)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 30; headline 60)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 10; headline 60)")
     args = parser.parse_args()
     out = RESULTS / f"bench_cpu_{args.run.replace('-', '_')}.json"
     run_args = list(RUNS[args.run])

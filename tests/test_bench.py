@@ -74,7 +74,8 @@ def test_report_ratios_are_taken_from_the_medians(cli_report):
 def _fake_result(placement, ffn="dense", compiled=False, dtype="fp32", median=1.0, rounds=(1.0, 1.0)):
     case = BenchCase(placement, ffn, compiled, dtype)
     return {"name": case.name, "placement": placement, "ffn": ffn, "compiled": compiled, "dtype": dtype,
-            "step_time_s": {"median": median}, "round_median_s": list(rounds), "tokens_per_s": 100 / median}
+            "step_time_s": {"median": median, "min": median / 2}, "round_median_s": list(rounds),
+            "tokens_per_s": 100 / median}
 
 
 def test_compute_ratios_on_known_values():
@@ -89,6 +90,8 @@ def test_compute_ratios_on_known_values():
     assert span["value"] == pytest.approx(1.1)
     assert (span["per_round_min"], span["per_round_max"]) == pytest.approx((1.0, 1.2))
     assert span["per_round_median"] == pytest.approx(1.1)
+    assert span["fastest_step_ratio"] == pytest.approx(1.1)
+    assert ratios["ours(pre)/HF Llama tokens/s [eager, fp32]"]["fastest_step_ratio"] == pytest.approx(1.25)
     assert ratios["ours(pre)/HF Llama tokens/s [eager, fp32]"]["value"] == pytest.approx(1.25)
     assert ratios["MoE/dense step time [pre, eager, fp32]"]["value"] == pytest.approx(1.5)
     assert ratios["compiled speed-up (eager/compiled step) [pre, dense, fp32]"]["value"] == pytest.approx(2.0)
