@@ -309,7 +309,7 @@ def check_depth(target: Target, n_layers: int, settings: CheckSettings, data: Co
     result = DepthResult(n_layers, init=measure(model, idx, tgt),
                          model_config=cfg.to_dict() if cfg is not None else None)
     if cfg is not None:
-        result.prediction = predict_init(cfg, data.eval_batch[0])
+        result.prediction = predict_init(cfg, data.eval_batch[0], targets=data.eval_batch[1])
         if settings.suggest:
             result.suggestion = suggest_scaling(cfg, band=settings.band, seq_len=settings.seq_len)
     if settings.steps:
