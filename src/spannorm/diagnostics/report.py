@@ -303,6 +303,8 @@ def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     if preds:
         axes[1].plot(*zip(*preds), "k:", label="theory")
     axes[1].set_xscale("log")
+    axes[1].set_xticks(depths, [str(L) for L in depths])
+    axes[1].minorticks_off()
     axes[1].set_xlabel("depth L")
     axes[1].set_title("first-to-last gradient ratio", fontsize=9)
     finish(fig, "gradients")
