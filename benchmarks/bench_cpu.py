@@ -13,7 +13,8 @@ when another process holds a core. Usage:
 
     python benchmarks/bench_cpu.py placements [--threads 1] [--steps 30] [--rounds 10]
 
-Writes benchmarks/results/bench_cpu_<run>.json (replacing it) and prints the table.
+Writes benchmarks/results/bench_cpu_<run>.json (``..._<N>threads.json`` with ``--threads N`` > 1), replacing
+it, and prints the table.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 30; headline 60)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 10; headline 60)")
     args = parser.parse_args()
-    out = RESULTS / f"bench_cpu_{args.run.replace('-', '_')}.json"
+    suffix = "" if args.threads == 1 else f"_{args.threads}threads"
+    out = RESULTS / f"bench_cpu_{args.run.replace('-', '_')}{suffix}.json"
     run_args = list(RUNS[args.run])
     for flag, value, default in (("--steps", args.steps, "30"), ("--rounds", args.rounds, "10")):
         if value is not None:
