@@ -105,7 +105,7 @@ def bench_adamw(repeats: int) -> dict:
     model = SpanNormLM(ModelConfig(d_model=256, n_layers=4, n_heads=4, context_length=128))
     variants = {}
     for name, kwargs in (("default (for-loop)", {"foreach": False}), ("foreach=True", {"foreach": True}),
-                         ("fused=True (bench, trainer)", {"fused": True})):
+                         ("fused=True (bench; trainer on CUDA)", {"fused": True})):
         params = [p.detach().clone().requires_grad_() for p in model.parameters()]
         for p in params:
             p.grad = torch.randn_like(p)
