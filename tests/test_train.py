@@ -210,6 +210,7 @@ class NaNGradientAt:
 
     def on_after_backward(self, trainer, step):
         if step == self.step:
+            self.trainer = trainer
             self.weights_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
             next(trainer.model.parameters()).grad[0, 0] = float("nan")
 
@@ -228,6 +229,13 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
     assert all(torch.equal(saved[k], poison.weights_before[k]) for k in saved)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     assert json.loads((run / "summary.json").read_text())["diverged_step"] == 5
+    # The optimizer never stepped on the poisoned gradient: the live weights are still the step-4 ones (an
+    # AdamW step on a NaN gradient would have turned that weight NaN and moved every other one), and AdamW's
+    # own step counter stopped at 4.
+    live = poison.trainer.model.state_dict()
+    assert all(torch.equal(live[k], poison.weights_before[k]) for k in live)
+    counts = {int(s["step"]) for s in poison.trainer.optimizer.state_dict()["state"].values()}
+    assert counts == {4}
 
 
 def test_non_finite_loss_is_reported_with_its_step(tmp_path):
@@ -267,3 +275,71 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path):
     assert summary.status == "interrupted" and summary.steps == 2 and "Ctrl-C" in summary.message
     assert ckpt_io.latest_checkpoint(run).name == "step_00000002"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+class GradientProbe:
+    """Records, at every step, the gradient norm before clipping (after backward) and after (at step end)."""
+
+    def __init__(self):
+        self.before: list[float] = []
+        self.after: list[float] = []
+        self.logged: list[float] = []
+
+    @staticmethod
+    def _norm(model) -> float:
+        grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+        return float(torch.cat(grads).norm())
+
+    def on_after_backward(self, trainer, step):
+        self.before.append(self._norm(trainer.model))
+
+    def on_step_end(self, trainer, step, record):
+        self.after.append(self._norm(trainer.model))
+        self.logged.append(record["grad_norm"])
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_gradient_clipping_scales_the_global_norm_and_logs_the_unclipped_one(tmp_path, clip):
+    probe = GradientProbe()
+    train(tiny_cfg(tmp_path, f"optim.grad_clip={clip}", "train.checkpoint_every=0"), tmp_path / "run",
+          callbacks=[probe])
+    assert len(probe.before) == 6 and min(probe.before) > 0.05  # every step's raw norm is above the clip
+    assert probe.logged == pytest.approx(probe.before, rel=1e-5)  # metrics carry the pre-clip norm
+    if clip > 0:
+        assert probe.after == pytest.approx([clip] * 6, rel=1e-4)
+    else:  # 0 turns clipping off
+        assert probe.after == pytest.approx(probe.before, rel=1e-6)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    """Two micro-batches of 4 draw the same 8 windows as one batch of 8 (the sampler's stream), so the
+    accumulated update equals the large-batch one up to float summation order."""
+    big = train(tiny_cfg(tmp_path, "train.batch_size=8", "train.grad_accum=1"), tmp_path / "big")
+    accum = train(tiny_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=2"), tmp_path / "accum")
+    assert big.tokens == accum.tokens
+    big_losses = [r["train_loss"] for r in read_metrics(tmp_path / "big")]
+    accum_losses = [r["train_loss"] for r in read_metrics(tmp_path / "accum")]
+    assert accum_losses == pytest.approx(big_losses, rel=1e-5)
+    assert accum_losses[-1] < accum_losses[0]  # and the run learns, so the comparison is not vacuous
+    a = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "big") / "model.safetensors"))
+    b = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "accum") / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_top_k_sampling_only_draws_among_the_k_most_likely_tokens():
+    from spannorm.train.generation import generate
+
+    torch.manual_seed(0)
+    model = SpanNormLM(ModelConfig(d_model=32, n_layers=1, n_heads=2, context_length=16))
+    prompt = [65, 66, 67]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    drawn = {generate(model, prompt, 1, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(s))[0]
+             for s in range(60)}
+    assert drawn <= top3 and len(drawn) > 1  # a hot temperature spreads draws, top-k still confines them
+    unrestricted = {generate(model, prompt, 1, temperature=5.0, generator=torch.Generator().manual_seed(s))[0]
+                    for s in range(60)}
+    assert not unrestricted <= top3
+    greedy = generate(model, prompt, 1, temperature=0.0)[0]
+    assert greedy == int(logits.argmax())

@@ -82,7 +82,7 @@ def _as_config_error(path: str | os.PathLike, fn, *args):
 
 
 def run_config_layer(path: str | os.PathLike) -> dict[str, Any]:
-    """The config layer ``train.init_from`` puts under the preset, config file and overrides: the checkpoint's
+    """The config layer ``train.init_from`` puts over the preset and under the config file and overrides: the checkpoint's
     model section, and its ``tokenizer.json`` as ``data.tokenizer`` when it has one."""
     model_cfg = _as_config_error(path, checkpoint_model_config, path)
     layer: dict[str, Any] = {"model": model_cfg.to_dict()}

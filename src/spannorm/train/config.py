@@ -426,24 +426,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
                    overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the preset, then the config file, then the dotted overrides; validated."""
-    data: dict[str, Any] = {}
+    """Defaults, then the preset, then the config file, then the dotted overrides; validated.
+
+    With ``train.init_from`` (from any layer), the checkpoint's model section and tokenizer go between the
+    preset and the config file: a preset is a recipe for training, so it never resizes the model being
+    continued, while a config file and overrides, which the user wrote for this run, still win."""
+    preset_layer: dict[str, Any] = {}
     if preset:
-        layer = load_preset(preset)
-        _check_keys(layer, f"preset {preset!r}")
-        data = _merge(data, layer)
+        preset_layer = load_preset(preset)
+        _check_keys(preset_layer, f"preset {preset!r}")
+    explicit: dict[str, Any] = {}
     if config_file:
-        layer = load_config_file(config_file)
-        _check_keys(layer, f"config file {str(config_file)!r}")
-        data = _merge(data, layer)
-    data = apply_overrides(data, list(overrides))
+        explicit = load_config_file(config_file)
+        _check_keys(explicit, f"config file {str(config_file)!r}")
+    explicit = apply_overrides(explicit, list(overrides))
+    data = _merge(preset_layer, explicit)
     init_from = (data.get("train") or {}).get("init_from")
-    # The checkpoint's model section goes under the explicit settings. A missing folder is reported by the
-    # trainer, except on resume, which needs only the run's own checkpoint.
+    # A missing folder is reported by the trainer, except on resume, which needs only the run's own checkpoint.
     if isinstance(init_from, str) and init_from.strip() and Path(init_from).exists():
         from spannorm.interop.init_from import run_config_layer
 
-        data = _merge(run_config_layer(init_from), data)
+        data = _merge(_merge(preset_layer, run_config_layer(init_from)), explicit)
     return RunConfig.from_dict(data)
 
 
