@@ -280,6 +280,64 @@ def test_non_llama_placements_export_as_spannorm_with_the_reason(tmp_path, capsy
     assert (tmp_path / "cli" / "model_config.json").is_file()
 
 
+@pytest.mark.parametrize("model_kw, reason", [
+    (dict(placement="post"), "post normalizes after each residual add, x' = N(x + F(x)); a Llama layer only "
+                             "normalizes the inputs of its branches (every layer)"),
+    (dict(placement="peri"), "peri also normalizes each branch output, N(A(N(x))); a Llama layer has no output "
+                             "norms (every layer)"),
+    (dict(placement="span_b2t"), "span_b2t normalizes after the attention add and at the block output"),
+    (dict(placement="deepnorm"), "deepnorm multiplies the skip by α and normalizes after each add"),
+    (dict(placement="hybrid"), "hybrid normalizes Q, K and V per head"),
+    # mixln at L = 3, ratio 0.5: block 0 is post; only that layer is named
+    (dict(placement="mixln", mixln_ratio=0.5), "post normalizes after each residual add, x' = N(x + F(x)); a "
+                                               "Llama layer only normalizes the inputs of its branches (layers [0])"),
+    (dict(placement="pre", placement_overrides={1: "span"}), "span normalizes the block output, N(α·x + β·(a + f)); "
+                                                             "a Llama layer has no block-output norm (layers [1])"),
+    (dict(norm="layer"), "norm=layer: Llama uses RMSNorm, which neither subtracts the mean nor has a bias"),
+    (dict(moe={"n_experts": 4, "top_k": 2}), "moe: Llama's MLP is one dense SwiGLU, not a mixture of experts"),
+    (dict(embed_norm=True), "embed_norm: Llama does not normalize the embedding output"),
+    (dict(final_norm=False), "final_norm=false: Llama always applies a final RMSNorm"),
+], ids=["post", "peri", "span_b2t", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe", "embed_norm",
+        "no_final_norm"])
+def test_each_non_llama_feature_is_refused_with_its_reason(model_kw, reason, tmp_path, capsys):
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, **model_kw)
+    model = SpanNormLM(cfg)
+    reasons = llama_incompatibilities(cfg)
+    assert len(reasons) == 1 and reason in reasons[0], reasons  # one feature off Llama: exactly its reason
+    with pytest.raises(InteropError) as err:
+        export_hf(model, tmp_path / "strict")
+    assert str(err.value).startswith("HF cannot load this model as LlamaForCausalLM: ") and reason in str(err.value)
+    assert not (tmp_path / "strict").exists()
+    result = export_model(model, tmp_path / "loose")
+    assert not result.hf_llama and result.reasons == reasons and reason in result.message()
+    assert not (tmp_path / "loose" / "config.json").exists()
+    idx = _tokens(16)
+    assert torch.equal(load_model(tmp_path / "loose")(idx).logits, model(idx).logits)
+    save_model(model, tmp_path / "sn")
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli"), "--require-llama"]) == 2
+    assert reason in _error_line(capsys)
+    assert not (tmp_path / "cli").exists()
+    assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli")]) == 0
+    note = capsys.readouterr().err
+    assert "cannot load it as LlamaForCausalLM" in note and reason in note
+
+
+@pytest.mark.parametrize("model_kw", [dict(placement="pre"), dict(placement="lns"),
+                                      dict(placement="mixln", mixln_ratio=0.25)])  # floor(0.75) = 0 post blocks
+def test_llama_computable_configs_have_no_reasons(model_kw):
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, **model_kw)
+    assert set(cfg.layer_placements()) <= {"pre", "lns"}
+    assert llama_incompatibilities(cfg) == []
+
+
+def test_several_non_llama_features_are_all_named():
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, placement="peri",
+                      norm="layer", moe={"n_experts": 2, "top_k": 1}, embed_norm=True)
+    reasons = llama_incompatibilities(cfg)
+    assert [r.split(" ", 1)[0] for r in reasons] == ["peri", "norm=layer:", "moe:", "embed_norm:"]
+
+
 def test_cli_refuses_to_overwrite(hf_llama, tmp_path, capsys):
     _, directory = hf_llama
     out = tmp_path / "out"

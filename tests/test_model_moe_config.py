@@ -115,6 +115,53 @@ def test_flops_per_token_formula():
     assert flops_per_token(moe, seq_len=16) == 6 * matmul + 12 * 2 * 64 * 16
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(placement="span", n_kv_heads=2, bias=True, tie_embeddings=False),
+    dict(moe=MoEConfig(n_experts=4, top_k=2)),
+    dict(placement="hybrid", moe=MoEConfig(n_experts=3, top_k=1, shared_expert=True, d_expert=24)),
+], ids=["dense", "dense-gqa-bias-untied", "moe", "moe-shared"])
+def test_flops_per_token_equals_torch_flop_counter(kwargs):
+    """Count the matmuls torch actually runs. ``FlopCounterMode`` counts 2·m·n·k per (b)mm/addmm and nothing for
+    norms, activations, softmax, RoPE, gating or the embedding lookup, which is counting.py's convention. Two
+    things it cannot see are routed around: CPU's fused flash SDPA kernel has no FLOP formula in the counter,
+    so attention runs on the math backend, whose two bmms (Q·Kᵀ and P·V) cover the full T×T matrix, causal
+    mask or not; and ``torch._grouped_mm`` has none either, so the experts run their per-expert loop. Then
+    forward attention is exactly 4·T·d per token per layer, i.e. 12·L·d·T for forward + backward, and the
+    forward matmuls are exactly 2 per active weight (router and LM head included, biases not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = dict(d_model=32, n_heads=4, n_layers=3, vocab_size=64, context_length=16)
+    base.update(kwargs)
+    cfg = ModelConfig(**base)
+    torch.manual_seed(0)
+    model = SpanNormLM(cfg)
+    for moe in model.moe_layers():
+        moe.experts.dispatch = "loop"
+    B, seq = 3, 12  # shorter than the context: the attention term must use the batch's length
+    idx = torch.randint(0, cfg.vocab_size, (B, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+        model(idx)
+    counts = {str(op): n for op, n in forward.get_flop_counts()["Global"].items()}
+    tokens = B * seq
+    L, d = cfg.n_layers, cfg.d_model
+    assert counts.pop("aten.bmm") == 4 * L * d * seq * tokens  # Q·Kᵀ and P·V over the full T×T
+    # Active matmul weights, read off the model itself: every Linear (projections, router, shared expert, an
+    # untied head), top_k/E of the routed experts, and the embedding when it doubles as the tied head.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    routed = sum(sum(p.numel() for p in moe.experts.parameters()) * moe.top_k // moe.n_experts
+                 for moe in model.moe_layers())
+    tied_head = model.embed.weight.numel() if cfg.tie_embeddings else 0
+    assert sum(counts.values()) == 2 * (linear + routed + tied_head) * tokens
+    assert 3 * forward.get_total_flops() == flops_per_token(cfg, seq_len=seq) * tokens
+    # Backward costs exactly twice the forward (a gradient for the input and one for the weight of every
+    # matmul, two more bmms per attention bmm), so a counted training step equals the analytic total too.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
+        model(idx, idx).loss.backward()
+    assert step.get_total_flops() == flops_per_token(cfg, seq_len=seq) * tokens
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(placement="sandwich"), "model.placement"),
     (dict(d_model=30, n_heads=4), "model.d_model"),

@@ -14,6 +14,7 @@ from spannorm.config import BLOCK_PLACEMENTS
 from spannorm.model.placements import BLOCKS, deepnorm_constants, span_constants
 
 D, H, T = 32, 4, 12
+EPS = 1e-6  # ModelConfig.norm_eps, the default _cfg keeps
 
 
 def _cfg(placement: str, **kw) -> ModelConfig:
@@ -73,11 +74,23 @@ def ref_lns(b, x):
 
 
 def ref_hybrid(b, x):
-    assert b.attn.qkv_norm
-    h = x + b.attn(x)
+    """Attention is hand-written here (not the block's module): Q, K and V are each normalized per head with
+    the block's gains, then RoPE, causal softmax and the output projection (see ``_manual_attention``)."""
+    attn = b.attn
+    h = x + _manual_attention(attn, x, attn.n_kv_heads, head_norms=(attn.q_norm, attn.k_norm, attn.v_norm))
     n = b.attn_out_norm(h)
     return n + b.ffn(n)
 
+
+def _atol(placement, expected):
+    """1e-6. For ``hybrid``, whose reference recomputes attention by hand in a different order of fp32 operations,
+    1e-6 relative to the largest output: its outputs reach |y| ~ 10, where 1e-6 is about one fp32 ulp, and
+    independent but correct fp32 computations differ there by 1-3 ulps (measured up to 2.4e-6 at |y| ~ 8)."""
+    return 1e-6 * (max(1.0, expected.abs().max().item()) if placement in HAND_WRITTEN else 1.0)
+
+
+HAND_WRITTEN = {"hybrid"}
+"""References that do not reuse the block's sub-module for some part of the computation."""
 
 REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span": ref_span, "span_b2t": ref_span_b2t,
               "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid}
@@ -98,7 +111,85 @@ def test_block_matches_reference(placement, moe, norm):
     x = torch.randn(2, T, D)
     for block in model.blocks:
         assert block.placement == placement
-        torch.testing.assert_close(block(x), REFERENCES[placement](block, x), rtol=0, atol=1e-6)
+        expected = REFERENCES[placement](block, x)
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=_atol(placement, expected))
+
+
+# ---------------------------------------------------------------- span/span_b2t with α ≠ 1 and β ≠ 1
+def spec_span_alpha(cfg: ModelConfig) -> float:
+    """SpanNorm's clean-skip α from SPEC §3, computed from the config alone: the explicit override if any, else
+    the scaling rule's formula (init: 1; skip: sqrt(2L); both: DeepNorm's (2L)^(1/4))."""
+    if cfg.span_alpha is not None:
+        return cfg.span_alpha
+    two_l = 2 * cfg.n_layers
+    return {"init": 1.0, "skip": math.sqrt(two_l), "both": two_l ** 0.25}[cfg.span_scaling]
+
+
+def span_equation(b, x, alpha, beta):
+    a = b.attn(b.attn_in_norm(x))
+    h = x + a
+    f = b.ffn(b.ffn_in_norm(h))
+    return b.block_out_norm(alpha * x + beta * (a + f))
+
+
+def span_b2t_equation(b, x, alpha, beta):
+    h = b.attn_out_norm(x + b.attn(x))
+    f = b.ffn(h)
+    return b.block_out_norm(alpha * x + beta * (h + f))
+
+
+SPAN_EQUATIONS = {"span": span_equation, "span_b2t": span_b2t_equation}
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("scaling", [
+    dict(span_scaling="skip", span_beta=0.6),                   # α = sqrt(6) at L = 3
+    dict(span_scaling="both", span_beta=1.7),                   # α = 6^(1/4)
+    dict(span_scaling="init", span_alpha=2.5, span_beta=0.4),   # explicit α over init's α = 1
+    dict(span_scaling="skip", span_alpha=0.5, span_beta=1.3),   # explicit α over skip's sqrt(6)
+], ids=["skip", "both", "init+alpha", "skip+alpha"])
+@pytest.mark.parametrize("placement", ["span", "span_b2t"])
+def test_span_blocks_match_reference_with_scaled_skip_and_branch(placement, scaling, norm):
+    torch.manual_seed(0)
+    cfg = _cfg(placement, n_layers=3, norm=norm, **scaling)
+    alpha, beta = spec_span_alpha(cfg), cfg.span_beta
+    assert alpha != pytest.approx(1.0) and beta != 1.0
+    model = SpanNormLM(cfg)
+    _randomize_norms(model)
+    x = torch.randn(2, T, D)
+    equation = SPAN_EQUATIONS[placement]
+    for block in model.blocks:
+        out = block(x)
+        torch.testing.assert_close(out, equation(block, x, alpha, beta), rtol=0, atol=1e-6)
+        # The check is sensitive to both constants: N is scale-invariant, so only β/α matters, and setting
+        # either one to 1 changes that ratio and the output far beyond the tolerance.
+        assert (out - equation(block, x, 1.0, beta)).abs().max() > 1e-3
+        assert (out - equation(block, x, alpha, 1.0)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- hybrid: per-head Q/K/V norms, by hand
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_hybrid_attention_normalizes_q_k_v_per_head_before_rope(n_kv, norm):
+    torch.manual_seed(0)
+    cfg = _cfg("hybrid", n_layers=2, n_kv_heads=n_kv, norm=norm, bias=True, rope_theta=5000.0)
+    model = SpanNormLM(cfg)
+    _randomize_norms(model)
+    x = torch.randn(2, T, D)
+    for block in model.blocks:
+        attn = block.attn
+        norms = (attn.q_norm, attn.k_norm, attn.v_norm)
+        assert all(n.weight.shape == (cfg.head_dim,) for n in norms)  # one gain per head coordinate
+        out = attn(x)
+        expected = _manual_attention(attn, x, n_kv, head_norms=norms)
+        torch.testing.assert_close(out, expected, rtol=0, atol=_atol("hybrid", expected))
+        expected_block = ref_hybrid(block, x)
+        torch.testing.assert_close(block(x), expected_block, rtol=0, atol=_atol("hybrid", expected_block))
+        # Sensitive to each choice: no V norm, or the norms applied after RoPE instead of before, is far off.
+        no_v = _manual_attention(attn, x, n_kv, head_norms=(attn.q_norm, attn.k_norm, None))
+        after_rope = _manual_attention(attn, x, n_kv, head_norms=norms, norm_before_rope=False)
+        assert (out - no_v).abs().max() > 1e-3
+        assert (out - after_rope).abs().max() > 1e-3
 
 
 def test_mixln_is_post_then_pre():
@@ -162,13 +253,28 @@ def test_rmsnorm_and_layernorm_match_formulas():
     torch.testing.assert_close(ln(x), (x - mu) / torch.sqrt(var + 1e-6) * ln.weight + ln.bias, rtol=0, atol=1e-5)
 
 
-def _manual_attention(attn, x, n_kv):
-    """Causal softmax attention with RoPE written as explicit rotations of coordinate pairs (i, i + hd/2)."""
+def _linear(x, linear):
+    return x @ linear.weight.T + (linear.bias if linear.bias is not None else 0.0)
+
+
+def _head_norm(t, norm):
+    """RMSNorm or LayerNorm over the last (head) dimension, written out, with ``norm``'s gain (and bias)."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        mu = t.mean(-1, keepdim=True)
+        var = (t - mu).pow(2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + EPS) * norm.weight + norm.bias
+    return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + EPS) * norm.weight
+
+
+def _manual_attention(attn, x, n_kv, head_norms=None, norm_before_rope=True):
+    """Causal softmax attention with RoPE written as explicit rotations of coordinate pairs (i, i + hd/2).
+    ``head_norms``: (q, k, v) norm modules (an entry may be None) whose gains normalize each head of Q, K and V
+    (HybridNorm), before RoPE unless ``norm_before_rope`` is False."""
     B, T_, _ = x.shape
     hd, nh = attn.head_dim, attn.n_heads
-    q = (x @ attn.q_proj.weight.T).view(B, T_, nh, hd)
-    k = (x @ attn.k_proj.weight.T).view(B, T_, n_kv, hd)
-    v = (x @ attn.v_proj.weight.T).view(B, T_, n_kv, hd)
+    q = _linear(x, attn.q_proj).view(B, T_, nh, hd)
+    k = _linear(x, attn.k_proj).view(B, T_, n_kv, hd)
+    v = _linear(x, attn.v_proj).view(B, T_, n_kv, hd)
     theta = attn.rotary.theta
     freqs = theta ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
     pos = torch.arange(T_, dtype=torch.float64)[:, None] * freqs[None]  # (T, hd/2)
@@ -178,7 +284,17 @@ def _manual_attention(attn, x, n_kv):
         a, b = t[..., : hd // 2], t[..., hd // 2:]
         return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
 
-    q, k = rope(q), rope(k)
+    def normalize(q, k, v):
+        if head_norms is None:
+            return q, k, v
+        return tuple(t if n is None else _head_norm(t, n) for t, n in zip((q, k, v), head_norms))
+
+    if norm_before_rope:
+        q, k, v = normalize(q, k, v)
+        q, k = rope(q), rope(k)
+    else:
+        q, k = rope(q), rope(k)
+        q, k, v = normalize(q, k, v)
     group = nh // n_kv
     out = torch.zeros(B, T_, nh, hd)
     for head in range(nh):
@@ -187,7 +303,7 @@ def _manual_attention(attn, x, n_kv):
         mask = torch.ones(T_, T_, dtype=torch.bool).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
         out[:, :, head] = scores.softmax(-1) @ vh
-    return out.reshape(B, T_, -1) @ attn.o_proj.weight.T
+    return _linear(out.reshape(B, T_, -1), attn.o_proj)
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])

@@ -160,3 +160,66 @@ def test_sweep_cli_rejects_a_bad_plan_and_writes_nothing(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spannorm: error:") and "d_modle" in lines[0]
     assert not out.exists()
+
+
+def test_changed_plan_refuses_to_reuse_runs_made_with_other_settings(tmp_path):
+    data = micro_plan(tmp_path / "cache")
+    data["grid"]["placements"], data["grid"]["depths"] = ["pre"], [1]
+    out = tmp_path / "sweep"
+    assert run_sweep(parse_plan(data), out, workers=0, log=lambda _: None).executed
+    data["base"]["config"]["train"]["steps"] = 4  # same run ids, other settings
+    with pytest.raises(ConfigError, match=r"pre-L1-dense-lr3e-3-s0 .* other settings train\.steps=3, now "
+                                          r"train\.steps=4; allowed: the plan that made it, or a new --out"):
+        run_sweep(parse_plan(data), out, workers=0, log=lambda _: None)
+    plan_file = tmp_path / "changed.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    before = (out / "index.json").read_text()
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "other settings train.steps=3" in proc.stderr
+    assert (out / "index.json").read_text() == before  # nothing rewritten
+
+
+KILL_PLAN = """
+import sys
+from spannorm.experiments.plan import load_plan
+from spannorm.experiments.runner import run_sweep
+run_sweep(load_plan(sys.argv[1]), sys.argv[2], workers=0, log=lambda line: print(line, flush=True))
+"""
+
+
+def test_sweep_killed_mid_run_resumes_that_run_from_its_checkpoint(tmp_path):
+    """A real kill (SIGKILL) of a sweep while its second run trains: the next sweep skips the finished run
+    and resumes the killed one from its last checkpoint, and that run's metrics hold every step once."""
+    import signal
+    import time
+
+    data = micro_plan(tmp_path / "cache")
+    data["grid"]["placements"], data["grid"]["depths"] = ["pre"], [1, 2]
+    data["base"]["config"]["train"].update(steps=400, checkpoint_every=5, eval_every=0)
+    data["measure"] = {"layer_stats": False}
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    out = tmp_path / "sweep"
+    first, second = (out / "runs" / "pre-L2-dense-lr3e-3-s0", out / "runs" / "pre-L1-dense-lr3e-3-s0")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_PLAN, str(plan_file), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (first / "summary.json").is_file() or not list((second / "checkpoints").glob("step_*")):
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (second / "summary.json").exists()
+    killed_at = max(int(p.name.split("_")[1]) for p in (second / "checkpoints").glob("step_*"))
+    assert 0 < killed_at < 400
+    logs: list[str] = []
+    outcome = run_sweep(parse_plan(data), out, workers=0, log=logs.append)
+    assert outcome.skipped == [first.name] and outcome.executed == [second.name]
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["status"] == "completed"
+    steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))  # resumed, not restarted, and no step logged twice

@@ -33,7 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spannorm.experiments.runner import RUNS_DIR, load_index, read_summary, run_sweep
+    from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
     from spannorm.train.config import resolve_config
 
     if args.workers < 0:
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     specs = plan.expand(load_index(out) if out.is_dir() else {})
     for spec in specs:
         resolve_config(spec.preset, None, list(spec.overrides))
+        check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
     if args.dry_run:
         for spec in specs:
             done = read_summary(out / RUNS_DIR / spec.run_id)

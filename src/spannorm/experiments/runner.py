@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from spannorm.config import ConfigError
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 
 RUNS_DIR = "runs"
@@ -109,6 +110,33 @@ def _latest_model_dir(run_dir: Path) -> Path | None:
 
 def _has_checkpoint(run_dir: Path) -> bool:
     return _latest_model_dir(run_dir) is not None
+
+
+def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
+    """Raise :class:`ConfigError` when ``run_dir`` holds a run (finished or not) that an earlier sweep made
+    with other settings than ``spec``'s: skipping or resuming it would mix two configs under one run id."""
+    info_path = Path(run_dir) / RUN_INFO_NAME
+    if not info_path.is_file():
+        return
+    try:
+        stored = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable record: the run's own config.yaml still guards a resume
+    def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
+        return dict(str(o).split("=", 1) if "=" in str(o) else (str(o), "") for o in overrides)
+
+    old_preset, old = stored.get("preset"), settings(stored.get("overrides") or ())
+    new = settings(spec.overrides)
+    if old_preset == spec.preset and old == new:
+        return
+    if old_preset != spec.preset:
+        what = f"preset {old_preset!r}, now {spec.preset!r}"
+    else:
+        gone = [f"{k}={v}" for k, v in old.items() if new.get(k) != v]
+        added = [f"{k}={v}" for k, v in new.items() if old.get(k) != v]
+        what = f"settings {', '.join(gone) or '(none)'}, now {', '.join(added) or '(none)'}"
+    raise ConfigError(f"run {spec.run_id} in {Path(run_dir).parent} was made with other {what}; allowed: "
+                      "the plan that made it, or a new --out directory")
 
 
 def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
@@ -241,6 +269,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         for spec in specs:
             if spec.run_id in records or spec.run_id in running:
                 continue
+            check_run_settings(spec, runs_root / spec.run_id)
             summary = read_summary(runs_root / spec.run_id)
             if summary is None:
                 continue
@@ -314,5 +343,5 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "SweepOutcome", "execute_run", "load_index", "measure_run", "read_summary",
+__all__ = ["FINISHED", "SweepOutcome", "check_run_settings", "execute_run", "load_index", "measure_run", "read_summary",
            "record_from_summary", "run_sweep"]
