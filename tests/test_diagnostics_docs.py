@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from spannorm.cli.main import build_parser, main
+from spannorm.diagnostics.report import load_schema
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "stability.md"
 BLOCK = re.compile(r"^```(python|bash|console|text)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -29,6 +30,22 @@ def test_doc_covers_the_toolkit():
         assert needle in text, needle
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (DOC.parent / image).is_file(), image
+
+
+def test_doc_names_the_report_schema_and_its_top_level_keys():
+    text = DOC.read_text()
+    section = text[text.index("**report.json schema.**"):text.index("## Measurements")]
+    assert "spannorm/schemas/report.schema.json" in section
+    assert (DOC.parents[1] / "src" / "spannorm" / "schemas" / "report.schema.json").is_file()
+    schema = load_schema()  # the package's copy, as report.json is validated against it
+    listed = set(re.findall(r"^- `([a-z_]+)`(?:, `([a-z_]+)`)?", section, re.MULTILINE))
+    listed = {key for pair in listed for key in pair if key}
+    assert listed == set(schema["properties"]) == set(schema["required"])
+    target_keys = set(schema["$defs"]["target"]["properties"])
+    targets_line = section[section.index("- `targets`"):]
+    assert all(f"`{key}`" in targets_line for key in target_keys - {"target"})
+    assert all(f"`{key}`" in targets_line for key in schema["$defs"]["depth"]["properties"])
+    assert all(f"`{key}`" in targets_line for key in schema["$defs"]["verdict"]["properties"])
 
 
 def test_recorded_commands_still_parse():

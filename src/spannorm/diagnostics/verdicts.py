@@ -138,6 +138,9 @@ def gradient_verdict(results: list[DepthResult], band: float) -> Verdict:
         return Verdict("gradient", "ok", "within band", detail + f" (band ×{_fmt(band)}).")
     if dep is None:
         return Verdict("gradient", "warn", "outside band", detail + f"; one depth cannot tell how it scales.")
+    if not outside:  # only shallower depths leave the band: not the depth instability SPEC §5 describes
+        return Verdict("gradient", "warn", "outside band",
+                       detail + f"; outside the band ×{_fmt(band)} at a shallower depth only.")
     if dep.model == "exponential":
         return Verdict("gradient", "unstable", f"depth-unstable ×{dep.per_block:.3g}/block",
                        detail + f"; exponential in depth, a factor {dep.per_block:.3g} per block "
