@@ -1,9 +1,11 @@
 """Measure a model on one batch: the statistics of SPEC §6 at every hook point, the gradient profile,
-collapse, the identity path, the Peri-LN bound and the attention logits.
+collapse, the identity path, the Peri-LN bound, the attention logits and the largest |value| inside the
+sub-layers (for the fp16/bf16 headroom).
 
 Everything is collected from outside the model: forward hooks on the residual hook points (through
 :class:`~spannorm.diagnostics.recorder.ResidualRecorder`), forward pre-hooks on the norms that sit on the
-identity path and on the attention modules. Gradients come from ``torch.autograd.grad``, so the model's own
+identity path and on the attention modules, and forward (pre-)hooks on every linear layer, norm and MoE expert
+stack (:class:`InternalMaxRecorder`). Gradients come from ``torch.autograd.grad``, so the model's own
 ``.grad`` fields are left untouched (a training run can measure between steps).
 
 Usage::
@@ -22,11 +24,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spannorm.diagnostics import stats
 from spannorm.diagnostics.recorder import ResidualRecorder
-from spannorm.model.layers import CausalSelfAttention
+from spannorm.model.layers import CausalSelfAttention, RMSNorm
+from spannorm.model.moe import Experts
 from spannorm.theory.bounds import peri_bound_ratios, peri_step_bound
 from spannorm.theory.meanfield import IDENTITY_PATH_NORMS
 
@@ -60,6 +64,13 @@ class Measurement:
     """Mean pairwise token cosine of x_0 … x_L."""
     attn_logit_max: list[float | None]
     """max |q·k|/√d_head over heads and causal pairs per block (None for a block without our attention)."""
+    internal_max_abs: float | None = None
+    """max |value| inside the model, off the residual stream: every ``nn.Linear``'s input and output, every
+    norm's input, each MoE expert's gate and up projections and their SwiGLU product, and the logits (see
+    :class:`InternalMaxRecorder`). None when not measured."""
+    internal_max_where: str | None = None
+    """Where ``internal_max_abs`` sits: a module name with `` (input)``, `` (output)`` or `` (hidden)``, or
+    ``logits``."""
     identity_factor_names: list[str] = field(default_factory=list)
     """The norms on the identity path (``block{l}.{position}``)."""
     identity_factors: list[float] = field(default_factory=list)
@@ -113,17 +124,37 @@ class Measurement:
 
     @property
     def max_abs_overall(self) -> float:
+        """max |H| over the residual-stream hook points."""
         return max(self.max_abs)
+
+    def _headroom_candidates(self) -> list[tuple[float, str]]:
+        out = [(value, f"{point} (residual stream)") for value, point in zip(self.max_abs, self.points)]
+        if self.internal_max_abs is not None:
+            out.append((self.internal_max_abs, self.internal_max_where or "inside the model"))
+        return out
+
+    @property
+    def headroom_max_abs(self) -> float:
+        """The largest |value| the headroom is measured on: the stream's max |H| or the internal max, whichever is
+        larger (NaN counts as larger than anything)."""
+        return _largest(self._headroom_candidates())[0]
+
+    @property
+    def headroom_where(self) -> str:
+        """Where :attr:`headroom_max_abs` sits: a hook point (``block3.out (residual stream)``) or the module
+        of :attr:`internal_max_where`."""
+        return _largest(self._headroom_candidates())[1]
 
     @property
     def fp16_headroom_log2(self) -> float:
-        """log2(max |H| / 65504) over every hook point: negative means room, ≥ 0 means fp16 overflows."""
-        return stats.headroom_log2(self.max_abs_overall, stats.FP16_MAX)
+        """log2(max |value| / 65504) over every hook point and every internal activation: negative means room,
+        ≥ 0 means fp16 overflows."""
+        return stats.headroom_log2(self.headroom_max_abs, stats.FP16_MAX)
 
     @property
     def bf16_headroom_log2(self) -> float:
-        """log2(max |H| / bf16 max) over every hook point."""
-        return stats.headroom_log2(self.max_abs_overall, stats.BF16_MAX)
+        """log2(max |value| / bf16 max) over every hook point and every internal activation."""
+        return stats.headroom_log2(self.headroom_max_abs, stats.BF16_MAX)
 
     @property
     def attn_logit_max_overall(self) -> float | None:
@@ -137,6 +168,7 @@ class Measurement:
             "variance_ratio": self.variance_ratio,
             "rms_last": self.at_stream(self.rms)[-1],
             "max_abs": self.max_abs_overall,
+            **({"internal_max_abs": self.internal_max_abs} if self.internal_max_abs is not None else {}),
             "fp16_headroom_log2": self.fp16_headroom_log2,
             "bf16_headroom_log2": self.bf16_headroom_log2,
             "cosine_last": self.adjacent_cosine[-1],
@@ -158,6 +190,115 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _largest(candidates: list[tuple[float, str]]) -> tuple[float, str]:
+    """The (value, where) with the largest value; a NaN (an overflow gone bad) wins over every number."""
+    return max(candidates, key=lambda c: math.inf if math.isnan(c[0]) else c[0])
+
+
+# -------------------------------------------------------------------------------------------- internal max
+NORMS: tuple[type[nn.Module], ...] = (RMSNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+"""Norm modules whose input is recorded: pre-norm sums such as Post-LN's x + A(x) or SpanNorm's
+α·x + β·(a + f) are formed outside any module and seen here."""
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor | None:
+    """max |t| as a 0-dim tensor on t's device (one reduction, no copy, no sync); None for an empty tensor."""
+    return torch.linalg.vector_norm(t.detach(), ord=math.inf) if t.numel() else None
+
+
+@torch.no_grad()
+def expert_hidden_max(experts: Experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+    """max |·| over every expert's gate projection, up projection and their product silu(gate)·up (the input
+    of its down projection), recomputed in fp32 from the expert's stacked weights on the tokens it received,
+    as :meth:`Experts.forward` computes them. The experts' matmuls use stacked weights, not ``nn.Linear``, so no
+    hook sees these hidden states; the recomputation costs two of the three expert matmuls again."""
+    x = x_sorted.detach().float()
+    best = None
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even when the caller runs under autocast
+        for xe, w_gate, w_up in zip(x.split(counts.tolist()), experts.w_gate.unbind(0), experts.w_up.unbind(0)):
+            if not xe.numel():
+                continue
+            gate, up = xe @ w_gate.float(), xe @ w_up.float()
+            for h in (gate, up, F.silu(gate) * up):
+                value = _max_abs(h)
+                best = value if best is None else torch.maximum(best, value)
+    return best
+
+
+class InternalMaxRecorder:
+    """Context manager that keeps max |value| of the activations inside a model's sub-layers, from outside the
+    model: a forward hook on every ``nn.Linear`` (its input and output: the attention q/k/v/o projections, the
+    FFN gate and up outputs, and the SwiGLU product as the down projection's input), a forward pre-hook on
+    every norm in :data:`NORMS` (its input), and on every MoE :class:`~spannorm.model.moe.Experts` stack its
+    input, its output and its hidden states (:func:`expert_hidden_max`). Each record is one reduction kept on
+    the device; :meth:`largest` syncs once. Module names are ``model.named_modules()`` names; the logits are
+    added by the caller with :meth:`add` (the LM head is ``F.linear`` on the embedding, not a module)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def add(self, where: str, t: torch.Tensor | None) -> None:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return
+        value = _max_abs(t)
+        if value is not None:
+            self._keep(where, value)
+
+    def _keep(self, where: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            return
+        value = value.float()
+        old = self.values.get(where)
+        self.values[where] = value if old is None else torch.maximum(old, value)  # a module called twice
+
+    def _io_hook(self, name: str):
+        def hook(_module, args, output):
+            if args:
+                self.add(f"{name} (input)", args[0])
+            self.add(f"{name} (output)", output)
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(_module, args):
+            if args:
+                self.add(f"{name} (input)", args[0])
+        return hook
+
+    def _experts_hook(self, name: str):
+        def hook(module, args):
+            x_sorted, counts = args[0], args[1]
+            self.add(f"{name} (input)", x_sorted)
+            self._keep(f"{name} (hidden)", expert_hidden_max(module, x_sorted, counts))
+        return hook
+
+    def __enter__(self) -> InternalMaxRecorder:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                self._handles.append(module.register_forward_hook(self._io_hook(name)))
+            elif isinstance(module, NORMS):
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            elif isinstance(module, Experts):
+                self._handles.append(module.register_forward_pre_hook(self._experts_hook(name)))
+                self._handles.append(module.register_forward_hook(
+                    lambda _m, _args, output, name=name: self.add(f"{name} (output)", output)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def largest(self) -> tuple[float | None, str | None]:
+        """(max |value|, where) over everything recorded; (None, None) when nothing was."""
+        if not self.values:
+            return None, None
+        names = list(self.values)
+        values = torch.stack([self.values[n] for n in names]).cpu().tolist()
+        return _largest(list(zip(values, names)))
 
 
 # -------------------------------------------------------------------------------------------- measuring
@@ -206,9 +347,11 @@ def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads
             if isinstance(module, CausalSelfAttention):
                 handles.append(module.register_forward_pre_hook(
                     lambda m, args, layer=layer: attn_inputs.setdefault(layer, []).append((m, args[0].detach()))))
+    internal = InternalMaxRecorder(model)
     try:
-        with torch.enable_grad(), ResidualRecorder(model, grads=False, detach=False) as rec:
+        with torch.enable_grad(), ResidualRecorder(model, grads=False, detach=False) as rec, internal:
             out = model(idx, targets)
+        internal.add("logits", getattr(out, "logits", None))
         activations = rec.activations
         points = list(activations)
         act_grads = param_grads = None
@@ -228,6 +371,7 @@ def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads
         for handle in handles:
             handle.remove()
 
+    internal_max_abs, internal_max_where = internal.largest()
     acts = {name: activations[name].detach() for name in points}
     stream_points = ["embed"] + [name for name in points if name.endswith(".out")]
     stream = [acts[name] for name in stream_points]
@@ -247,6 +391,8 @@ def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads
         token_uniformity=[stats.token_uniformity(h) for h in stream],
         attn_logit_max=[max((attention_logit_max(a, x) for a, x in attn_inputs[layer]), default=None)
                         if layer in attn_inputs else None for layer in range(len(blocks))],
+        internal_max_abs=internal_max_abs,
+        internal_max_where=internal_max_where,
         loss=out.loss.item() if out.loss is not None else math.nan,
     )
     if known_identity:

@@ -15,7 +15,9 @@ Architecture:
   decay with depth.
 
 Non-architectural causes:
-- ``fp16`` / ``bf16``: headroom of max |H| below the dtype's maximum.
+- ``fp16`` / ``bf16``: headroom below the dtype's maximum of the largest |value| on the residual stream and
+  inside the sub-layers (every linear layer's input and output, norm inputs, MoE expert hidden states, logits;
+  ``Measurement.headroom_max_abs``), naming where it sits.
 - ``attention logits``: the largest |q·k|/√d_head, and its growth over the training steps.
 - ``clipping``: the fraction of training steps whose gradient norm exceeded the clip threshold (reported);
   a warning when norms reach 10× the threshold.
@@ -202,14 +204,18 @@ def collapse_verdict(results: list[DepthResult]) -> Verdict:
 # -------------------------------------------------------------------------------------------- other causes
 def precision_verdicts(results: list[DepthResult]) -> list[Verdict]:
     out = []
+    measured = [m for r in results for _, m in _phases(r)]
+    internal = all(m.internal_max_abs is not None for m in measured)
+    scope = "on the residual stream and inside the sub-layers" if internal else "at the residual-stream hook points"
     for name, attr in (("fp16", "fp16_headroom_log2"), ("bf16", "bf16_headroom_log2")):
-        values = [(getattr(m, attr), r.n_layers, phase) for r in results for phase, m in _phases(r)]
-        value, L, phase = max(values, key=lambda v: v[0])
+        values = [(getattr(m, attr), r.n_layers, phase, m.headroom_where) for r in results for phase, m in _phases(r)]
+        value, L, phase, where = max(values, key=lambda v: v[0])
         status = "unstable" if value >= 0 else "warn" if value > HEADROOM_WARN_LOG2 else "ok"
         label = "overflow" if value >= 0 else f"2^{value:.1f} of max"
         out.append(Verdict(name, status, label,
-                           f"largest |H| over every hook point, depth and phase is {_fmt(2 ** value if math.isfinite(value) else value)}× "
-                           f"the {name} maximum (L={L}, {phase}); warn above 2^{HEADROOM_WARN_LOG2:.0f}."))
+                           f"largest |value| {scope}, over every depth and phase, is "
+                           f"{_fmt(2 ** value if math.isfinite(value) else value)}× the {name} maximum, at {where} "
+                           f"(L={L}, {phase}); warn above 2^{HEADROOM_WARN_LOG2:.0f}."))
     return out
 
 
