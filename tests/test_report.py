@@ -175,3 +175,14 @@ def test_report_cli_writes_the_report_and_rejects_a_non_sweep(tmp_path, report_d
     proc = subprocess.run([sys.executable, "-m", "spannorm", "report", str(tmp_path / "nothing")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("spannorm: error:") and "not a sweep" in proc.stderr
+
+
+def test_a_side_with_one_run_is_not_tested_not_called_equal():
+    from spannorm.experiments.report import significance_table
+
+    row = {"ffn": "dense", "depth": 24, "placement": "span", "lr": 1e-2, "mean": 3.4, "baseline": "pre",
+           "baseline_lr": 1e-2, "baseline_mean": 2.3, "p": None, "n": 1, "n_diverged": 0, "baseline_n": 3}
+    table = "\n".join(significance_table([row]))
+    assert "not tested (fewer than 2 runs on a side)" in table and "no significant difference" not in table
+    table = "\n".join(significance_table([{**row, "p": 0.5, "n": 3}]))
+    assert "no significant difference" in table

@@ -95,7 +95,11 @@ def significance_table(rows: list[dict[str, Any]]) -> list[str]:
         delta = None if r["mean"] is None or r["baseline_mean"] is None else r["mean"] - r["baseline_mean"]
         if delta is None:
             verdict = "n/a"
-        elif r["p"] is not None and r["p"] < 0.05:
+        elif min(r.get("n", 2), r.get("baseline_n", 2)) < 2:
+            verdict = "not tested (fewer than 2 runs on a side)"
+        elif r["p"] is None or (isinstance(r["p"], float) and math.isnan(r["p"])):
+            verdict = "not tested (no spread within either side)"
+        elif r["p"] < 0.05:
             verdict = "better" if delta < 0 else "worse"
         else:
             verdict = "no significant difference"
