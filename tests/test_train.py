@@ -343,3 +343,29 @@ def test_top_k_sampling_only_draws_among_the_k_most_likely_tokens():
     assert not unrestricted <= top3
     greedy = generate(model, prompt, 1, temperature=0.0)[0]
     assert greedy == int(logits.argmax())
+
+
+def test_a_validation_loss_above_the_best_is_logged_and_warned(tmp_path, capsys):
+    """A run that falls back (here: its weights scrambled after the first evaluation) has finite losses and no
+    spike; ``val_above_best`` and a warning line show it."""
+
+    class ScrambleAfterFirstEval:
+        def on_eval(self, trainer, step, record):
+            if step == 3:
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        if p.dim() >= 2:
+                            p.copy_(torch.randn_like(p) * 3)
+
+    run = tmp_path / "run"
+    summary = train(tiny_cfg(tmp_path, "train.progress=plain", "train.checkpoint_every=0"), run,
+                    callbacks=[ScrambleAfterFirstEval()])
+    assert summary.status == "completed" and not summary.diverged
+    evals = [r for r in read_metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[0]["val_above_best"] == 0.0
+    assert evals[1]["val_above_best"] == pytest.approx(evals[1]["val_loss"] - evals[0]["val_loss"])
+    assert evals[1]["val_above_best"] > 0.1
+    out = capsys.readouterr().out
+    assert "warning: step 6: val_loss" in out and "nats above the run's best" in out
+    assert out.count("warning:") == 1

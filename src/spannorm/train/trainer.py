@@ -46,6 +46,10 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
+VAL_REGRESSION_NATS = 0.1
+"""A validation loss this far (nats) above the run's best so far gets a warning line: a run can fall back
+toward the unigram loss with finite losses and no spike (SpanNorm at a too-high LR does), which neither
+the non-finite check nor the spike score flags."""
 RUN_OUTPUTS = (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, TENSORBOARD_DIR, ckpt_io.CHECKPOINTS_DIR,
                ckpt_io.TOKENIZER_NAME)
 """Everything ``train`` writes into a run folder (and ``overwrite=True`` removes)."""
@@ -487,11 +491,18 @@ class Trainer:
                     result = self.evaluate()
                     record.update(result.to_dict())
                     self.last_eval = {k: v for k, v in result.to_dict().items()}
+                    previous_best = self.best_val_loss
                     if self.best_val_loss is None or result.loss < self.best_val_loss:
                         self.best_val_loss = result.loss
+                    record["val_above_best"] = result.loss - self.best_val_loss
                     self._callbacks("on_eval", self.step, record)
                     progress.message(f"step {self.step}: val_loss {result.loss:.4f} ppl {result.perplexity:.2f} "
                                      f"bpb {result.bits_per_byte:.4f}")
+                    if previous_best is not None and result.loss > previous_best + VAL_REGRESSION_NATS:
+                        progress.message(f"warning: step {self.step}: val_loss {result.loss:.4f} is "
+                                         f"{result.loss - previous_best:.3f} nats above the run's best "
+                                         f"({previous_best:.4f}); the run may be collapsing (no non-finite value "
+                                         "or spike was detected)")
                 self._callbacks("on_step_end", self.step, record)
                 self._write_record(record)
                 progress.step(self.step, record)
