@@ -170,7 +170,8 @@ def test_changed_plan_refuses_to_reuse_runs_made_with_other_settings(tmp_path):
     data["base"]["config"]["train"]["steps"] = 4  # same run ids, other settings
     with pytest.raises(ConfigError, match=r"pre-L1-dense-lr3e-3-s0 .* other settings train\.steps=3, now "
                                           r"train\.steps=4; allowed: the plan that made it, or a new --out"):
-        run_sweep(parse_plan(data), out, workers=0, log=lambda _: None)
+        run_sweep(parse_plan(data), out, workers=0, log=lambda _: None, plan_text="changed")
+    assert not (out / "plan.yaml").exists()  # refused before writing anything
     plan_file = tmp_path / "changed.yaml"
     plan_file.write_text(yaml.safe_dump(data))
     before = (out / "index.json").read_text()

@@ -244,9 +244,7 @@ class InternalMaxRecorder:
     def add(self, where: str, t: torch.Tensor | None) -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return
-        value = _max_abs(t)
-        if value is not None:
-            self._keep(where, value)
+        self._keep(where, _max_abs(t))
 
     def _keep(self, where: str, value: torch.Tensor | None) -> None:
         if value is None:

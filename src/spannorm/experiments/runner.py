@@ -118,14 +118,16 @@ def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
     info_path = Path(run_dir) / RUN_INFO_NAME
     if not info_path.is_file():
         return
+    from spannorm.train.config import parse_override
+
+    def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
+        return {".".join(parts): value for parts, value in map(parse_override, overrides)}
+
     try:
         stored = json.loads(info_path.read_text())
-    except (OSError, ValueError):
+        old_preset, old = stored.get("preset"), settings(stored.get("overrides") or ())
+    except (OSError, ValueError, ConfigError):
         return  # an unreadable record: the run's own config.yaml still guards a resume
-    def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
-        return dict(str(o).split("=", 1) if "=" in str(o) else (str(o), "") for o in overrides)
-
-    old_preset, old = stored.get("preset"), settings(stored.get("overrides") or ())
     new = settings(spec.overrides)
     if old_preset == spec.preset and old == new:
         return
@@ -233,6 +235,10 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         raise ValueError(f"order={order!r} is invalid; allowed: {', '.join(ORDERS)}")
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
+    checked: set[str] = set()  # run ids whose folder check_run_settings has passed
+    for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
+        check_run_settings(spec, runs_root / spec.run_id)
+        checked.add(spec.run_id)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
         (out / "plan.yaml").write_text(plan_text)
@@ -269,7 +275,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         for spec in specs:
             if spec.run_id in records or spec.run_id in running:
                 continue
-            check_run_settings(spec, runs_root / spec.run_id)
+            if spec.run_id not in checked:  # a spec the LR search added since the last loop
+                check_run_settings(spec, runs_root / spec.run_id)
+                checked.add(spec.run_id)
             summary = read_summary(runs_root / spec.run_id)
             if summary is None:
                 continue
