@@ -27,7 +27,7 @@ from spannorm.bench.devices import (device_name, matmul_precision, peak_tflops,
 from spannorm.bench.reference import HFLlamaLM, transformers_available
 from spannorm.config import MoEConfig, ModelConfig
 from spannorm.model.counting import flops_per_token
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 
 DTYPES = ("fp32", "bf16")
 FFNS = ("dense", "moe")
@@ -126,7 +126,7 @@ def build_case_model(case: BenchCase, settings: BenchSettings) -> tuple[nn.Modul
     """The case's model on the settings' device, initialized from ``settings.seed``."""
     cfg = model_config(settings, case.placement, case.ffn)
     torch.manual_seed(settings.seed)
-    model: nn.Module = HFLlamaLM(cfg) if case.is_reference else SpanNormLM(cfg)
+    model: nn.Module = HFLlamaLM(cfg) if case.is_reference else DecoderLM(cfg)
     return model.to(settings.device), cfg
 
 

@@ -43,7 +43,7 @@ def hf_llama_config(cfg: ModelConfig):
 
 class HFLlamaLM(nn.Module):
     """``LlamaForCausalLM`` behind the benchmark's step interface: ``forward(idx, targets)`` returns the mean
-    next-token cross-entropy on fp32 logits, computed exactly as :class:`spannorm.model.SpanNormLM` does."""
+    next-token cross-entropy on fp32 logits, computed exactly as :class:`spannorm.model.DecoderLM` does."""
 
     def __init__(self, cfg: ModelConfig, attn_implementation: str = "sdpa"):
         super().__init__()

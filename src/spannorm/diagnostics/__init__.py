@@ -6,6 +6,6 @@
 - :mod:`~spannorm.diagnostics.profile`: init profiles across depth (``spannorm profile``).
 - :mod:`~spannorm.diagnostics.callback`: measurements during training (``train.diagnostics_every``).
 - :mod:`~spannorm.diagnostics.custom`: a user's block wrapped in an LM with the same hook points.
-- :mod:`~spannorm.diagnostics.check`, :mod:`~spannorm.diagnostics.verdicts`, :mod:`~spannorm.diagnostics.report`:
-  ``spannorm check``.
+- :mod:`~spannorm.diagnostics.check`, :mod:`~spannorm.diagnostics.check_results`,
+  :mod:`~spannorm.diagnostics.verdicts`, :mod:`~spannorm.diagnostics.report`: ``spannorm check``.
 """

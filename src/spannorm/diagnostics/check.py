@@ -9,6 +9,10 @@ For each target (a placement, or a user's block factory ``package.module:factory
 2. trains it for K steps (:func:`short_training`) and measures it again on the same batch;
 3. turns all of it into verdicts (:mod:`spannorm.diagnostics.verdicts`).
 
+What one depth yields (:class:`~spannorm.diagnostics.check_results.DepthResult`, with its
+:class:`~spannorm.diagnostics.check_results.TrainingTrace`) lives in
+:mod:`spannorm.diagnostics.check_results`, below both this orchestrator and the verdicts that read it.
+
 Every target trains through the same short loop, so that a user's block and the built-in placements are
 treated identically: :func:`short_training` is the one place ``check`` trains. It uses the training stack's
 optimizer settings (:class:`~spannorm.train.config.OptimConfig`: AdamW, β = (0.9, 0.95), weight decay on
@@ -30,12 +34,13 @@ from torch import nn
 from spannorm.config import PLACEMENTS, ModelConfig
 from spannorm.data.corpus import embedded_corpus
 from spannorm.data.dataset import WindowSampler, eval_batches, split_point
+from spannorm.diagnostics.check_results import DepthResult, TrainingTrace
 from spannorm.diagnostics.custom import BlockFactory, BlockFactoryError, CustomBlockLM, load_block_factory
-from spannorm.diagnostics.measure import Measurement, measure
+from spannorm.diagnostics.measure import measure
 from spannorm.diagnostics.verdicts import Verdict, judge, worst
-from spannorm.model import SpanNormLM
-from spannorm.theory.criterion import ScalingSuggestion, suggest_scaling
-from spannorm.theory.meanfield import InitPrediction, predict_init
+from spannorm.model import DecoderLM
+from spannorm.theory.criterion import suggest_scaling
+from spannorm.theory.meanfield import predict_init
 from spannorm.train.config import OptimConfig
 from spannorm.train.schedule import lr_for
 from spannorm.train.trainer import SpikeScore, training_objective
@@ -128,7 +133,7 @@ class Target:
         torch.manual_seed(settings.seed)
         cfg = self.model_config(settings, n_layers)
         if cfg is not None:
-            return SpanNormLM(cfg)
+            return DecoderLM(cfg)
         assert self.factory is not None
         return CustomBlockLM(self.factory, n_layers=n_layers, d_model=settings.d_model, n_heads=settings.n_heads)
 
@@ -185,43 +190,6 @@ class CorpusBatches:
 
 
 # ------------------------------------------------------------------------------------------------ training
-@dataclass
-class TrainingTrace:
-    """What happened during the short training run."""
-
-    clip: float
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    """Total gradient norm of each step, before clipping."""
-    lrs: list[float] = field(default_factory=list)
-    diverged: bool = False
-    diverged_step: int | None = None
-    """1-based step at which a non-finite loss or gradient norm was detected (before the optimizer step)."""
-    loss_spikes: int = 0
-    """Steps whose loss exceeded mean + 6σ of the previous (up to 128) steps (SPEC §6)."""
-    grad_spikes: int = 0
-
-    @property
-    def clip_fraction(self) -> float:
-        """Fraction of the completed steps whose gradient norm exceeded the clip threshold."""
-        if not self.grad_norms:
-            return 0.0
-        return sum(g > self.clip for g in self.grad_norms) / len(self.grad_norms) if self.clip > 0 else 0.0
-
-    @property
-    def final_loss(self) -> float:
-        """Mean loss over the last 10% of the completed steps."""
-        tail = self.losses[-max(1, len(self.losses) // 10):]
-        return sum(tail) / len(tail) if tail else math.nan
-
-    def to_dict(self) -> dict:
-        return {"steps": len(self.losses), "clip": self.clip, "losses": self.losses,
-                "grad_norms": self.grad_norms, "lrs": self.lrs, "diverged": self.diverged,
-                "diverged_step": self.diverged_step, "loss_spikes": self.loss_spikes,
-                "grad_spikes": self.grad_spikes, "clip_fraction": self.clip_fraction,
-                "final_loss": self.final_loss}
-
-
 def short_training(model: nn.Module, sampler: WindowSampler, steps: int, optim: OptimConfig,
                    device: torch.device | str = "cpu") -> TrainingTrace:
     """Train ``model`` for ``steps`` AdamW steps on ``sampler``'s batches, in fp32, with ``optim``'s schedule
@@ -231,7 +199,7 @@ def short_training(model: nn.Module, sampler: WindowSampler, steps: int, optim: 
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    moe_cfg = model.cfg.moe if isinstance(model, SpanNormLM) else None
+    moe_cfg = model.cfg.moe if isinstance(model, DecoderLM) else None
     trace = TrainingTrace(clip=optim.grad_clip)
     loss_spikes, grad_spikes = SpikeScore(), SpikeScore()
     max_norm = optim.grad_clip if optim.grad_clip > 0 else math.inf
@@ -262,20 +230,6 @@ def short_training(model: nn.Module, sampler: WindowSampler, steps: int, optim: 
 
 
 # ------------------------------------------------------------------------------------------------ running
-@dataclass
-class DepthResult:
-    """One target at one depth."""
-
-    n_layers: int
-    init: Measurement
-    trained: Measurement | None = None
-    training: TrainingTrace | None = None
-    prediction: InitPrediction | None = None
-    """The theory at init on the same batch (placements only)."""
-    suggestion: ScalingSuggestion | None = None
-    model_config: dict | None = None
-
-
 @dataclass
 class TargetResult:
     target: str

@@ -1,9 +1,9 @@
-"""Wrap a user's block in a language model with the same hook points as :class:`~spannorm.SpanNormLM`, so
+"""Wrap a user's block in a language model with the same hook points as :class:`~spannorm.DecoderLM`, so
 every measurement (and ``spannorm check``) works on it.
 
 A block factory is ``factory(d_model, n_heads, layer_index, n_layers) -> nn.Module`` whose module maps the
 residual stream (B, T, d) to (B, T, d), and is named on the command line as ``package.module:factory``.
-The wrapper is: byte embedding (std 1/√d, times √d: a unit-variance stream, as SpanNormLM's default fan-in
+The wrapper is: byte embedding (std 1/√d, times √d: a unit-variance stream, as DecoderLM's default fan-in
 init), the user's blocks, a final RMSNorm, and the head tied to the embedding. Blocks must be causal for the
 language-model loss to mean anything; the wrapper does not check that.
 """

@@ -10,9 +10,9 @@ stack (:class:`InternalMaxRecorder`). Gradients come from ``torch.autograd.grad`
 
 Usage::
 
-    from spannorm import ModelConfig, SpanNormLM
+    from spannorm import ModelConfig, DecoderLM
     from spannorm.diagnostics.measure import measure
-    model = SpanNormLM(ModelConfig(d_model=64, n_layers=8, placement="span"))
+    model = DecoderLM(ModelConfig(d_model=64, n_layers=8, placement="span"))
     tokens = torch.randint(0, 256, (4, 65))
     m = measure(model, tokens[:, :-1], tokens[:, 1:])
     m.variance_ratio, m.grad_ratio, m.identity_product
@@ -323,7 +323,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads: bool = True) -> Measurement:
-    """Run ``model`` on (idx, targets) and measure it. ``model`` is a :class:`~spannorm.SpanNormLM` or any
+    """Run ``model`` on (idx, targets) and measure it. ``model`` is a :class:`~spannorm.DecoderLM` or any
     module with ``blocks`` and the same hook points (e.g. :class:`~spannorm.diagnostics.custom.CustomBlockLM`)
     whose forward returns an object with ``loss``. With ``grads``, the loss is differentiated (without
     touching ``.grad``) for the activation- and parameter-gradient profiles."""

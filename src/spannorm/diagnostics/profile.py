@@ -8,7 +8,7 @@ import torch
 
 from spannorm.config import ModelConfig
 from spannorm.diagnostics.recorder import ResidualRecorder
-from spannorm.model import SpanNormLM
+from spannorm.model import DecoderLM
 
 
 def entrywise_variance(h: torch.Tensor) -> float:
@@ -38,7 +38,7 @@ class InitProfile:
         return self.grad_norm[0] / self.grad_norm[-1]
 
 
-def init_profile(model: SpanNormLM, tokens: torch.Tensor) -> InitProfile:
+def init_profile(model: DecoderLM, tokens: torch.Tensor) -> InitProfile:
     """Forward and backward the next-token loss on ``tokens`` (B, T+1), recording the residual stream."""
     model.zero_grad(set_to_none=True)
     with ResidualRecorder(model, grads=True) as rec:
@@ -59,6 +59,6 @@ def random_init_profile(cfg: ModelConfig, batch: int = 4, seq_len: int = 64, see
     """Build ``cfg`` with ``seed`` and profile it on uniformly random tokens."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SpanNormLM(cfg)
+    model = DecoderLM(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen)
     return init_profile(model, tokens)

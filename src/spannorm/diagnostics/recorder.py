@@ -1,7 +1,7 @@
 """Record the residual stream through the model's hook points, without the model knowing.
 
 ``ResidualRecorder`` attaches forward hooks to every :class:`~spannorm.model.layers.ResidualHook` of a
-:class:`~spannorm.SpanNormLM` and keeps, for each point, the activation and (after ``backward``) its gradient.
+:class:`~spannorm.DecoderLM` and keeps, for each point, the activation and (after ``backward``) its gradient.
 Points are named ``embed`` (x_0), ``block{l}.mid`` (after the attention sub-layer of block l) and
 ``block{l}.out`` (x_{l+1}).
 """

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 import spannorm
-from spannorm.diagnostics.check import CheckRun, DepthResult, TargetResult
+from spannorm.diagnostics.check import CheckRun, TargetResult
+from spannorm.diagnostics.check_results import DepthResult
 from spannorm.diagnostics.measure import Measurement
 from spannorm.diagnostics.verdicts import CHECKS
 from spannorm.theory.criterion import ScalingSuggestion

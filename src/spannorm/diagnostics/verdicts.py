@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
+from spannorm.diagnostics.check_results import DepthResult
 from spannorm.theory.growth import depth_dependence, fit_growth
-
-if TYPE_CHECKING:
-    from spannorm.diagnostics.check import DepthResult
 
 CHECKS = ("forward", "gradient", "identity path", "peri bound", "collapse", "fp16", "bf16", "attention logits",
           "clipping", "training")

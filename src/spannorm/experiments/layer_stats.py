@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from spannorm.diagnostics.recorder import ResidualRecorder
-from spannorm.model import SpanNormLM
+from spannorm.model import DecoderLM
 
 STREAM_STATS = ("rms", "mean_abs", "variance", "max_abs", "grad_norm")
 
@@ -33,7 +33,7 @@ def fixed_val_batch(data_cfg: Any, context_length: int, batch_size: int) -> tupl
     return batch
 
 
-def measure_layer_stats(model: SpanNormLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+def measure_layer_stats(model: DecoderLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
     """Moments of x_0 … x_L and gradient norms after one forward/backward on (inputs, targets), in fp32.
 
     Returns a JSON-ready dict: ``loss``, ``n_layers``, one list of L+1 values per name of

@@ -17,8 +17,10 @@ from typing import Any
 
 from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
+from spannorm.model.placements import BLOCKS
 
-SPAN_PLACEMENTS = ("span", "span_b2t")
+SPAN_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.span_variant)
+"""The SpanNorm variants (block classes with ``span_variant``): each is tested against the best baseline."""
 
 
 @dataclass

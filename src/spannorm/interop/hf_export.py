@@ -1,4 +1,4 @@
-"""Export a SpanNormLM: as a Hugging Face ``LlamaForCausalLM`` directory when Llama computes the same function,
+"""Export a DecoderLM: as a Hugging Face ``LlamaForCausalLM`` directory when Llama computes the same function,
 otherwise as a spannorm model directory with the reasons HF cannot load it as Llama.
 
 A ``pre`` model (and ``lns``, whose norm-output scale is a constant) is a Llama model after three exact
@@ -24,24 +24,12 @@ from spannorm.interop.hf_import import HF_CONFIG, SOURCE_HF_CONFIG, copy_tokeniz
 from spannorm.interop.output_dir import write_directory
 from spannorm.interop.safetensors_files import write_shards
 from spannorm.model.io import save_model
-from spannorm.model.placements import LNSBlock
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.placements import BLOCKS, LNSBlock
+from spannorm.model.transformer import DecoderLM
 
-LLAMA_LAYER_PLACEMENTS = ("pre", "lns")
-"""Block placements a LlamaDecoderLayer computes exactly (after folding constants into weights)."""
-
-WHY_NOT_LLAMA = {
-    "post": "post normalizes after each residual add, x' = N(x + F(x)); a Llama layer only normalizes "
-            "the inputs of its branches",
-    "peri": "peri also normalizes each branch output, N(A(N(x))); a Llama layer has no output norms",
-    "span": "span normalizes the block output, N(α·x + β·(a + f)); a Llama layer has no block-output norm",
-    "span_b2t": "span_b2t normalizes after the attention add and at the block output; a Llama layer "
-                "normalizes only branch inputs",
-    "deepnorm": "deepnorm multiplies the skip by α and normalizes after each add; a Llama layer does neither",
-    "hybrid": "hybrid normalizes Q, K and V per head and normalizes after the attention add; a Llama layer "
-              "does neither",
-}
-"""Why each non-Llama placement cannot be loaded as ``LlamaForCausalLM``."""
+LLAMA_LAYER_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.why_not_llama is None)
+"""Block placements a LlamaDecoderLayer computes exactly (after folding constants into weights): those whose
+block class declares no ``why_not_llama``."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -55,7 +43,7 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
         if placement not in LLAMA_LAYER_PLACEMENTS:
             layers = [i for i, p in enumerate(placements) if p == placement]
             where = "every layer" if len(layers) == len(placements) else f"layers {layers}"
-            reasons.append(f"{WHY_NOT_LLAMA[placement]} ({where})")
+            reasons.append(f"{BLOCKS[placement].why_not_llama} ({where})")
     if cfg.norm != "rms":
         reasons.append("norm=layer: Llama uses RMSNorm, which neither subtracts the mean nor has a bias")
     if cfg.moe is not None:
@@ -102,7 +90,7 @@ def llama_config_dict(cfg: ModelConfig, dtype: str = "float32",
 
 
 @torch.no_grad()
-def llama_state_dict(model: SpanNormLM) -> dict[str, torch.Tensor]:
+def llama_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     """Our weights under HF Llama names, with the embedding multiplier, Δt and LNS scales folded in (fp32)."""
     cfg = model.cfg
     reasons = llama_incompatibilities(cfg)
@@ -132,7 +120,7 @@ def _source_hf_config(source_dir: Path | None) -> dict[str, Any] | None:
     return None
 
 
-def export_hf(model: SpanNormLM, out_dir: str | os.PathLike, *, dtype: str = "float32",
+def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source_dir: str | os.PathLike | None = None,
               overwrite: bool = False) -> list[str]:
     """Write ``model`` as a directory that ``transformers.LlamaForCausalLM.from_pretrained`` loads:
@@ -178,7 +166,7 @@ class ExportResult:
                 ". Load it with spannorm.model.io.load_model")
 
 
-def export_model(model: SpanNormLM, out_dir: str | os.PathLike, *, dtype: str = "float32",
+def export_model(model: DecoderLM, out_dir: str | os.PathLike, *, dtype: str = "float32",
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source_dir: str | os.PathLike | None = None,
                  overwrite: bool = False) -> ExportResult:
     """Export as HF Llama when Llama computes this model, else as a spannorm model directory (fp32 weights,

@@ -1,4 +1,4 @@
-"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` SpanNormLM.
+"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` DecoderLM.
 
 A Llama decoder layer is exactly our ``pre`` block with RMSNorm, SwiGLU, rotate-half RoPE and no embedding
 scale, so the import is a renaming of tensors plus a config translation. Things a Llama-style config can ask
@@ -21,7 +21,7 @@ from spannorm.config import ConfigError, ModelConfig
 from spannorm.interop import hf_names
 from spannorm.interop.errors import InteropError
 from spannorm.interop.safetensors_files import iter_tensors, tensor_names, weight_files
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 
 HF_CONFIG = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -158,9 +158,9 @@ def checkpoint_has_bias(names: list[str]) -> bool:
     return any(name.endswith(".bias") and (hf_names.from_hf(name) or "").startswith("blocks.") for name in names)
 
 
-def import_hf(directory: str | os.PathLike, *, context_length: int | None = None) -> SpanNormLM:
+def import_hf(directory: str | os.PathLike, *, context_length: int | None = None) -> DecoderLM:
     """Load a local HF Llama/Mistral/Qwen2 checkpoint (``config.json`` + safetensors, sharded or not) into a
-    ``pre`` SpanNormLM in fp32 whose logits equal the HF model's.
+    ``pre`` DecoderLM in fp32 whose logits equal the HF model's.
 
     Every tensor of the checkpoint must find its place and every weight of the model must be filled: a tensor
     Llama does not have (or a shape that disagrees with ``config.json``) raises :class:`InteropError`.
@@ -172,7 +172,7 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
     names = tensor_names(files)
     cfg = model_config_from_hf(hf_config, bias=checkpoint_has_bias(names), context_length=context_length,
                                where=str(directory / HF_CONFIG))
-    model = SpanNormLM(cfg)
+    model = DecoderLM(cfg)
     params = model.state_dict()
     filled: set[str] = set()
     unexpected: list[str] = []

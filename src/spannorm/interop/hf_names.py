@@ -1,4 +1,4 @@
-"""The tensor names of a Hugging Face Llama-style checkpoint and of a ``pre`` SpanNormLM, side by side.
+"""The tensor names of a Hugging Face Llama-style checkpoint and of a ``pre`` DecoderLM, side by side.
 
 Qwen2 and Mistral use Llama's names. Our ``pre`` block's ``attn_in_norm`` is Llama's ``input_layernorm`` and
 its ``ffn_in_norm`` is Llama's ``post_attention_layernorm`` (the norm in front of the MLP).

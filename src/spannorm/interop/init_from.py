@@ -24,7 +24,7 @@ from spannorm.interop.hf_import import (HF_CONFIG, TOKENIZER_FILE, checkpoint_ha
 from spannorm.interop.safetensors_files import tensor_names, weight_files
 from spannorm.model.io import CONFIG_NAME, load_model, load_model_config
 from spannorm.model.layers import LayerNorm, RMSNorm
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def checkpoint_model_config(path: str | os.PathLike) -> ModelConfig:
     return model_config_from_hf(hf_config, bias=checkpoint_has_bias(names), where=str(Path(path) / HF_CONFIG))
 
 
-def load_checkpoint(path: str | os.PathLike) -> SpanNormLM:
+def load_checkpoint(path: str | os.PathLike) -> DecoderLM:
     """The model stored in a spannorm model directory (or run folder) or an HF Llama/Mistral/Qwen2 directory
     (as ``pre``)."""
     return load_model(resolve_checkpoint_dir(path)) if checkpoint_kind(path) == "spannorm" else import_hf(path)
@@ -119,7 +119,7 @@ class ConversionReport:
     """Why the target will not compute exactly what the source computed (empty: it does)."""
 
 
-def _norm_parameter_names(model: SpanNormLM) -> set[str]:
+def _norm_parameter_names(model: DecoderLM) -> set[str]:
     return {f"{module_name}.{param_name}"
             for module_name, module in model.named_modules() if isinstance(module, (RMSNorm, LayerNorm))
             for param_name, _ in module.named_parameters(recurse=False)}
@@ -162,11 +162,11 @@ def _function_changes(source: ModelConfig, target: ModelConfig, dropped: list[st
 
 
 @torch.no_grad()
-def convert_model(source: SpanNormLM, target_cfg: ModelConfig) -> tuple[SpanNormLM, ConversionReport]:
-    """A new ``SpanNormLM(target_cfg)`` holding ``source``'s weights where names and shapes match, with the
+def convert_model(source: DecoderLM, target_cfg: ModelConfig) -> tuple[DecoderLM, ConversionReport]:
+    """A new ``DecoderLM(target_cfg)`` holding ``source``'s weights where names and shapes match, with the
     norms the source lacks at identity. Raises :class:`ConfigError` when a weight shape would differ."""
     _check_shapes(source.cfg, target_cfg)
-    target = SpanNormLM(target_cfg)
+    target = DecoderLM(target_cfg)
     source_state, target_state = source.state_dict(), target.state_dict()
     norm_names = _norm_parameter_names(target)
     report = ConversionReport()
@@ -187,7 +187,7 @@ def convert_model(source: SpanNormLM, target_cfg: ModelConfig) -> tuple[SpanNorm
     return target, report
 
 
-def init_model_from(path: str | os.PathLike, target_cfg: ModelConfig | None = None) -> SpanNormLM:
+def init_model_from(path: str | os.PathLike, target_cfg: ModelConfig | None = None) -> DecoderLM:
     """The model to continue training from the checkpoint at ``path`` (an HF Llama/Mistral/Qwen2 directory or a
     spannorm model directory). With ``target_cfg``, convert it (see :func:`convert_model`) and log each way the
     converted model's function differs from the checkpoint's."""

@@ -7,7 +7,7 @@ import os
 import torch
 
 from spannorm.interop.errors import require_transformers
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 
 
 def load_hf_model(hf_dir: str | os.PathLike):
@@ -24,7 +24,7 @@ def load_hf_model(hf_dir: str | os.PathLike):
 
 
 @torch.no_grad()
-def max_logit_difference(model: SpanNormLM, hf_dir: str | os.PathLike, *, batch: int = 2,
+def max_logit_difference(model: DecoderLM, hf_dir: str | os.PathLike, *, batch: int = 2,
                          seq_len: int | None = None, seed: int = 0) -> float:
     """max |our logits - HF logits| over random tokens, both models in fp32. ``seq_len`` defaults to
     min(context_length, 64)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import BLOCKS
+from spannorm.model.placements import BLOCKS, has_final_norm
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
             norms += 3 * _norm_params(cfg, cfg.head_dim)
         total += attention + ffn_total + norms
         active += attention + ffn_active + norms
-    last_normalizes = BLOCKS[cfg.layer_placements()[-1]].normalizes_output
-    has_final = cfg.final_norm if cfg.final_norm is not None else not last_normalizes
-    extra = _norm_params(cfg, d) * (int(has_final) + int(cfg.embed_norm))
+    extra = _norm_params(cfg, d) * (int(has_final_norm(cfg)) + int(cfg.embed_norm))
     return ParamCounts(total=total + extra, active=active + extra, embedding=embedding)
 
 

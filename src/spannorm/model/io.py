@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spannorm.config import ModelConfig
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model_config.json"
@@ -26,7 +26,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
             tmp.unlink()
 
 
-def save_model(model: SpanNormLM, directory: str | os.PathLike) -> None:
+def save_model(model: DecoderLM, directory: str | os.PathLike) -> None:
     """Write the weights and the model config into ``directory``, each through a temporary file and a rename."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -43,10 +43,10 @@ def load_model_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
-def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> SpanNormLM:
+def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> DecoderLM:
     """Rebuild the model from ``model_config.json`` and load ``model.safetensors`` strictly."""
     cfg = load_model_config(directory)
-    model = SpanNormLM(cfg)
+    model = DecoderLM(cfg)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist: not a spannorm model directory")

@@ -3,6 +3,33 @@
 Blocks differ only where their equations differ: read two ``forward`` methods side by side. Norms are named
 by position (``attn_in_norm``, ``attn_out_norm``, ``ffn_in_norm``, ``ffn_out_norm``, ``block_out_norm``).
 ``hook_mid`` sees the stream after the attention sub-layer, ``hook_out`` the block's output.
+
+The placement registry
+----------------------
+A block class is the one place that says what a placement is. Besides its equation (the docstring and
+``forward``) it declares, as class attributes and classmethods of :class:`Block`:
+
+- ``placement`` (its name, the key of :data:`BLOCKS`) and ``norm_positions``;
+- ``init_rule(cfg)``: its init on top of the model-wide init (the model and the theory both call it);
+- ``residual_scales(cfg)``: its skip multiplier α and run-time branch multiplier β;
+- ``identity_path_norms``: the norms on its clean skip path (the identity-path product ∏ α/σ);
+- ``knob``: its residual-scaling knob, Δt or α (:class:`Knob`), or None;
+- ``normalizes_output``: whether x_{l+1} is a norm's output (then the model needs no final norm,
+  :func:`has_final_norm`);
+- ``why_not_llama``: why a Llama layer cannot compute it, or None when it can (after folding constants);
+- ``span_variant``: whether it is a reading of SpanNorm (the study compares those against the baselines).
+
+Everything else reads these: the theory (:mod:`spannorm.theory.meanfield`, :mod:`spannorm.theory.criterion`),
+counting, the Hugging Face export and the study's results. :data:`PATTERNS` names the placements that are
+patterns of block placements (``mixln``). ``tests/test_placement_registry.py`` asserts that every
+per-placement table in the code has exactly the registry's keys.
+
+**Adding a placement** means: one block class here, added to :data:`BLOCKS`, with every attribute above
+declared (``knob`` and ``why_not_llama`` have no default, so a new class must decide them); its name in
+``spannorm.config.PLACEMENTS`` (the config layer sits below the model and cannot import it; a test keeps
+the two equal); a hand-written reference in ``tests/test_model_placements.py``; its mean-field step in
+``spannorm.theory.meanfield.STEPS`` (the theory is a layer above the model, so the Gram algebra lives
+there); and its row in the docs' placement table. The registry test fails until each of these is done.
 """
 
 from __future__ import annotations
@@ -50,18 +77,46 @@ def span_constants(cfg: ModelConfig) -> tuple[float, BlockInit]:
     return (cfg.span_alpha if cfg.span_alpha is not None else alpha), init
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A placement's residual-scaling knob: what the stability criterion tunes."""
+
+    name: str
+    """``delta_t`` (a larger Δt is less damped) or ``alpha`` (a smaller α is less damped)."""
+    config_field: str | None
+    """Where a user sets it (``model.delta_t``, ``model.span_alpha``); None when fixed by the depth."""
+
+
+DELTA_T = Knob("delta_t", "model.delta_t")
+SPAN_ALPHA = Knob("alpha", "model.span_alpha")
+DEEPNORM_ALPHA = Knob("alpha", None)
+
+
 def make_ffn(cfg: ModelConfig) -> nn.Module:
     return MoEFFN(cfg) if cfg.moe is not None else SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.bias)
 
 
 class Block(nn.Module):
-    """Shared parts: attention, FFN, the position-named norms of ``norm_positions`` and two hook points."""
+    """Shared parts: attention, FFN, the position-named norms of ``norm_positions`` and two hook points.
+
+    The class attributes below are the placement registry (see the module docstring)."""
 
     placement: ClassVar[str]
     norm_positions: ClassVar[tuple[str, ...]]
     normalizes_output: ClassVar[bool] = False
     """True when x_{l+1} is the output of a norm, so the model needs no final norm after it."""
     qkv_norm: ClassVar[bool] = False
+    identity_path_norms: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """The norms on the clean skip path, with where their skip input comes from: ``in`` is the block input
+    x_l, ``mid`` the stream at ``hook_mid``. Such a norm's identity-path factor is α·RMS(skip)/RMS(pre-norm
+    sum). Empty: no norm on the skip path (the identity-path product is 1)."""
+    knob: ClassVar[Knob | None]
+    """The residual-scaling knob the stability criterion tunes (None: this library has none for it)."""
+    why_not_llama: ClassVar[str | None]
+    """Why a Llama decoder layer cannot compute this block; None when it can (after folding constants into
+    the weights, which :mod:`spannorm.interop.hf_export` does)."""
+    span_variant: ClassVar[bool] = False
+    """A reading of SpanNorm (the study tests these against the best baseline)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
@@ -74,8 +129,16 @@ class Block(nn.Module):
         self.hook_mid = ResidualHook()
         self.hook_out = ResidualHook()
 
-    def init_rule(self, cfg: ModelConfig) -> BlockInit:
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
+        """The init of this placement's blocks on top of the model-wide init (SPEC §3)."""
         return BlockInit()
+
+    @classmethod
+    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
+        """The skip multiplier α and the run-time branch multiplier β of the block's equation (1 and 1 where
+        the equation has none; Δt is separate)."""
+        return 1.0, 1.0
 
     def extra_repr(self) -> str:
         return f"placement={self.placement}, layer={self.layer_index}"
@@ -86,8 +149,11 @@ class PreBlock(Block):
 
     placement = "pre"
     norm_positions = ("attn_in", "ffn_in")
+    knob = DELTA_T
+    why_not_llama = None
 
-    def init_rule(self, cfg: ModelConfig) -> BlockInit:
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
         return BlockInit(out_proj_scale=1 / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_proj else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +167,10 @@ class PostBlock(Block):
     placement = "post"
     norm_positions = ("attn_out", "ffn_out")
     normalizes_output = True
+    identity_path_norms = (("attn_out", "in"), ("ffn_out", "mid"))
+    knob = DELTA_T
+    why_not_llama = ("post normalizes after each residual add, x' = N(x + F(x)); a Llama layer only normalizes "
+                     "the inputs of its branches")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hook_mid(self.attn_out_norm(x + self.delta_t * self.attn(x)))
@@ -112,6 +182,8 @@ class PeriBlock(Block):
 
     placement = "peri"
     norm_positions = ("attn_in", "attn_out", "ffn_in", "ffn_out")
+    knob = DELTA_T
+    why_not_llama = "peri also normalizes each branch output, N(A(N(x))); a Llama layer has no output norms"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hook_mid(x + self.delta_t * self.attn_out_norm(self.attn(self.attn_in_norm(x))))
@@ -124,14 +196,22 @@ class SpanBlock(Block):
     placement = "span"
     norm_positions = ("attn_in", "ffn_in", "block_out")
     normalizes_output = True
+    identity_path_norms = (("block_out", "in"),)
+    knob = SPAN_ALPHA
+    why_not_llama = "span normalizes the block output, N(α·x + β·(a + f)); a Llama layer has no block-output norm"
+    span_variant = True
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__(cfg, layer_index)
-        self.alpha, self._init = span_constants(cfg)
-        self.beta = cfg.span_beta
+        self.alpha, self.beta = self.residual_scales(cfg)
 
-    def init_rule(self, cfg: ModelConfig) -> BlockInit:
-        return self._init
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
+        return span_constants(cfg)[1]
+
+    @classmethod
+    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
+        return span_constants(cfg)[0], cfg.span_beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn(self.attn_in_norm(x))
@@ -146,6 +226,8 @@ class SpanB2TBlock(SpanBlock):
 
     placement = "span_b2t"
     norm_positions = ("attn_out", "block_out")
+    why_not_llama = ("span_b2t normalizes after the attention add and at the block output; a Llama layer "
+                     "normalizes only branch inputs")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hook_mid(self.attn_out_norm(x + self.attn(x)))
@@ -159,13 +241,21 @@ class DeepNormBlock(Block):
     placement = "deepnorm"
     norm_positions = ("attn_out", "ffn_out")
     normalizes_output = True
+    identity_path_norms = (("attn_out", "in"), ("ffn_out", "mid"))
+    knob = DEEPNORM_ALPHA
+    why_not_llama = "deepnorm multiplies the skip by α and normalizes after each add; a Llama layer does neither"
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__(cfg, layer_index)
         self.alpha, self.beta = deepnorm_constants(cfg.n_layers)
 
-    def init_rule(self, cfg: ModelConfig) -> BlockInit:
-        return BlockInit(xavier_gain=self.beta)
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
+        return BlockInit(xavier_gain=deepnorm_constants(cfg.n_layers)[1])
+
+    @classmethod
+    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
+        return deepnorm_constants(cfg.n_layers)[0], 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hook_mid(self.attn_out_norm(self.alpha * x + self.attn(x)))
@@ -193,6 +283,10 @@ class HybridBlock(Block):
     placement = "hybrid"
     norm_positions = ("attn_out",)
     qkv_norm = True
+    identity_path_norms = (("attn_out", "in"),)
+    knob = None
+    why_not_llama = ("hybrid normalizes Q, K and V per head and normalizes after the attention add; a Llama "
+                     "layer does neither")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hook_mid(x + self.attn(x))
@@ -204,7 +298,35 @@ BLOCKS: dict[str, type[Block]] = {
     cls.placement: cls
     for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, DeepNormBlock, LNSBlock, HybridBlock)
 }
-"""Block class by placement name. ``mixln`` is not here: it is a pattern of ``post`` and ``pre``."""
+"""The placement registry: block class by placement name. ``mixln`` is not here: it is a pattern."""
+
+PATTERNS: dict[str, tuple[str, ...]] = {"mixln": ("post", "pre")}
+"""Placements that are patterns of block placements, with the block placements they use
+(:meth:`~spannorm.config.ModelConfig.layer_placements` lays them out)."""
+
+
+def placement_names() -> tuple[str, ...]:
+    """Every placement a config may name: the block placements, then the patterns."""
+    return (*BLOCKS, *PATTERNS)
+
+
+def block_classes(placement: str) -> tuple[type[Block], ...]:
+    """The block classes a placement (a block placement or a pattern) is made of."""
+    return tuple(BLOCKS[p] for p in PATTERNS.get(placement, (placement,)))
+
+
+def placement_knob(placement: str) -> Knob | None:
+    """The residual-scaling knob of a placement; a pattern's is its blocks' common knob (None if they differ)."""
+    knobs = {cls.knob for cls in block_classes(placement)}
+    return knobs.pop() if len(knobs) == 1 else None
+
+
+def has_final_norm(cfg: ModelConfig) -> bool:
+    """Whether the model ends with a final norm: ``cfg.final_norm`` when set, else only when the last block
+    does not already normalize its output (SPEC §2)."""
+    if cfg.final_norm is not None:
+        return cfg.final_norm
+    return not BLOCKS[cfg.layer_placements()[-1]].normalizes_output
 
 
 def make_block(cfg: ModelConfig, layer_index: int) -> Block:

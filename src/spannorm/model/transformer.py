@@ -12,7 +12,7 @@ from torch import nn
 from spannorm.config import ModelConfig
 from spannorm.model.layers import ResidualHook, make_norm
 from spannorm.model.moe import Experts, MoEFFN
-from spannorm.model.placements import Block, BlockInit, make_block
+from spannorm.model.placements import Block, BlockInit, has_final_norm, make_block
 
 
 @dataclass
@@ -28,8 +28,10 @@ class LMOutput:
     """Per-layer fraction of assignments per expert, shape (n_moe_layers, E); None for dense models."""
 
 
-class SpanNormLM(nn.Module):
-    """A decoder-only Transformer whose block placement is ``cfg.placement`` (with per-layer overrides)."""
+class DecoderLM(nn.Module):
+    """A decoder-only Transformer whose block placement is ``cfg.placement`` (with per-layer overrides).
+
+    Every placement, SpanNorm and each baseline, is this one class; :data:`SpanNormLM` is its older name."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -38,8 +40,7 @@ class SpanNormLM(nn.Module):
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.hook_embed = ResidualHook()
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
-        has_final = cfg.final_norm if cfg.final_norm is not None else not self.blocks[-1].normalizes_output
-        self.final_norm = make_norm(cfg) if has_final else None
+        self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -111,6 +112,11 @@ class SpanNormLM(nn.Module):
             out.z_loss = torch.stack([a.z_loss for a in aux]).mean()
             out.expert_load = torch.stack([a.load for a in aux])
         return out
+
+
+SpanNormLM = DecoderLM
+"""The model class's name before it said what the class is; kept so that code, checkpoints and docs that
+name it keep working."""
 
 
 def _ffn_matrices(ffn: nn.Module) -> list[tuple[torch.Tensor, int, int, bool]]:

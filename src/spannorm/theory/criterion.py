@@ -17,13 +17,13 @@ import math
 from dataclasses import dataclass
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import deepnorm_constants, span_constants
+from spannorm.model.placements import BLOCKS, placement_knob, placement_names
 from spannorm.theory.bounds import peri_depth_bound
 from spannorm.theory.meanfield import InitPrediction, predict_init
 
-KNOBS = {"pre": "delta_t", "lns": "delta_t", "peri": "delta_t", "post": "delta_t", "mixln": "delta_t",
-         "span": "alpha", "span_b2t": "alpha", "deepnorm": "alpha"}
-"""The residual-scaling knob of each placement. ``hybrid`` has none in this library."""
+KNOBS: dict[str, str | None] = {p: (k.name if (k := placement_knob(p)) else None) for p in placement_names()}
+"""The residual-scaling knob of each placement, from its block classes' ``knob`` (``delta_t`` or ``alpha``;
+None for ``hybrid``, which has none in this library)."""
 
 
 @dataclass
@@ -84,7 +84,7 @@ def configured_value(cfg: ModelConfig) -> float | None:
     if knob == "delta_t":
         return cfg.delta_t
     if knob == "alpha":
-        return span_constants(cfg)[0] if cfg.placement != "deepnorm" else deepnorm_constants(cfg.n_layers)[0]
+        return BLOCKS[cfg.placement].residual_scales(cfg)[0]
     return None
 
 
@@ -94,12 +94,12 @@ def suggest_scaling(cfg: ModelConfig, band: float = 4.0, seq_len: int = 64, step
     to within 0.2%)."""
     if band <= 1:
         raise ValueError(f"band={band} must be > 1")
-    knob = KNOBS.get(cfg.placement)
+    spec = placement_knob(cfg.placement)
+    knob = spec.name if spec is not None else None
     current = configured_value(cfg)
     configured = _predict(cfg, knob, current if current is not None else 1.0, seq_len)
-    field = {"delta_t": "model.delta_t", "alpha": "model.span_alpha" if cfg.placement != "deepnorm" else None}
-    suggestion = ScalingSuggestion(cfg.placement, cfg.n_layers, band, knob, field.get(knob) if knob else None,
-                                   configured, None, current)
+    suggestion = ScalingSuggestion(cfg.placement, cfg.n_layers, band, knob,
+                                   spec.config_field if spec is not None else None, configured, None, current)
     if knob is None:
         return suggestion
     # damped end (small Δt, large α) and undamped end of the search, in log space

@@ -39,21 +39,16 @@ import numpy as np
 import torch
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import BlockInit, deepnorm_constants, span_constants
+from spannorm.model.placements import BLOCKS, BlockInit
 from spannorm.theory.gaussian import silu_derivative_kernel, silu_kernel, softmax_collision
 
 IDENTITY_PATH_NORMS: dict[str, tuple[tuple[str, str], ...]] = {
-    "post": (("attn_out", "in"), ("ffn_out", "mid")),
-    "deepnorm": (("attn_out", "in"), ("ffn_out", "mid")),
-    "span": (("block_out", "in"),),
-    "span_b2t": (("block_out", "in"),),
-    "hybrid": (("attn_out", "in"),),
-}
-"""The norms that sit on the clean skip path of each placement, with where their skip input comes from:
-``in`` is the block input x_l, ``mid`` the stream at the block's ``hook_mid``. The identity-path factor of
-such a norm is α·RMS(skip input)/RMS(pre-norm sum), i.e. α/σ with σ = RMS(sum)/RMS(skip) (σ² = α² + v for a
-unit-variance skip and a branch of variance v). Placements missing here (pre, peri, lns) have no norm on the
-skip path: their identity-path product is 1."""
+    placement: cls.identity_path_norms for placement, cls in BLOCKS.items()}
+"""The norms that sit on the clean skip path of each block placement (each block class's
+``identity_path_norms``), with where their skip input comes from: ``in`` is the block input x_l, ``mid`` the
+stream at the block's ``hook_mid``. The identity-path factor of such a norm is α·RMS(skip input)/RMS(pre-norm
+sum), i.e. α/σ with σ = RMS(sum)/RMS(skip) (σ² = α² + v for a unit-variance skip and a branch of variance v).
+Placements with none (pre, peri, lns) have no norm on the skip path: their identity-path product is 1."""
 
 
 # ---------------------------------------------------------------------------------------------- init gains
@@ -75,16 +70,10 @@ class MatrixGains:
 
 
 def block_init_rule(cfg: ModelConfig, placement: str) -> BlockInit:
-    """The init rule a block of ``placement`` applies on top of the model-wide init (SPEC §3), as the
-    model's ``Block.init_rule`` does: GPT-2 output scaling for pre-style blocks, SpanNorm's scaling, DeepNet's
-    Xavier gain."""
-    if placement in ("pre", "lns"):
-        return BlockInit(out_proj_scale=1 / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_proj else 1.0)
-    if placement in ("span", "span_b2t"):
-        return span_constants(cfg)[1]
-    if placement == "deepnorm":
-        return BlockInit(xavier_gain=deepnorm_constants(cfg.n_layers)[1])
-    return BlockInit()
+    """The init rule a block of ``placement`` applies on top of the model-wide init (SPEC §3): its block
+    class's ``init_rule`` (GPT-2 output scaling for pre-style blocks, SpanNorm's scaling, DeepNet's Xavier
+    gain), the same rule the model applies."""
+    return BLOCKS[placement].init_rule(cfg)
 
 
 def init_gains(cfg: ModelConfig, placement: str) -> MatrixGains:
@@ -156,13 +145,9 @@ class BlockTheory:
         self.gains = init_gains(cfg, placement)
         self.d = cfg.d_model
         self.delta_t = cfg.delta_t
-        if placement in ("span", "span_b2t"):
-            self.alpha, self.beta = span_constants(cfg)[0], cfg.span_beta
-        elif placement == "deepnorm":
-            self.alpha, self.beta = deepnorm_constants(cfg.n_layers)[0], 1.0
-        else:
-            self.alpha, self.beta = 1.0, 1.0
-        if alpha is not None and placement in ("span", "span_b2t", "deepnorm"):
+        block = BLOCKS[placement]
+        self.alpha, self.beta = block.residual_scales(cfg)
+        if alpha is not None and block.knob is not None and block.knob.name == "alpha":
             self.alpha = alpha
         self.identity_factors: list[tuple[str, float]] = []
         self.branch_variances: dict[str, float] = {}
@@ -387,7 +372,9 @@ STEPS = {
     "pre": _pre_step, "lns": _lns_step, "peri": _peri_step, "post": _post_step, "deepnorm": _deepnorm_step,
     "span": _span_step, "span_b2t": _span_b2t_step, "hybrid": _hybrid_step,
 }
-"""The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``)."""
+"""The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``). Keyed like
+:data:`~spannorm.model.placements.BLOCKS` (a test holds the keys equal): the Gram algebra is theory, a layer
+above the model, so it lives here rather than on the block class."""
 
 
 # ---------------------------------------------------------------------------------------------- prediction

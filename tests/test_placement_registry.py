@@ -1,0 +1,192 @@
+"""The placement registry (``spannorm.model.placements``): every per-placement table in the code has exactly
+the registry's keys, and what the rest of the code reads from a block class (init rule, residual scales,
+final-norm rule, identity path, knob, Llama export, SpanNorm variant) agrees with what the model does."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from spannorm import DecoderLM, ModelConfig, SpanNormLM, param_counts
+from spannorm.config import BLOCK_PLACEMENTS, PLACEMENTS
+from spannorm.experiments.results import SPAN_PLACEMENTS
+from spannorm.interop.hf_export import LLAMA_LAYER_PLACEMENTS, llama_incompatibilities
+from spannorm.model.placements import (
+    BLOCKS,
+    DEEPNORM_ALPHA,
+    DELTA_T,
+    PATTERNS,
+    SPAN_ALPHA,
+    BlockInit,
+    Knob,
+    block_classes,
+    has_final_norm,
+    placement_knob,
+    placement_names,
+)
+from spannorm.theory.criterion import KNOBS, configured_value, suggest_scaling
+from spannorm.theory.meanfield import IDENTITY_PATH_NORMS, STEPS, BlockTheory, block_init_rule, predict_init
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _cfg(placement: str, **kw) -> ModelConfig:
+    base = dict(d_model=32, n_heads=4, n_layers=6, context_length=16, placement=placement)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- the keys
+def test_config_names_are_the_registry():
+    """The config layer sits below the model and keeps its own tuple of names; it must be the registry's."""
+    assert set(PLACEMENTS) == set(placement_names()) and len(PLACEMENTS) == len(placement_names())
+    assert set(BLOCK_PLACEMENTS) == set(BLOCKS)
+    assert set(PATTERNS) == set(PLACEMENTS) - set(BLOCKS) == {"mixln"}
+    assert all(p in BLOCKS for members in PATTERNS.values() for p in members)
+
+
+def test_every_per_placement_table_has_the_registry_keys():
+    assert set(STEPS) == set(BLOCKS)
+    assert set(IDENTITY_PATH_NORMS) == set(BLOCKS)
+    assert set(KNOBS) == set(PLACEMENTS)
+    assert set(LLAMA_LAYER_PLACEMENTS) <= set(BLOCKS)
+    assert set(SPAN_PLACEMENTS) <= set(BLOCKS)
+
+
+def test_registry_class_names_match_their_keys():
+    for name, cls in BLOCKS.items():
+        assert cls.placement == name
+
+
+@pytest.mark.parametrize("placement", sorted(BLOCKS))
+def test_every_block_declares_the_registry_attributes(placement):
+    cls = BLOCKS[placement]
+    assert cls.__doc__ and "x'" in cls.__doc__ or placement == "lns"  # the equation (lns: pre's, rescaled)
+    assert set(cls.norm_positions) <= {"attn_in", "attn_out", "ffn_in", "ffn_out", "block_out"}
+    for position, source in cls.identity_path_norms:
+        assert position in cls.norm_positions and source in ("in", "mid")
+    assert cls.knob is None or isinstance(cls.knob, Knob)
+    assert cls.why_not_llama is None or (isinstance(cls.why_not_llama, str) and "Llama" in cls.why_not_llama)
+    assert isinstance(cls.normalizes_output, bool) and isinstance(cls.span_variant, bool)
+    assert isinstance(cls.init_rule(_cfg(placement)), BlockInit)
+
+
+def test_registry_values():
+    """The declared facts, written out once more by hand so that a changed declaration shows here."""
+    assert {p: cls.knob for p, cls in BLOCKS.items()} == {
+        "pre": DELTA_T, "post": DELTA_T, "peri": DELTA_T, "lns": DELTA_T, "span": SPAN_ALPHA,
+        "span_b2t": SPAN_ALPHA, "deepnorm": DEEPNORM_ALPHA, "hybrid": None}
+    assert placement_knob("mixln") == DELTA_T
+    assert [cls.placement for cls in block_classes("mixln")] == ["post", "pre"]
+    assert KNOBS == {"pre": "delta_t", "lns": "delta_t", "peri": "delta_t", "post": "delta_t", "mixln": "delta_t",
+                     "span": "alpha", "span_b2t": "alpha", "deepnorm": "alpha", "hybrid": None}
+    assert {p for p, cls in BLOCKS.items() if cls.normalizes_output} == {"post", "span", "span_b2t", "deepnorm"}
+    assert set(LLAMA_LAYER_PLACEMENTS) == {"pre", "lns"}
+    assert set(SPAN_PLACEMENTS) == {"span", "span_b2t"}
+    assert {p: cls.identity_path_norms for p, cls in BLOCKS.items() if cls.identity_path_norms} == {
+        "post": (("attn_out", "in"), ("ffn_out", "mid")),
+        "deepnorm": (("attn_out", "in"), ("ffn_out", "mid")),
+        "span": (("block_out", "in"),),
+        "span_b2t": (("block_out", "in"),),
+        "hybrid": (("attn_out", "in"),),
+    }
+
+
+def test_readme_has_one_row_per_placement_with_its_final_norm_rule():
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| (yes|no)[^|]* \|", README.read_text(), re.M))
+    assert set(rows) == set(PLACEMENTS)
+    for placement, final in rows.items():
+        assert has_final_norm(_cfg(placement)) == (final == "yes"), placement
+
+
+# ---------------------------------------------------------------------------------------------- init rules
+def _expected_init(cfg: ModelConfig, placement: str) -> BlockInit:
+    """SPEC §3 written out: GPT-2 output scaling for pre-style blocks, SpanNorm's scaling rule, DeepNet's
+    Xavier gain; nothing on top of the model-wide init for the others."""
+    L = cfg.n_layers
+    if placement in ("pre", "lns"):
+        return BlockInit(out_proj_scale=1 / math.sqrt(2 * L) if cfg.scale_out_proj else 1.0)
+    if placement in ("span", "span_b2t"):
+        return {"init": BlockInit(out_proj_scale=1 / math.sqrt(2 * L)), "skip": BlockInit(),
+                "both": BlockInit(xavier_gain=(8 * L) ** -0.25)}[cfg.span_scaling]
+    if placement == "deepnorm":
+        return BlockInit(xavier_gain=(8 * L) ** -0.25)
+    return BlockInit()
+
+
+@pytest.mark.parametrize("extra", [{}, {"scale_out_proj": False}, {"span_scaling": "skip"},
+                                   {"span_scaling": "both", "n_layers": 24}])
+@pytest.mark.parametrize("placement", sorted(BLOCKS))
+def test_theory_init_rule_is_the_blocks_classmethod(placement, extra):
+    cfg = _cfg(placement, **extra)
+    rule = BLOCKS[placement].init_rule(cfg)
+    assert block_init_rule(cfg, placement) == rule == _expected_init(cfg, placement)
+    model = DecoderLM(cfg)
+    assert all(block.init_rule(cfg) == rule for block in model.blocks)
+
+
+@pytest.mark.parametrize("extra", [{}, {"span_alpha": 3.0, "span_beta": 0.5}, {"span_scaling": "skip"}])
+@pytest.mark.parametrize("placement", ["span", "span_b2t", "deepnorm"])
+def test_theory_and_model_use_the_same_residual_scales(placement, extra):
+    cfg = _cfg(placement, **extra)
+    alpha, beta = BLOCKS[placement].residual_scales(cfg)
+    block = DecoderLM(cfg).blocks[0]
+    theory = BlockTheory(cfg, 0, placement)
+    assert block.alpha == theory.alpha == alpha == configured_value(cfg)
+    assert theory.beta == beta == (cfg.span_beta if placement != "deepnorm" else 1.0)
+    if placement != "deepnorm":
+        assert block.beta == beta
+
+
+def test_other_blocks_have_unit_residual_scales():
+    for placement, cls in BLOCKS.items():
+        if cls.knob is None or cls.knob.name != "alpha":
+            assert cls.residual_scales(_cfg(placement)) == (1.0, 1.0)
+            assert BlockTheory(_cfg(placement), 0, placement, alpha=5.0).alpha == 1.0  # no α knob: ignored
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+@pytest.mark.parametrize("final_norm", [None, True, False])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_final_norm_rule_is_the_models_and_the_counts(placement, final_norm):
+    cfg = _cfg(placement, final_norm=final_norm, n_layers=3)
+    model = DecoderLM(cfg)
+    expected = final_norm if final_norm is not None else not BLOCKS[cfg.layer_placements()[-1]].normalizes_output
+    assert has_final_norm(cfg) == expected == (model.final_norm is not None)
+    assert param_counts(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("placement", sorted(BLOCKS))
+def test_identity_path_of_the_theory_is_the_blocks(placement):
+    cfg = _cfg(placement, n_layers=2)
+    pred = predict_init(cfg, seq_len=8)
+    positions = [p for p, _ in BLOCKS[placement].identity_path_norms]
+    assert pred.identity_factor_names == [f"block{layer}.{p}" for layer in range(2) for p in positions]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_llama_export_reads_the_blocks_reason(placement):
+    reasons = llama_incompatibilities(_cfg(placement))
+    whys = [cls.why_not_llama for cls in dict.fromkeys(block_classes(placement)) if cls.why_not_llama]
+    assert len(reasons) == len(whys) and all(r.startswith(w) for r, w in zip(reasons, whys))
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_criterion_reads_the_knob(placement):
+    knob = placement_knob(placement)
+    s = suggest_scaling(_cfg(placement, n_layers=2), steps=1, seq_len=8)
+    assert s.knob == (knob.name if knob else None)
+    assert s.config_field == (knob.config_field if knob else None)
+
+
+def test_spannormlm_is_the_decoder_lm():
+    assert SpanNormLM is DecoderLM
+    torch.manual_seed(0)
+    a = SpanNormLM(_cfg("span"))
+    torch.manual_seed(0)
+    b = DecoderLM(_cfg("span"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
