@@ -4,10 +4,14 @@ flipped comparison or a missing case fails here."""
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 
+import spannorm.diagnostics.check_results as check_results_module
+import spannorm.diagnostics.verdicts as verdicts_module
 from spannorm.diagnostics.check import DepthResult, TrainingTrace
 from spannorm.diagnostics.measure import Measurement
 from spannorm.diagnostics.stats import BF16_MAX, FP16_MAX
@@ -324,3 +328,15 @@ def test_judge_reports_every_firing_check_and_the_worst_is_the_overall():
     assert {name: v.status for name, v in verdicts.items() if v.status != "ok"} == {
         "identity path": "warn", "fp16": "warn", "attention logits": "warn", "clipping": "warn"}
     assert worst(v.status for v in verdicts.values()) == "warn"
+
+
+def test_verdicts_do_not_import_the_check_orchestrator():
+    """The verdict rules read :mod:`~spannorm.diagnostics.check_results`, never :mod:`~spannorm.diagnostics.check`
+    (which imports them): no import circle, and every import at the top of the module."""
+    for module in (verdicts_module, check_results_module):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "spannorm.diagnostics.check" not in imported
+        top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert imported == top_level, f"{module.__name__} imports inside a function or under a condition"
+    assert verdicts_module.DepthResult is check_results_module.DepthResult
