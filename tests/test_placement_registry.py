@@ -65,7 +65,7 @@ def test_registry_class_names_match_their_keys():
 @pytest.mark.parametrize("placement", sorted(BLOCKS))
 def test_every_block_declares_the_registry_attributes(placement):
     cls = BLOCKS[placement]
-    assert cls.__doc__ and "x'" in cls.__doc__ or placement == "lns"  # the equation (lns: pre's, rescaled)
+    assert cls.__doc__ and ("x'" in cls.__doc__ or "``pre`` with" in cls.__doc__)  # its equation
     assert set(cls.norm_positions) <= {"attn_in", "attn_out", "ffn_in", "ffn_out", "block_out"}
     for position, source in cls.identity_path_norms:
         assert position in cls.norm_positions and source in ("in", "mid")

@@ -27,9 +27,10 @@ per-placement table in the code has exactly the registry's keys.
 **Adding a placement** means: one block class here, added to :data:`BLOCKS`, with every attribute above
 declared (``knob`` and ``why_not_llama`` have no default, so a new class must decide them); its name in
 ``spannorm.config.PLACEMENTS`` (the config layer sits below the model and cannot import it; a test keeps
-the two equal); a hand-written reference in ``tests/test_model_placements.py``; its mean-field step in
+the two equal); its tests, a hand-written reference of its equation in ``tests/test_model_placements.py``
+and its declared facts written out in ``tests/test_placement_registry.py``; its mean-field step in
 ``spannorm.theory.meanfield.STEPS`` (the theory is a layer above the model, so the Gram algebra lives
-there); and its row in the docs' placement table. The registry test fails until each of these is done.
+there); and its row in the README's placement table. The tests fail until each of these is done.
 """
 
 from __future__ import annotations
