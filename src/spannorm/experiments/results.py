@@ -17,6 +17,7 @@ from typing import Any
 
 from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
+from spannorm.train.layout import METRICS_NAME
 
 SPAN_PLACEMENTS = ("span", "span_b2t")
 
@@ -91,7 +92,7 @@ class GroupStats:
 
 def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     val, train = [], []
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_NAME
     if not path.is_file():
         return val, train
     for line in path.read_text().splitlines():
