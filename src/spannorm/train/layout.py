@@ -13,8 +13,8 @@ A run folder ``RUN/`` written by ``spannorm train`` holds
 A checkpoint folder holds a model folder (``model.safetensors`` and ``model_config.json``, whose names
 :mod:`spannorm.model.io` defines), the optimizer state (:data:`OPTIMIZER_TENSORS_NAME`, :data:`OPTIMIZER_META_NAME`),
 the trainer state (:data:`STATE_NAME`), the run config (:data:`RUN_CONFIG_NAME`) and, when there is one, the
-tokenizer (:data:`TOKENIZER_NAME`). Everything else reads these names from here. This module imports
-nothing heavy, so that planning code (sweeps, reports) can read run folders without loading torch.
+tokenizer (:data:`TOKENIZER_NAME`). Everything else reads these names from here; this module imports
+nothing from the package, so that any layer may read it.
 """
 
 from __future__ import annotations
