@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from spannorm.config import ModelConfig
+from spannorm.launch import train
 from spannorm.model.io import load_model
 from spannorm.model.transformer import SpanNormLM
-from spannorm.launch import train
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
 

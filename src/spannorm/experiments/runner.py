@@ -172,8 +172,8 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     try:
         summary = read_summary(path)
         if summary is None:
-            from spannorm.train.config import resolve_config
             from spannorm.launch import train
+            from spannorm.train.config import resolve_config
 
             cfg = resolve_config(spec.preset, None, list(spec.overrides))
             resume = _has_checkpoint(path)

@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # ---------------------------------------------------------------------- the run folder
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
