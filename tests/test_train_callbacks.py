@@ -181,8 +181,9 @@ def test_an_object_with_hook_methods_is_a_callback_too(tmp_path):
             self.steps.append(step)
 
     plain = Plain()
-    train(tiny_cfg(tmp_path, "train.steps=3"), tmp_path / "run", callbacks=[plain])
-    assert plain.steps == [1, 2, 3]
+    # Stateless callbacks of one class share no state key, so two of them are fine.
+    summary = train(tiny_cfg(tmp_path, "train.steps=3"), tmp_path / "run", callbacks=[plain, StopAt(9), StopAt(8)])
+    assert plain.steps == [1, 2, 3] and summary.status == "completed"
 
 
 def test_bad_callbacks_are_refused_with_one_line_before_anything_is_written(tmp_path):

@@ -8,7 +8,8 @@ The trainer calls each callback's hooks in list order:
 - ``on_evaluation(trainer, step, record)``: after an evaluation; ``record`` holds ``val_loss`` and friends;
 - ``on_step_end(trainer, step, record)``: after step ``step``; ``record`` is the dict about to be written
   to ``metrics.jsonl``, and a callback may add keys to it;
-- ``on_checkpoint(trainer, step, path)``: after checkpoint ``step`` was written to ``path`` (by rank 0);
+- ``on_checkpoint(trainer, step, path)``: after checkpoint ``step`` was written to the folder ``path`` (rank 0
+  writes it; under torchrun the other processes get the same path);
 - ``on_train_end(trainer, summary)``: after ``summary.json`` is written.
 
 ``state_dict()`` / ``load_state_dict(state)`` carry a callback's state across a checkpoint: a callback whose
@@ -72,12 +73,19 @@ class Callback:
 
 
 def state_key(callback: Any) -> str:
+    """Where ``callback``'s state sits in ``trainer_state.json``: its ``state_key``, or its class name."""
     return getattr(callback, "state_key", None) or type(callback).__name__
+
+
+def has_state(callback: Any) -> bool:
+    """Whether ``callback`` defines a ``state_dict`` of its own (the base class's is empty)."""
+    method = getattr(type(callback), "state_dict", None)
+    return callable(method) and method is not Callback.state_dict
 
 
 def check_callbacks(callbacks: Iterable[Any], reserved: Iterable[str] = ()) -> list[Any]:
     """The callbacks as a list, after checking that every ``on_*`` method is a hook and that no two callbacks
-    (nor a ``reserved`` trainer-state key) share a state key. Raises TypeError or ValueError with one line."""
+    with a state of their own (nor a ``reserved`` trainer-state key) share a state key. Raises TypeError or ValueError with one line."""
     checked = list(callbacks)
     owners: dict[str, str] = {key: "the trainer" for key in reserved}
     for callback in checked:
@@ -86,7 +94,7 @@ def check_callbacks(callbacks: Iterable[Any], reserved: Iterable[str] = ()) -> l
             if attr.startswith("on_") and callable(getattr(callback, attr)) and attr not in HOOKS:
                 raise TypeError(f"callback {name} has a method {attr}, which is not a hook; allowed: "
                                 f"{', '.join(HOOKS)}")
-        if callable(getattr(callback, "state_dict", None)):
+        if has_state(callback):
             key = state_key(callback)
             if key in owners:
                 raise ValueError(f"callback {name} saves its state under {key!r}, which {owners[key]} uses; "
@@ -99,7 +107,7 @@ def callback_states(callbacks: Iterable[Any]) -> dict[str, Any]:
     """``{state_key: state_dict()}`` of every callback whose state is not empty."""
     states = {}
     for callback in callbacks:
-        if callable(getattr(callback, "state_dict", None)):
+        if has_state(callback):
             state = callback.state_dict()
             if state:
                 states[state_key(callback)] = state
@@ -109,7 +117,7 @@ def callback_states(callbacks: Iterable[Any]) -> dict[str, Any]:
 def load_callback_states(callbacks: Iterable[Any], saved: dict[str, Any]) -> None:
     """Give every callback its state from a checkpoint's trainer state; one without a saved state stays fresh."""
     for callback in callbacks:
-        if callable(getattr(callback, "load_state_dict", None)) and state_key(callback) in saved:
+        if has_state(callback) and state_key(callback) in saved:
             callback.load_state_dict(saved[state_key(callback)])
 
 
@@ -289,4 +297,4 @@ class MetricsWriter(Callback):
 
 __all__ = ["Callback", "HOOKS", "MetricsWriter", "ProgressDisplay", "SpikeScore", "SpikeScores",
            "TENSORBOARD_TAGS", "VAL_REGRESSION_NATS", "ValidationRegression", "callback_states",
-           "check_callbacks", "load_callback_states"]
+           "check_callbacks", "has_state", "load_callback_states", "state_key"]
