@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from spannorm.launch import train
 from spannorm.train.config import resolve_config
-from spannorm.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 NANOGPT_VAL_LOSS = 1.88

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from spannorm.config import ModelConfig
+from spannorm.launch import train
 from spannorm.model.io import load_model
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
-from spannorm.train.trainer import train
 
 TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 
@@ -83,9 +83,9 @@ def test_checkpoint_folder_is_a_model_folder_and_latest_falls_back(tmp_path):
 WRITER = """
 import sys, time, pathlib
 import torch
+from spannorm.launch import train
 from spannorm.train import checkpoint
 from spannorm.train.config import resolve_config
-from spannorm.train.trainer import train
 
 run, marker, phase, overrides = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
 

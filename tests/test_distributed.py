@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 from spannorm.cli.main import main
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
+from spannorm.launch import train
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
 from spannorm.train.distributed import (RankSliceSampler, optimizer_state_by_index, optimizer_state_by_name,
                                         resolve_parallel)
-from spannorm.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"
@@ -205,8 +205,8 @@ def test_checkpoints_resume_at_another_world_size(doc_runs):
 AGREEMENT_SCRIPT = r'''
 import json, os, sys
 import torch.distributed as dist
+from spannorm.launch import train
 from spannorm.train.config import resolve_config
-from spannorm.train.trainer import train
 
 base, overrides = sys.argv[1], sys.argv[2:]
 dist.init_process_group("gloo")  # train() uses a process group that is already there

@@ -12,9 +12,9 @@ import torch
 from spannorm import ConfigError, ModelConfig, SpanNormLM
 from spannorm.cli.main import main
 from spannorm.interop import export_hf, import_hf
+from spannorm.launch import train
 from spannorm.model.io import load_model, save_model
 from spannorm.train.config import resolve_config
-from spannorm.train.trainer import train
 
 SOURCE = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, context_length=32,
                      rope_theta=5000.0)

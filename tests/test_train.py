@@ -14,12 +14,14 @@ import yaml
 from safetensors.torch import load_file
 
 from spannorm.config import ModelConfig, MoEConfig
+from spannorm.launch import train
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
+from spannorm.train.callbacks import SpikeScore
 from spannorm.train.config import RunConfig, resolve_config
 from spannorm.train.progress import Progress
 from spannorm.train.schedule import lr_at
-from spannorm.train.trainer import SpikeScore, Trainer, train, training_objective
+from spannorm.train.trainer import Trainer, training_objective
 
 TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 
@@ -97,7 +99,6 @@ def test_schedules():
 
 def test_weight_decay_applies_to_matrices_only(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "optim.weight_decay=0.3"), tmp_path / "run")
-    trainer._build()
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -350,7 +351,7 @@ def test_a_validation_loss_above_the_best_is_logged_and_warned(tmp_path, capsys)
     spike; ``val_above_best`` and a warning line show it."""
 
     class ScrambleAfterFirstEval:
-        def on_eval(self, trainer, step, record):
+        def on_evaluation(self, trainer, step, record):
             if step == 3:
                 with torch.no_grad():
                     for p in trainer.model.parameters():

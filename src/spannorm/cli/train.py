@@ -65,8 +65,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here for start-up time: the training stack imports torch, which `spannorm --help` never needs.
+    from spannorm.launch import train
     from spannorm.train.distributed import is_main_process
-    from spannorm.train.trainer import CONFIG_NAME, train
+    from spannorm.train.layout import RunFolder
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other; allowed: one of them")
@@ -74,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     config_file = args.config
-    if args.resume and not args.preset and not config_file and (args.out / CONFIG_NAME).is_file():
-        config_file = args.out / CONFIG_NAME
+    if args.resume and not args.preset and not config_file and RunFolder(args.out).config.is_file():
+        config_file = RunFolder(args.out).config
     cfg = resolve_config(args.preset, config_file, overrides)
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():  # under torchrun, rank 0 speaks for every process

@@ -1,15 +1,17 @@
-"""Stability measurements during training, as a trainer callback (the callback protocol of
-:mod:`spannorm.train.trainer`).
+"""Stability measurements during training, as a trainer callback (:class:`spannorm.train.callbacks.Callback`).
 
 Every ``every`` optimizer steps, :class:`DiagnosticsCallback` measures the model (:func:`~spannorm.diagnostics.
 measure.measure`) on one fixed validation batch, drawn when training starts, and adds scalar summaries to the
 step's record under ``diag/`` (so they land in ``metrics.jsonl``), and to TensorBoard with the per-layer
 profiles under ``diag_layers/``. Measuring differentiates the loss with ``torch.autograd.grad``: the
 optimizer's gradients and the training data stream are not touched. Enable it with
-``train.diagnostics_every=N`` (``spannorm train --set train.diagnostics_every=50``) or pass it to ``train()``::
+``train.diagnostics_every=N`` (``spannorm train --set train.diagnostics_every=50``; :func:`spannorm.launch.train`
+builds the callback) or pass it to ``train()``::
 
     from spannorm.diagnostics.callback import DiagnosticsCallback
     train(cfg, out_dir, callbacks=[DiagnosticsCallback(every=50)])
+
+It keeps no state across a resume: the fixed batch is drawn again, the same, when training restarts.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Any
 import torch
 
 from spannorm.diagnostics.measure import Measurement, measure
+from spannorm.train.callbacks import Callback
 
 PREFIX = "diag/"
 
 
-class DiagnosticsCallback:
+class DiagnosticsCallback(Callback):
     """Measure every ``every`` steps (and at the last step) on a fixed batch of ``split``."""
 
     def __init__(self, every: int, split: str = "val", per_layer_tensorboard: bool = True):
@@ -34,10 +37,10 @@ class DiagnosticsCallback:
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last: Measurement | None = None
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: Any) -> None:
         self.batch = trainer.sample_batch(self.split)
 
-    def on_step_end(self, trainer, step: int, record: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         final = step == trainer.cfg.train.steps
         if step % self.every and not final:
             return

@@ -17,7 +17,7 @@ Every target trains through the same short loop, so that a user's block and the 
 treated identically: :func:`short_training` is the one place ``check`` trains. It uses the training stack's
 optimizer settings (:class:`~spannorm.train.config.OptimConfig`: AdamW, β = (0.9, 0.95), weight decay on
 matrices, linear warmup, clipping), its learning-rate schedule, its window sampler and its spike score; it
-cannot use :func:`spannorm.train.trainer.train` itself, which builds models only from a ``ModelConfig``.
+cannot use :func:`spannorm.launch.train` itself, which builds models only from a ``ModelConfig``.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ from spannorm.diagnostics.verdicts import Verdict, judge, worst
 from spannorm.model import DecoderLM
 from spannorm.theory.criterion import suggest_scaling
 from spannorm.theory.meanfield import predict_init
+from spannorm.train.callbacks import SpikeScore
 from spannorm.train.config import OptimConfig
+from spannorm.train.optimizer import build_optimizer
 from spannorm.train.schedule import lr_for
-from spannorm.train.trainer import SpikeScore, training_objective
+from spannorm.train.trainer import training_objective
 
 
 class CheckError(ValueError):
@@ -196,9 +198,7 @@ def short_training(model: nn.Module, sampler: WindowSampler, steps: int, optim: 
     and clipping. Stops at the first non-finite loss or gradient norm, before the optimizer step."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    optimizer = build_optimizer(model, optim)
     moe_cfg = model.cfg.moe if isinstance(model, DecoderLM) else None
     trace = TrainingTrace(clip=optim.grad_clip)
     loss_spikes, grad_spikes = SpikeScore(), SpikeScore()

@@ -18,6 +18,7 @@ from typing import Any
 from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
 from spannorm.model.placements import BLOCKS
+from spannorm.train.layout import METRICS_NAME
 
 SPAN_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.span_variant)
 """The SpanNorm variants (block classes with ``span_variant``): each is tested against the best baseline."""
@@ -93,7 +94,7 @@ class GroupStats:
 
 def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     val, train = [], []
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_NAME
     if not path.is_file():
         return val, train
     for line in path.read_text().splitlines():

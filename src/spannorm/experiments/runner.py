@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 from spannorm.config import ConfigError
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
 
 RUNS_DIR = "runs"
-SUMMARY_NAME = "summary.json"
 RUN_INFO_NAME = "run.json"
 LAYER_STATS_NAME = "layer_stats.json"
 SUMMARY_FIELDS = ("final_val_loss", "best_val_loss", "diverged", "diverged_step", "steps", "tokens", "wall_s",
@@ -99,7 +99,7 @@ def _latest_model_dir(run_dir: Path) -> Path | None:
         latest_checkpoint = None
     if latest_checkpoint is not None:
         return latest_checkpoint(run_dir)
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
     found = [p.parent for p in root.rglob("model.safetensors") if not p.parent.name.startswith(".")]
@@ -150,7 +150,7 @@ def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
     model_dir = _latest_model_dir(run_dir)
     if model_dir is None:
         return None
-    cfg = RunConfig.from_dict(load_config_file(run_dir / "config.yaml"))
+    cfg = RunConfig.from_dict(load_config_file(run_dir / CONFIG_NAME))
     stats = measure_model_dir(model_dir, cfg.data, batch_size)
     stats["checkpoint"] = str(model_dir.relative_to(run_dir))
     _write_json_atomic(run_dir / LAYER_STATS_NAME, stats)
@@ -172,8 +172,8 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     try:
         summary = read_summary(path)
         if summary is None:
+            from spannorm.launch import train
             from spannorm.train.config import resolve_config
-            from spannorm.train.trainer import train
 
             cfg = resolve_config(spec.preset, None, list(spec.overrides))
             resume = _has_checkpoint(path)
@@ -188,8 +188,8 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
         record = record_from_summary(spec, summary)
         if measure.get("layer_stats") and record["status"] == "done" and not (path / LAYER_STATS_NAME).is_file():
             measure_run(path, int(measure.get("batch_size", 8)))
-        if measure.get("prune_checkpoints") and (path / "checkpoints").is_dir():
-            shutil.rmtree(path / "checkpoints", ignore_errors=True)
+        if measure.get("prune_checkpoints") and (path / CHECKPOINTS_DIR).is_dir():
+            shutil.rmtree(path / CHECKPOINTS_DIR, ignore_errors=True)
     except Exception as err:  # noqa: BLE001 - a failed run must not stop the sweep
         record = spec.to_dict()
         record.pop("overrides")

@@ -25,6 +25,7 @@ from spannorm.interop.safetensors_files import tensor_names, weight_files
 from spannorm.model.io import CONFIG_NAME, load_model, load_model_config
 from spannorm.model.layers import LayerNorm, RMSNorm
 from spannorm.model.transformer import DecoderLM
+from spannorm.train.layout import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """The folder holding the weights: ``path`` itself, or for a ``spannorm train`` run folder its latest
     checkpoint."""
     path = Path(path)
-    if (path / "checkpoints").is_dir() and not (path / CONFIG_NAME).is_file():
+    if (path / CHECKPOINTS_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
         from spannorm.train.checkpoint import resolve_checkpoint
 
         found = resolve_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint")
+            raise FileNotFoundError(f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
         return found
     return path
 

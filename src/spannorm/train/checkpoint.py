@@ -1,11 +1,13 @@
 """Checkpoints: safetensors weights, JSON trainer state, optimizer state as safetensors + JSON. No pickles.
 
-A checkpoint is a folder ``RUN/checkpoints/step_00000100/`` holding
+A checkpoint is a folder ``RUN/checkpoints/step_00000100/`` (the names are those of
+:mod:`spannorm.train.layout`) holding
 
 - ``model.safetensors`` and ``model_config.json`` (the layout of :func:`spannorm.model.io.save_model`, so a
   checkpoint folder is also a model folder for :func:`spannorm.model.io.load_model`);
 - ``optimizer.safetensors`` (every tensor of the optimizer state) and ``optimizer.json`` (the rest);
-- ``trainer_state.json`` (step, token count, RNG states, the data sampler's position, spike-score history);
+- ``trainer_state.json`` (step, token count, RNG states, the data sampler's position, and the state of every
+  callback that has one, such as the spike-score history);
 - ``run_config.json`` (the resolved :class:`~spannorm.train.config.RunConfig`);
 - ``tokenizer.json`` when the tokenizer is not the byte tokenizer.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -28,15 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, save_model
-
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_NAME = "latest"
-STATE_NAME = "trainer_state.json"
-RUN_CONFIG_NAME = "run_config.json"
-OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
-OPTIMIZER_META_NAME = "optimizer.json"
-TOKENIZER_NAME = "tokenizer.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from spannorm.train.layout import (CHECKPOINTS_DIR, LATEST_NAME, OPTIMIZER_META_NAME, OPTIMIZER_TENSORS_NAME,
+                                   RUN_CONFIG_NAME, STATE_NAME, STEP_DIR_PATTERN, TOKENIZER_NAME, step_dir_name)
 
 write_hook: Callable[[str, Path], None] | None = None
 """Test hook, called as ``write_hook(phase, path)`` while a checkpoint is being written (phases:
@@ -126,10 +120,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- writing
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The complete checkpoint folders of a run, oldest first."""
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -137,7 +127,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = STEP_DIR_PATTERN.match(path.name)
         if match and path.is_dir() and is_complete(path):
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
@@ -200,7 +190,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = root / LATEST_NAME
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if _STEP_DIR.match(candidate.name) and candidate.is_dir() and is_complete(candidate):
+        if STEP_DIR_PATTERN.match(candidate.name) and candidate.is_dir() and is_complete(candidate):
             return candidate
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
+from spannorm.train.layout import CONFIG_NAME
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -344,7 +345,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """The nested dict of a YAML config file (also accepts a run directory's ``config.yaml``)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "config.yaml"
+        path = path / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; name a YAML file with model/data/optim/train")
     try:

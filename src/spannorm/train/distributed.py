@@ -9,7 +9,7 @@ processes resumes with M: the sampler state, the RNG state and the checkpoint fi
 
 The trainer talks to the process group only through a parallel context: :class:`SingleProcess` (the
 default; every hook is the single-process behaviour) or :class:`DataParallel` (under torchrun).
-:func:`train_distributed` is what :func:`spannorm.train.trainer.train` calls when it runs under torchrun.
+:func:`spannorm.launch.train_distributed` makes the context and the process group under torchrun.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -180,6 +180,12 @@ class SingleProcess:
     def barrier(self) -> None:
         """Wait for every process."""
 
+    @contextlib.contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        """A block that rank 0 runs before the others (it may fill a cache they then read); a
+        :class:`ConfigError` raised in it on any process is raised, the same, on every process."""
+        yield
+
 
 class DataParallel(SingleProcess):
     """The parallel context of one process of a torchrun launch, with an initialized process group.
@@ -289,6 +295,19 @@ class DataParallel(SingleProcess):
     def barrier(self) -> None:
         dist.barrier()
 
+    @contextlib.contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        if self.rank != 0:
+            agree_on_error(None)  # turn 0: rank 0 runs the block
+        message = None
+        try:
+            yield
+        except ConfigError as err:
+            message = str(err)
+        if self.rank == 0:
+            agree_on_error(message)  # turn 0
+        agree_on_error(None if self.rank == 0 else message)  # turn 1: the others ran it
+
 
 # ---------------------------------------------------------------------- optimizer state keys
 def optimizer_state_by_index(state: dict[str, Any]) -> dict[str, Any]:
@@ -314,9 +333,10 @@ def optimizer_state_by_name(state: dict[str, Any], model: torch.nn.Module,
     return {"state": {names[int(i)]: entries for i, entries in state["state"].items()}, "param_groups": groups}
 
 
-# ---------------------------------------------------------------------- the launch
-def _agree_on_error(message: str | None) -> None:
-    """Raise the same :class:`ConfigError` in every process when any one of them failed."""
+# ---------------------------------------------------------------------- agreeing on errors
+def agree_on_error(message: str | None) -> None:
+    """Raise the same :class:`ConfigError` in every process when any one of them failed (``message`` is this
+    process's error, or None). Every process must call it."""
     messages: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
     for found in messages:
@@ -324,54 +344,6 @@ def _agree_on_error(message: str | None) -> None:
             raise ConfigError(found)
 
 
-def train_distributed(cfg, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                      callbacks: Iterable[Any] = ()):
-    """Run :class:`~spannorm.train.trainer.Trainer` in this process of a torchrun launch and return the
-    :class:`~spannorm.train.trainer.RunSummary` (the same in every process; rank 0 writes the files).
-
-    Initializes the process group from torchrun's variables (NCCL on CUDA, gloo on CPU) unless one is
-    already initialized, and destroys it at the end if it made it. Bad input raises :class:`ConfigError` in
-    every process before anything is written."""
-    from spannorm.train.trainer import Trainer
-
-    env = launch_env()
-    if env is None:
-        raise RuntimeError("train_distributed needs torchrun's RANK and WORLD_SIZE variables")
-    mode = resolve_parallel(cfg.train.parallel, env.world_size)
-    if mode == "none":
-        return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
-    check_batch_divides(cfg.train.batch_size, env.world_size)
-    if mode == "fsdp":
-        fully_shard_function()
-        if getattr(cfg.train, "diagnostics_every", 0):  # it reads weights outside forward; FSDP2 shards them
-            raise ConfigError(f"train.diagnostics_every={cfg.train.diagnostics_every} is invalid with "
-                              "train.parallel='fsdp': the stability diagnostics need whole weights; allowed: "
-                              "train.parallel=ddp, or train.diagnostics_every=0")
-    device = Trainer._resolve_device(cfg.train.device)
-    parallel = DataParallel(mode, env.rank, env.world_size, env.local_rank)
-    parallel.place(device)
-    made_group = not dist.is_initialized()
-    if made_group:
-        dist.init_process_group(backend_for(device), device_id=parallel.device if device.type == "cuda" else None)
-    try:
-        # Rank 0 first: it may fill the token cache or train a tokenizer that the others then read.
-        trainer, message = None, None
-        for turn in (0, 1):
-            if (env.rank == 0) == (turn == 0):
-                try:
-                    trainer = Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks,
-                                      parallel=parallel)
-                except ConfigError as err:
-                    message = str(err)
-            _agree_on_error(message)
-        summary = trainer.run()
-        parallel.barrier()  # every process returns once rank 0 has written the summary
-        return summary
-    finally:
-        if made_group:
-            dist.destroy_process_group()
-
-
 __all__ = ["DataParallel", "FullState", "LaunchEnv", "RankSliceSampler", "SingleProcess", "backend_for",
-           "check_batch_divides", "is_main_process", "launch_env", "optimizer_state_by_index",
-           "optimizer_state_by_name", "resolve_parallel", "train_distributed"]
+           "agree_on_error", "check_batch_divides", "is_main_process", "launch_env", "optimizer_state_by_index",
+           "optimizer_state_by_name", "resolve_parallel"]
