@@ -39,7 +39,7 @@ from spannorm.config import ConfigError, ModelConfig
 from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.interop.init_from import check_init_target, init_model_from
-from spannorm.model.transformer import SpanNormLM
+from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, ValidationRegression,
                                       callback_states, check_callbacks, load_callback_states)
@@ -286,7 +286,7 @@ class Trainer:
         if cfg.train.init_from is not None and self.resume_from is None:
             model = init_model_from(cfg.train.init_from, cfg.model).to(self.device)
         else:
-            model = SpanNormLM(cfg.model).to(self.device)
+            model = DecoderLM(cfg.model).to(self.device)
         model.train()
         return model, self.parallel.wrap_model(model, compile=cfg.train.compile)
 
