@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from spannorm.cli.main import main
 from spannorm.config import ModelConfig
+from spannorm.inference import load_for_inference
 from spannorm.inference.scoring import continuation_window, rolling_windows, score_windows
 from spannorm.model import SpanNormLM
 from spannorm.model.io import save_model
@@ -50,8 +51,6 @@ def by_hand(model: SpanNormLM, ids: list[int], n_scored: int) -> float:
 
 
 def test_scoring_equals_a_plain_forward(model_dir):
-    from spannorm.inference import load_for_inference
-
     model, _, _, _ = load_for_inference(model_dir)
     context, continuation = list(b"The cat sat"), list(b" on the mat")
     [(logprob, greedy)] = score_windows(model, [continuation_window(context, continuation, 32)])
@@ -93,7 +92,7 @@ def write_tasks(folder: Path, model: SpanNormLM) -> dict[str, float]:
     gen_docs = [{"prompt": prompt, "target": greedy}, {"prompt": prompt, "target": greedy + "!"}]
     for name, docs in (("mc", mc_docs), ("rolling", rolling_docs), ("gen", gen_docs)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (folder / "local_mc.yaml").write_text(
         f"task: local_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: \"{{choices}}\"\n"
@@ -119,8 +118,6 @@ def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 def test_local_tasks_score_what_a_hand_computation_gives(model_dir, tmp_path):
     pytest.importorskip("lm_eval", reason="the optional extra 'eval'")
-    from spannorm.inference import load_for_inference
-
     model, _, _, _ = load_for_inference(model_dir)
     expected = write_tasks(tmp_path / "tasks", model)
     assert 0 < expected["local_mc"] < 1

@@ -3,6 +3,8 @@ every placement, dense and MoE; padding, top-p, stop tokens and strings, n sampl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -135,8 +137,18 @@ def test_invalid_sampling_is_refused(bad):
 
 
 def test_the_old_import_paths_still_work():
+    # Imported here: the import paths themselves are what this test checks.
     from spannorm.inference import load_for_inference
     from spannorm.train import generation as old_generation
     from spannorm.train.checkpoint import load_for_inference as old_load
 
     assert old_generation.generate is generate and old_load is load_for_inference
+
+
+def test_the_docs_python_snippet_runs(capsys):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    snippet = docs.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(snippet, "docs/evaluation.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
+    assert lines[4].endswith("tokens/s")

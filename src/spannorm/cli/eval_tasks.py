@@ -30,6 +30,7 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
+    # Start-up time: every command module is imported to build the parser; torch loads only when run.
     from spannorm.inference import load_for_inference
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

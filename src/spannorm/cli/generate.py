@@ -95,6 +95,7 @@ def encode_prompts(prompts: list[str], tokenizer) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Start-up time: every command module is imported to build the parser; torch loads only when run.
     from spannorm.inference import Sampling, generate_batch, load_for_inference, run_device
 
     check_args(args)
