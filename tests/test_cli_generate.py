@@ -3,6 +3,7 @@ default with its CPU fallback, the speed line, and bad input (one line, exit 2).
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from spannorm.cli.main import main
 from spannorm.config import ModelConfig
+from spannorm.data.tokenizer import train_bpe
 from spannorm.inference import Sampling, generate_batch, load_for_inference, run_device
 from spannorm.model import SpanNormLM
 from spannorm.model.io import save_model
@@ -111,3 +113,16 @@ def test_a_prompts_file_that_is_not_utf8_is_refused(model_dir, tmp_path, capsys)
     assert main(["generate", str(model_dir), "--prompts-file", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("line 2 is not UTF-8; allowed: a UTF-8 text file, one prompt per line")
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(model_dir, tmp_path, capsys):
+    folder = tmp_path / "mismatch"
+    shutil.copytree(model_dir, folder)
+    tokenizer = train_bpe(inspect.getsource(json.decoder).encode() * 3, 300)
+    assert tokenizer.vocab_size == 300
+    (folder / "tokenizer.json").write_text(tokenizer.to_json())
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["generate", str(folder), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its tokenizer has 300 tokens, its model a vocabulary of 256" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
