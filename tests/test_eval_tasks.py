@@ -55,6 +55,7 @@ def test_scoring_equals_a_plain_forward(model_dir):
     context, continuation = list(b"The cat sat"), list(b" on the mat")
     [(logprob, greedy)] = score_windows(model, [continuation_window(context, continuation, 32)])
     assert logprob == pytest.approx(by_hand(model, context + continuation, len(continuation)), abs=1e-4)
+    assert score_windows(model, [([5], []), continuation_window(context, continuation, 32)])[0] == (0.0, True)
     # A context longer than the window is cut from the left.
     long_context = list(b"x" * 40)
     inputs, targets = continuation_window(long_context, continuation, 32)

@@ -17,13 +17,13 @@ def score_windows(model: nn.Module, windows: Sequence[tuple[Sequence[int], Seque
     """For each ``(inputs, targets)``, the summed log-probability of ``targets`` as the predictions of the last
     ``len(targets)`` positions of ``inputs``, and whether each target is the argmax there (greedy).
 
-    ``inputs`` is at most ``context_length`` tokens. Rows are batched longest first and right-padded: causal
-    attention keeps the padding from reaching the scored positions."""
+    ``inputs`` is at most ``context_length`` tokens; empty ``targets`` score (0.0, True). Rows are batched
+    longest first and right-padded: causal attention keeps the padding from reaching the scored positions."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    order = sorted((i for i in range(len(windows)) if windows[i][1]), key=lambda i: -len(windows[i][0]))
     try:
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
@@ -36,8 +36,6 @@ def score_windows(model: nn.Module, windows: Sequence[tuple[Sequence[int], Seque
             for row, i in enumerate(chunk):
                 inputs, targets = windows[i]
                 n, end = len(targets), len(inputs)
-                if n == 0:
-                    continue
                 logprobs = F.log_softmax(logits[row, end - n:end], dim=-1)
                 target = torch.tensor(list(targets), dtype=torch.long, device=device)
                 total = float(logprobs.gather(-1, target[:, None]).sum())
