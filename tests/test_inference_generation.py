@@ -117,10 +117,9 @@ def test_stop_tokens_and_stop_strings_end_a_row():
 
 def test_a_cache_installs_once_and_is_removed_on_error():
     model = tiny("hybrid", False)
-    with pytest.raises(RuntimeError, match="already installed"):
+    with pytest.raises(RuntimeError, match="already installed"), kv_cache(model, 1):
         with kv_cache(model, 1):
-            with kv_cache(model, 1):
-                pass
+            pass
     assert all(m.kv_cache is None for m in model.modules() if isinstance(m, CausalSelfAttention))
     with kv_cache(model, 1, capacity=4) as cache:
         cache.feed(torch.tensor([[1, 2, 3]]))
@@ -128,9 +127,9 @@ def test_a_cache_installs_once_and_is_removed_on_error():
             cache.feed(torch.tensor([[1, 2]]))
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=-1.0),
-                                 dict(temperature=float("inf")), dict(top_p=0.0), dict(top_p=1.5),
-                                 dict(top_k=0)])
+@pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"temperature": -1.0},
+                                 {"temperature": float("inf")}, {"top_p": 0.0}, {"top_p": 1.5},
+                                 {"top_k": 0}])
 def test_invalid_sampling_is_refused(bad):
     with pytest.raises(ValueError, match="is invalid"):
         Sampling(**bad)

@@ -106,7 +106,7 @@ class _Stops:
                  decode: Callable[[list[int]], str] | None):
         if stop_strings and decode is None:
             raise ValueError("stop strings need a decode function")
-        self.tokens = set(int(t) for t in stop_tokens)
+        self.tokens = {int(t) for t in stop_tokens}
         self.strings = [s for s in stop_strings if s]
         self.decode = decode
         # A stop string of b bytes lies within the last b tokens (every token has at least one byte), +1

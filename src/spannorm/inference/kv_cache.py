@@ -29,7 +29,7 @@ class LayerKVCache:
     """The keys and values of one attention layer: (batch, kv_heads, capacity, head_dim) buffers, allocated
     on the first update in the dtype and on the device the layer computes in."""
 
-    def __init__(self, owner: "KVCache"):
+    def __init__(self, owner: KVCache):
         self.owner = owner
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
