@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spannorm.cli.eval_tasks import format_scores
 from spannorm.cli.main import main
 from spannorm.config import ModelConfig
 from spannorm.inference import load_for_inference
@@ -162,3 +163,9 @@ def test_a_missing_extra_and_a_foreign_folder_are_one_line_exit_2(model_dir, tmp
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert main(["eval", str(model_dir), "--tasks", " , "]) == 2
     assert main(["eval", str(model_dir), "--tasks", "x", "--data.path=/tmp"]) == 2
+
+
+def test_scores_print_as_metric_value_and_stderr():
+    metrics = {"acc,none": 0.5, "acc_stderr,none": 0.25, "exact_match,strict-match": 1.0,
+               "exact_match_stderr,strict-match": "N/A"}
+    assert format_scores(metrics) == "acc 0.5000 ± 0.2500  exact_match (strict-match) 1.0000"

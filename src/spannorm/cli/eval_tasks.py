@@ -60,12 +60,26 @@ def run_tasks(args: argparse.Namespace) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = lm_eval_adapter.evaluate_tasks(model, tokenizer, tasks, manager, batch_size=args.batch_size,
                                              num_fewshot=args.num_fewshot, limit=limit, seed=args.seed)
-    table = {task: {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))}
+    # lm-eval names each score "metric,filter" (for example "acc,none"), beside counts and an alias.
+    table = {task: {k: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "tasks": table, "n_samples": results.get("n-samples", {})}))
         return 0
     for task, metrics in table.items():
-        shown = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
-        sys.stdout.write(f"{ckpt}: {task}: {shown}\n")
+        sys.stdout.write(f"{ckpt}: {task}: {format_scores(metrics)}\n")
     return 0
+
+
+def format_scores(metrics: dict[str, float]) -> str:
+    """``{"acc,none": 0.5, "acc_stderr,none": 0.1}`` as ``acc 0.5000 ± 0.1000``; a filter other than
+    ``none`` is named in brackets."""
+    shown = []
+    for key, value in metrics.items():
+        name, _, filter_name = key.partition(",")
+        if name.endswith("_stderr"):
+            continue
+        label = name if filter_name == "none" else f"{name} ({filter_name})"
+        stderr = metrics.get(f"{name}_stderr,{filter_name}")
+        shown.append(f"{label} {value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) else ""))
+    return "  ".join(shown)
