@@ -162,6 +162,8 @@ def test_a_missing_extra_and_a_foreign_folder_are_one_line_exit_2(model_dir, tmp
     assert len(err.splitlines()) == 1 and "no checkpoint found there" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert main(["eval", str(model_dir), "--tasks", " , "]) == 2
+    assert main(["eval", str(model_dir), "--tasks", "x", "--limit", "inf"]) == 2
+    assert "--limit=inf is invalid" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--tasks", "x", "--data.path=/tmp"]) == 2
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_tasks(args: argparse.Namespace) -> int:
     # Start-up time: every command module is imported to build the parser; torch loads only when run.
-    from spannorm.inference import load_for_inference
+    from spannorm.inference import load_for_inference, run_device
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -42,11 +43,14 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise UsageError(f"--include-path={str(args.include_path)!r} is invalid: no such folder")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UsageError(f"--num-fewshot={args.num_fewshot} is invalid: must be >= 0")
-    if args.limit is not None and not args.limit > 0:
-        raise UsageError(f"--limit={args.limit} is invalid: must be > 0")
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise UsageError(f"--limit={args.limit} is invalid: allowed a finite number > 0")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size={args.batch_size} is invalid: must be >= 1")
-    model, _, tokenizer, ckpt = load_for_inference(args.checkpoint, device=args.device)
+    device, note = run_device(args.checkpoint, args.device)
+    if note:
+        print(note, file=sys.stderr)
+    model, _, tokenizer, ckpt = load_for_inference(args.checkpoint, device=device)
     try:  # optional dependency: the 'eval' extra
         from spannorm.inference import lm_eval_adapter
     except ImportError as err:
