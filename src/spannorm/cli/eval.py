@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from spannorm.cli.eval_tasks import add_task_arguments, run_tasks
 from spannorm.cli.main import UsageError
 from spannorm.cli.train import collect_overrides
 
@@ -27,11 +28,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_task_arguments(p)
     p.set_defaults(run=run, accepts_overrides=True)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return run_tasks(args)
     from spannorm.data.dataset import load_splits
     from spannorm.train.checkpoint import load_for_inference
     from spannorm.train.config import DataConfig, apply_overrides, RunConfig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,12 +108,20 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().float(), angles.sin().float()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k`` (batch, heads, T, head_dim) at positions 0..T-1, or at ``positions``
+        (batch, T), the absolute position of each token, as a KV cache feeds them (the cache keeps them
+        inside the table)."""
         T = q.shape[-2]
-        if T > self.cos.shape[0]:
+        if positions is not None:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+            sin_signed = self.sin_signed[positions].unsqueeze(1).to(q.dtype)
+        elif T > self.cos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.shape[0]}); "
                              "raise model.context_length")
-        cos, sin_signed = self.cos[:T].to(q.dtype), self.sin_signed[:T].to(q.dtype)
+        else:
+            cos, sin_signed = self.cos[:T].to(q.dtype), self.sin_signed[:T].to(q.dtype)
         half = self.head_dim // 2
         return (q * cos + q.roll(half, dims=-1) * sin_signed,
                 k * cos + k.roll(half, dims=-1) * sin_signed)
@@ -125,6 +135,19 @@ def sdpa_handles_gqa(q: torch.Tensor) -> bool:
     if q.device.type == "cuda":
         return q.dtype in (torch.float16, torch.bfloat16)
     return True
+
+
+class AttentionCache(Protocol):
+    """What :class:`CausalSelfAttention` asks of a key/value cache installed on it (one per layer)."""
+
+    positions: torch.Tensor
+    """(batch, T) absolute position of each token of the current forward, for RoPE."""
+    mask: torch.Tensor | None
+    """(batch, 1, T, cached + T) boolean, True where a query may attend to a key; None: every key."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (batch, kv_heads, T, head_dim); return every key and value so far."""
+        ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,6 +168,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = make_norm(cfg, cfg.head_dim)
             self.v_norm = make_norm(cfg, cfg.head_dim)
         self.qkv_norm = qkv_norm
+        self.kv_cache: AttentionCache | None = None
+        """Installed from outside during cached generation (:func:`spannorm.inference.kv_cache.kv_cache`);
+        None in training and in every uncached forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -154,13 +180,22 @@ class CausalSelfAttention(nn.Module):
         if self.qkv_norm:
             q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self.rotary(q, k)
+        cache = self.kv_cache
+        if cache is None:
+            q, k = self.rotary(q, k)
+        else:  # the new tokens at their absolute positions, attending to every cached key as well
+            q, k = self.rotary(q, k, cache.positions)
+            k, v = cache.update(k, v)
         gqa = self.n_kv_heads != self.n_heads
         if gqa and not sdpa_handles_gqa(q):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
             gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {}))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {}))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
+                                               **({"enable_gqa": True} if gqa else {}))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -221,29 +221,11 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return read_json(ckpt / STATE_NAME)
 
 
-# ---------------------------------------------------------------------- inference
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The model, its run config (None for a bare model folder) and its tokenizer, from a run folder (its
-    latest checkpoint), a checkpoint folder, or a model folder written by ``save_model``.
-
-    Raises :class:`spannorm.config.ConfigError` when ``path`` holds none of these."""
-    from spannorm.config import ConfigError
-    from spannorm.data.tokenizer import ByteTokenizer, load_tokenizer_json
-    from spannorm.model.io import load_model
-    from spannorm.train.config import RunConfig
-
-    ckpt = resolve_checkpoint(path)
-    if ckpt is None:
-        raise ConfigError(f"checkpoint {str(path)!r} is invalid: no checkpoint found there; allowed: a run "
-                          "folder, one of its checkpoints/step_* folders, or a folder with model.safetensors "
-                          "and model_config.json")
-    model = load_model(ckpt, map_location=device).to(device)
-    run_cfg = RunConfig.from_dict(read_json(ckpt / RUN_CONFIG_NAME)) if (ckpt / RUN_CONFIG_NAME).is_file() else None
-    if (ckpt / TOKENIZER_NAME).is_file():
-        tokenizer = load_tokenizer_json(ckpt / TOKENIZER_NAME)
-    elif model.cfg.vocab_size == 256 and (run_cfg is None or run_cfg.data.tokenizer == "byte"):
-        tokenizer = ByteTokenizer()
-    else:
-        raise ConfigError(f"checkpoint {str(ckpt)!r} has no tokenizer.json for its vocabulary of "
-                          f"{model.cfg.vocab_size}; allowed: a checkpoint written by spannorm train")
-    return model, run_cfg, tokenizer, ckpt
+# ---------------------------------------------------------------------- moved
+def __getattr__(name: str):
+    # ``load_for_inference`` moved to spannorm.inference.loading; this keeps the old import path working.
+    # Imported on use because spannorm.inference sits a layer above train (it imports this module).
+    if name == "load_for_inference":
+        from spannorm.inference.loading import load_for_inference
+        return load_for_inference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
