@@ -29,9 +29,12 @@ from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
-from spannorm.train.distributed import (RankSliceSampler, optimizer_state_by_index, optimizer_state_by_name,
-                                        resolve_parallel)
-from spannorm.train.trainer import train
+from spannorm.train.distributed import (
+    RankSliceSampler,
+    optimizer_state_by_index,
+    optimizer_state_by_name,
+    resolve_parallel,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from spannorm import ConfigError, ModelConfig, SpanNormLM
-from spannorm.interop import (checkpoint_model_config, convert_model, export_hf, import_hf, init_model_from,
-                              llama_state_dict)
+from spannorm.interop import (
+    checkpoint_model_config,
+    convert_model,
+    export_hf,
+    import_hf,
+    init_model_from,
+    llama_state_dict,
+)
 from spannorm.model.io import save_model
 
 CFG = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, context_length=16)

@@ -55,11 +55,11 @@ def _write_run(root: Path, placement: str, depth: int, lr: float, seed: int, los
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve) + "\n")
     if not diverged:
         growth = 1.5 if placement == "pre" else 1.1
-        layer = {"n_layers": depth, "rms": [growth ** l for l in range(depth + 1)],
-                 "mean_abs": [0.8 * growth ** l for l in range(depth + 1)],
-                 "variance": [growth ** (2 * l) for l in range(depth + 1)],
-                 "max_abs": [4.0 * growth ** l for l in range(depth + 1)],
-                 "grad_norm": [0.1 * (depth + 1 - l) for l in range(depth + 1)],
+        layer = {"n_layers": depth, "rms": [growth ** i for i in range(depth + 1)],
+                 "mean_abs": [0.8 * growth ** i for i in range(depth + 1)],
+                 "variance": [growth ** (2 * i) for i in range(depth + 1)],
+                 "max_abs": [4.0 * growth ** i for i in range(depth + 1)],
+                 "grad_norm": [0.1 * (depth + 1 - i) for i in range(depth + 1)],
                  "param_grad_norm": [0.2] * depth}
         (run_dir / "layer_stats.json").write_text(json.dumps(layer))
     return {"run_id": run_id, "placement": placement, "depth": depth, "ffn": "dense", "lr": lr, "seed": seed,

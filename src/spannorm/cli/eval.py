@@ -34,7 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from spannorm.data.dataset import load_splits
     from spannorm.train.checkpoint import load_for_inference
-    from spannorm.train.config import DataConfig, apply_overrides, RunConfig
+    from spannorm.train.config import DataConfig, RunConfig, apply_overrides
     from spannorm.train.evaluation import evaluate
 
     if args.batch_size < 1 or args.max_batches < 0:
