@@ -40,6 +40,7 @@ def _idx() -> torch.Tensor:
     return torch.randint(0, CFG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 def test_interop_does_not_import_transformers():
     code = ("import sys, spannorm.interop, spannorm.cli.main as m; m.build_parser(); "
             "sys.exit(int('transformers' in sys.modules))")

@@ -201,6 +201,7 @@ def test_derived_widths():
     assert ModelConfig(init="fixed", init_std=0.02).embedding_multiplier == 1.0
 
 
+@pytest.mark.slow
 def test_console_script_version_help_and_profile():
     def run(*a):
         return subprocess.run([sys.executable, "-m", "spannorm", *a], capture_output=True, text=True)
