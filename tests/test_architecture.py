@@ -219,39 +219,25 @@ def imports_of(module: str, path: Path, known: dict[str, Path]) -> list[Import]:
             return [base]
         return [_resolve(f"{base}.{alias.name}", known) for alias in node.names]
 
-    def visit(node: ast.AST, function: str, type_only: bool) -> None:
-        for child in ast.iter_child_nodes(node):
+    def visit(nodes, scope: str, in_function: bool, type_only: bool) -> None:
+        """``scope``: the qualified name of the enclosing class or function ("" at module level)."""
+        for child in nodes:
             if isinstance(child, (ast.Import, ast.ImportFrom)):
-                kind = "function" if function else "type" if type_only else "top"
-                reason = reason_for(child) if function else None
+                kind = "function" if in_function else "type" if type_only else "top"
+                function, reason = (scope, reason_for(child)) if in_function else ("", None)
                 for target in dict.fromkeys(targets(child)):
                     found.append(Import(module, target, kind, function, child.lineno, reason))
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visit(child, f"{function}.{child.name}" if function else _qualname(child), type_only)
-            elif isinstance(child, ast.If) and not function and _is_type_checking(child.test):
-                for stmt in child.body:
-                    visit(ast.Module(body=[stmt], type_ignores=[]), function, True)
-                for stmt in child.orelse:
-                    visit(ast.Module(body=[stmt], type_ignores=[]), function, type_only)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = f"{scope}.{child.name}" if scope else child.name
+                is_function = in_function or not isinstance(child, ast.ClassDef)
+                visit(ast.iter_child_nodes(child), inner, is_function, type_only)
+            elif isinstance(child, ast.If) and not in_function and _is_type_checking(child.test):
+                visit(child.body, scope, in_function, True)
+                visit(child.orelse, scope, in_function, type_only)
             else:
-                visit(child, function, type_only)
+                visit(ast.iter_child_nodes(child), scope, in_function, type_only)
 
-    parents: dict[ast.AST, ast.AST] = {}
-    tree = ast.parse(source)
-    for parent in ast.walk(tree):
-        for child in ast.iter_child_nodes(parent):
-            parents[child] = parent
-
-    def _qualname(fn: ast.AST) -> str:
-        names = [fn.name]  # type: ignore[attr-defined]
-        node = parents.get(fn)
-        while node is not None:
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                names.insert(0, node.name)
-            node = parents.get(node)
-        return ".".join(names)
-
-    visit(tree, "", False)
+    visit(ast.parse(source).body, "", False, False)
     return found
 
 
