@@ -22,6 +22,7 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # about 30 s of CPU without mypy's cache (.mypy_cache), 2 to 3 s with it
 def test_mypy_finds_nothing():
     result = run_tool("mypy", "src/spannorm")
     assert result.returncode == 0, result.stdout + result.stderr
