@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from spannorm.bench.devices import lookup_device_peak, matmul_precision, peak_tflops
-from spannorm.bench.harness import (BenchCase, BenchSettings, compute_ratios, format_report, model_config,
-                                    plan_cases, resolve_peak_tflops, run_bench, summarize_times)
+from spannorm.bench.harness import (
+    BenchCase,
+    BenchSettings,
+    compute_ratios,
+    format_report,
+    model_config,
+    plan_cases,
+    resolve_peak_tflops,
+    run_bench,
+    summarize_times,
+)
 from spannorm.bench.reference import transformers_available
 from spannorm.cli.main import main
 from spannorm.model.counting import flops_per_token, param_counts

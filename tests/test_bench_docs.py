@@ -42,7 +42,7 @@ def _shrunk(argv: list[str], tmp_path: Path) -> list[str]:
     size shrunk (later options win in argparse)."""
     out = []
     skip = False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
@@ -96,7 +96,8 @@ def test_documented_fast_paths_benchmark_runs(command, tmp_path, monkeypatch):
     if "--out" in argv:
         argv[argv.index("--out") + 1] = str(tmp_path / "fast.json")
     monkeypatch.setattr(sys, "argv", argv + ["--repeats", "2", "--no-compile"])
-    monkeypatch.setattr(module, "bench_moe", lambda n_experts, repeats: {"n_experts": n_experts, "d_expert": 8, "times": {}})
+    monkeypatch.setattr(module, "bench_moe",
+                        lambda n_experts, repeats: {"n_experts": n_experts, "d_expert": 8, "times": {}})
     module.main()
     assert (tmp_path / "fast.json").exists() or "--out" not in argv
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 import torch
 
+from helpers import TEXT
 from spannorm.config import ModelConfig
 from spannorm.launch import train
 from spannorm.model.io import load_model
@@ -21,16 +20,7 @@ from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
 
-TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_overrides(tmp_path) -> list[str]:
@@ -101,6 +91,7 @@ train(resolve_config(None, None, overrides), run)
 
 
 @pytest.mark.parametrize("phase", ["files_written", "before_latest"])
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path, phase):
     run, marker = tmp_path / "run", tmp_path / "writing"
     overrides = tiny_overrides(tmp_path)

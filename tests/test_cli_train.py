@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shlex
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import TEXT
 from spannorm.cli.main import main
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.checkpoint import load_for_inference
 
-TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(TEXT)
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_args(tmp_path, corpus, *extra: str) -> list[str]:

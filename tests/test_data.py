@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-import textwrap
 
 import numpy as np
 import pytest
 
+from helpers import TEXT
 from spannorm.config import ConfigError
 from spannorm.data import dataset as ds
 from spannorm.data.corpus import embedded_corpus, read_corpus
 from spannorm.data.tokenizer import ByteTokenizer, HFTokenizer
 from spannorm.train.config import DataConfig
-
-TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(TEXT)
-    return path
 
 
 def data_cfg(tmp_path, path, **kw) -> DataConfig:
@@ -37,8 +27,8 @@ def test_byte_tokenizer_round_trips_any_text():
     assert tok.decode(ids) == text
 
 
-def test_split_is_deterministic_at_a_line_start_and_tokens_match_text(tmp_path, corpus_file):
-    tok, splits = ds.load_splits(data_cfg(tmp_path, corpus_file))
+def test_split_is_deterministic_at_a_line_start_and_tokens_match_text(tmp_path, corpus):
+    tok, splits = ds.load_splits(data_cfg(tmp_path, corpus))
     cut = ds.split_point(TEXT, 0.1)
     assert TEXT[cut - 1:cut] == b"\n" and abs(cut - 0.9 * len(TEXT)) < 200
     assert bytes(np.asarray(splits.train, dtype=np.uint8)) == TEXT[:cut]
@@ -48,8 +38,8 @@ def test_split_is_deterministic_at_a_line_start_and_tokens_match_text(tmp_path, 
     assert splits.val_bytes_per_token == 1.0
 
 
-def test_cache_is_reused_and_keyed_by_content(tmp_path, corpus_file, monkeypatch):
-    cfg = data_cfg(tmp_path, corpus_file)
+def test_cache_is_reused_and_keyed_by_content(tmp_path, corpus, monkeypatch):
+    cfg = data_cfg(tmp_path, corpus)
     ds.load_splits(cfg)
     folders = list((tmp_path / "cache" / "tokens").iterdir())
     assert len(folders) == 1 and "byte" in folders[0].name
@@ -61,7 +51,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, corpus_file, monkeypatch
     _, again = ds.load_splits(cfg)  # served from the cache
     assert len(again.train) + len(again.val) == len(TEXT)
     monkeypatch.undo()
-    corpus_file.write_bytes(TEXT + b"# one more line\n")
+    corpus.write_bytes(TEXT + b"# one more line\n")
     _, changed = ds.load_splits(cfg)
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
     assert len(changed.train) + len(changed.val) == len(TEXT) + 16
@@ -114,8 +104,8 @@ def test_too_short_corpus_is_rejected_for_the_context(tmp_path):
         ds.check_long_enough(splits, 64)
 
 
-def test_sampler_is_seeded_resumable_and_shifts_targets(tmp_path, corpus_file):
-    _, splits = ds.load_splits(data_cfg(tmp_path, corpus_file))
+def test_sampler_is_seeded_resumable_and_shifts_targets(tmp_path, corpus):
+    _, splits = ds.load_splits(data_cfg(tmp_path, corpus))
     a = ds.WindowSampler(splits.train, 32, 4, seed=7)
     b = ds.WindowSampler(splits.train, 32, 4, seed=7)
     x1, y1 = a.next_batch()
@@ -148,8 +138,8 @@ def test_eval_batches_are_fixed_non_overlapping_windows():
            [x[:, 0].tolist() for x, _ in ds.eval_batches(tokens, 10, 4, max_batches=2)]
 
 
-def test_bpe_is_trained_once_cached_and_lossless(tmp_path, corpus_file):
-    cfg = data_cfg(tmp_path, corpus_file, tokenizer="bpe", bpe_vocab_size=400)
+def test_bpe_is_trained_once_cached_and_lossless(tmp_path, corpus):
+    cfg = data_cfg(tmp_path, corpus, tokenizer="bpe", bpe_vocab_size=400)
     tok, splits = ds.load_splits(cfg)
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == 400 and tok.id.startswith("bpe400-")
     assert tok.decode(splits.val) == TEXT[ds.split_point(TEXT, 0.1):].decode()
@@ -158,16 +148,16 @@ def test_bpe_is_trained_once_cached_and_lossless(tmp_path, corpus_file):
     assert len(saved) == 1
     tok2, _ = ds.load_splits(cfg)
     assert tok2.id == tok.id and (tok2.encode(TEXT[:500]) == tok.encode(TEXT[:500])).all()
-    from_disk = ds.tokenizer_from_config(data_cfg(tmp_path, corpus_file, tokenizer=str(saved[0])))
+    from_disk = ds.tokenizer_from_config(data_cfg(tmp_path, corpus, tokenizer=str(saved[0])))
     assert from_disk.id.startswith("file-") and (from_disk.encode(TEXT[:500]) == tok.encode(TEXT[:500])).all()
 
 
-def test_tokenizer_json_errors(tmp_path, corpus_file):
+def test_tokenizer_json_errors(tmp_path, corpus):
     with pytest.raises(ConfigError, match="no such file"):
-        ds.tokenizer_from_config(data_cfg(tmp_path, corpus_file, tokenizer=str(tmp_path / "t.json")))
+        ds.tokenizer_from_config(data_cfg(tmp_path, corpus, tokenizer=str(tmp_path / "t.json")))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a tokenizers JSON file"):
-        ds.tokenizer_from_config(data_cfg(tmp_path, corpus_file, tokenizer=str(tmp_path / "bad.json")))
+        ds.tokenizer_from_config(data_cfg(tmp_path, corpus, tokenizer=str(tmp_path / "bad.json")))
 
 
 def test_embedded_corpus_is_real_python_source():

@@ -114,7 +114,7 @@ def test_peri_bound_holds_with_arbitrary_gains(norm):
             if isinstance(module, torch.nn.LayerNorm):
                 module.bias.uniform_(-1, 1)
     m = measure(model, *_batch())
-    assert set(m.peri_bound_ratio) == {f"block{l}.{s}" for l in range(3) for s in ("attn", "ffn")}
+    assert set(m.peri_bound_ratio) == {f"block{layer}.{s}" for layer in range(3) for s in ("attn", "ffn")}
     assert max(m.peri_bound_ratio.values()) <= 1 + 1e-5
     assert max(m.peri_bound_ratio.values()) > 0.3  # the bound is not vacuous here
 
@@ -124,17 +124,17 @@ def test_identity_factors_are_rms_ratios_at_the_norms():
     idx, tgt = _batch()
     m = measure(model, idx, tgt)
     seen = {}
-    for l, block in enumerate(model.blocks):
+    for layer, block in enumerate(model.blocks):
         for pos in ("attn_out", "ffn_out"):
             getattr(block, f"{pos}_norm").register_forward_pre_hook(
-                lambda _m, a, key=f"block{l}.{pos}": seen.__setitem__(key, a[0].detach()))
+                lambda _m, a, key=f"block{layer}.{pos}": seen.__setitem__(key, a[0].detach()))
     with ResidualRecorder(model) as rec:
         model(idx)
     stream = rec.stream()
     for name, factor in zip(m.identity_factor_names, m.identity_factors):
-        l, pos = int(name[5]), name.split(".")[1]
-        skip = stream[l] if pos == "attn_out" else rec.activations[f"block{l}.mid"]
-        expected = model.blocks[l].alpha * stats.rms(skip) / stats.rms(seen[name])
+        layer, pos = int(name[5]), name.split(".")[1]
+        skip = stream[layer] if pos == "attn_out" else rec.activations[f"block{layer}.mid"]
+        expected = model.blocks[layer].alpha * stats.rms(skip) / stats.rms(seen[name])
         assert factor == pytest.approx(expected, rel=1e-6)
     assert measure(_model("pre"), idx, tgt).identity_product == 1.0
 
@@ -149,10 +149,10 @@ class _Doubling(torch.nn.Module):
 
 
 def test_custom_block_lm_has_the_hook_points_and_is_measured():
-    model = CustomBlockLM(lambda d, h, l, L: _Doubling(d), n_layers=4, d_model=16)
+    model = CustomBlockLM(lambda d, h, layer, L: _Doubling(d), n_layers=4, d_model=16)
     model.check_shapes()
     m = measure(model, *_batch())
-    assert m.stream_points == ["embed"] + [f"block{l}.out" for l in range(4)]
+    assert m.stream_points == ["embed"] + [f"block{layer}.out" for layer in range(4)]
     assert m.identity_product is None and all(v is None for v in m.attn_logit_max)
     ratios = [b / a for a, b in zip(m.stream_variance, m.stream_variance[1:])]
     assert all(r == pytest.approx(4.0, rel=0.05) for r in ratios)  # the residual doubles: variance ×4
@@ -160,7 +160,7 @@ def test_custom_block_lm_has_the_hook_points_and_is_measured():
 
 def test_nested_hook_points_inside_user_blocks_are_ignored():
     cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, context_length=8)
-    model = CustomBlockLM(lambda d, h, l, L: PreBlock(cfg, l), n_layers=2, d_model=16, n_heads=2)
+    model = CustomBlockLM(lambda d, h, layer, L: PreBlock(cfg, layer), n_layers=2, d_model=16, n_heads=2)
     assert sorted(hook_point_names(model)) == ["block0.out", "block1.out", "embed"]
 
 
@@ -171,7 +171,7 @@ def test_block_factory_errors_are_one_line():
         load_block_factory("surely_not_a_module_xyz:make")
     with pytest.raises(BlockFactoryError, match="no attribute"):
         load_block_factory("math:not_there")
-    bad = CustomBlockLM(lambda d, h, l, L: torch.nn.Linear(d, d + 1), n_layers=1, d_model=8)
+    bad = CustomBlockLM(lambda d, h, layer, L: torch.nn.Linear(d, d + 1), n_layers=1, d_model=8)
     with pytest.raises(BlockFactoryError, match=r"must map \(B, T, d\)"):
         bad.check_shapes()
 

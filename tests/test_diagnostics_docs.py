@@ -57,6 +57,7 @@ def test_recorded_commands_still_parse():
         parser.parse_args(shlex.split(command)[1:])
 
 
+@pytest.mark.slow
 def test_doc_snippets_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the trainer's token cache goes under ~/.cache

@@ -8,7 +8,6 @@ extra overrides, exactly as tests/test_train_docs.py shortens the other commands
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -16,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +22,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TEXT
 from spannorm.cli.main import main
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
 from spannorm.launch import train
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
-from spannorm.train.distributed import (RankSliceSampler, optimizer_state_by_index, optimizer_state_by_name,
-                                        resolve_parallel)
+from spannorm.train.distributed import (
+    RankSliceSampler,
+    optimizer_state_by_index,
+    optimizer_state_by_name,
+    resolve_parallel,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"
-TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 STEPS = 6
 RTOL = 1e-5
 """Relative tolerance between a 2-process and a 1-process fp32 run (measured: below 2e-7, docs/training.md)."""
@@ -145,6 +147,7 @@ def original_metrics(doc_runs: dict, run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(doc_runs, kind):
     runs = runs_by_launch(doc_runs)
     reference = original_metrics(doc_runs, runs["single"])
@@ -156,6 +159,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(doc_runs, ki
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_rank_zero_alone_prints_the_summary(doc_runs, kind):
     run = runs_by_launch(doc_runs)[kind]
     printed = [json.loads(line) for line in doc_runs["stdout"][run.name].splitlines() if line.startswith("{")]
@@ -164,6 +168,7 @@ def test_rank_zero_alone_prints_the_summary(doc_runs, kind):
     assert printed[0] == written
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_has_the_single_process_format(doc_runs):
     runs = runs_by_launch(doc_runs)
     sharded = ckpt_io.latest_checkpoint(runs["fsdp"])
@@ -182,6 +187,7 @@ def test_fsdp_checkpoint_has_the_single_process_format(doc_runs):
     assert states[0]["rng"] == states[1]["rng"] and states[0]["tokens"] == states[1]["tokens"]
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_at_another_world_size(doc_runs):
     """Each resumed run (2 -> 1 and 1 -> 2) repeats the uninterrupted run's last steps."""
     resumed = doc_runs["before_resume"]
@@ -241,6 +247,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_every_process_stops_at_the_same_step(tmp_path):
     script = tmp_path / "agreement.py"
     script.write_text(AGREEMENT_SCRIPT)

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from spannorm import ConfigError, ModelConfig, SpanNormLM
-from spannorm.interop import (checkpoint_model_config, convert_model, export_hf, import_hf, init_model_from,
-                              llama_state_dict)
+from spannorm.interop import (
+    checkpoint_model_config,
+    convert_model,
+    export_hf,
+    import_hf,
+    init_model_from,
+    llama_state_dict,
+)
 from spannorm.model.io import save_model
 
 CFG = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, context_length=16)
@@ -34,6 +40,7 @@ def _idx() -> torch.Tensor:
     return torch.randint(0, CFG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 def test_interop_does_not_import_transformers():
     code = ("import sys, spannorm.interop, spannorm.cli.main as m; m.build_parser(); "
             "sys.exit(int('transformers' in sys.modules))")

@@ -15,8 +15,15 @@ transformers = pytest.importorskip("transformers")
 
 from spannorm import ModelConfig, SpanNormLM  # noqa: E402
 from spannorm.cli.main import main  # noqa: E402
-from spannorm.interop import (InteropError, export_hf, export_model, import_hf, llama_incompatibilities,  # noqa: E402
-                              load_tokenizer, max_logit_difference)
+from spannorm.interop import (  # noqa: E402
+    InteropError,
+    export_hf,
+    export_model,
+    import_hf,
+    llama_incompatibilities,
+    load_tokenizer,
+    max_logit_difference,
+)
 from spannorm.model.io import load_model, save_model  # noqa: E402
 
 TOL = 1e-4

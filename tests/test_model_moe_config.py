@@ -201,8 +201,11 @@ def test_derived_widths():
     assert ModelConfig(init="fixed", init_std=0.02).embedding_multiplier == 1.0
 
 
+@pytest.mark.slow
 def test_console_script_version_help_and_profile():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "spannorm", *a], capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "spannorm", *a], capture_output=True, text=True)
+
     assert run("--version").stdout.startswith("spannorm 0.")
     assert "profile" in run("--help").stdout
     prof = run("profile", "--placements", "pre,span", "--depths", "4", "--format", "json")

@@ -37,6 +37,7 @@ def tour_commands() -> list[list[str]]:
     return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
+@pytest.mark.slow
 def test_readme_tour_runs_shortened(tmp_path, monkeypatch):
     """Every line of the README's short tour, in order, in an empty folder: HF_DIR is a small random Llama
     made here, training runs are cut to a few steps and the check to two, through appended overrides."""

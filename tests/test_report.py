@@ -55,11 +55,11 @@ def _write_run(root: Path, placement: str, depth: int, lr: float, seed: int, los
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve) + "\n")
     if not diverged:
         growth = 1.5 if placement == "pre" else 1.1
-        layer = {"n_layers": depth, "rms": [growth ** l for l in range(depth + 1)],
-                 "mean_abs": [0.8 * growth ** l for l in range(depth + 1)],
-                 "variance": [growth ** (2 * l) for l in range(depth + 1)],
-                 "max_abs": [4.0 * growth ** l for l in range(depth + 1)],
-                 "grad_norm": [0.1 * (depth + 1 - l) for l in range(depth + 1)],
+        layer = {"n_layers": depth, "rms": [growth ** i for i in range(depth + 1)],
+                 "mean_abs": [0.8 * growth ** i for i in range(depth + 1)],
+                 "variance": [growth ** (2 * i) for i in range(depth + 1)],
+                 "max_abs": [4.0 * growth ** i for i in range(depth + 1)],
+                 "grad_norm": [0.1 * (depth + 1 - i) for i in range(depth + 1)],
                  "param_grad_norm": [0.2] * depth}
         (run_dir / "layer_stats.json").write_text(json.dumps(layer))
     return {"run_id": run_id, "placement": placement, "depth": depth, "ffn": "dense", "lr": lr, "seed": seed,
@@ -111,6 +111,7 @@ def test_best_lr_counts_divergence_as_worst():
         assert group.n == 3 and group.n_diverged == 3 and group.final == []
 
 
+@pytest.mark.slow
 def test_headline_table_holds_mean_and_std_at_the_best_and_shared_lr(report_dir):
     md = (report_dir / "report.md").read_text()
     best = _section(md, "## Final val loss, dense, at each placement's best LR")
@@ -123,6 +124,7 @@ def test_headline_table_holds_mean_and_std_at_the_best_and_shared_lr(report_dir)
     assert "| `pre` | 2.050 ± 0.100 @1e-2 |" in best_loss
 
 
+@pytest.mark.slow
 def test_welch_p_values_match_scipy_against_the_best_baseline(report_dir):
     md = (report_dir / "report.md").read_text()
     section = _section(md, "## SpanNorm against the best baseline at each placement's best LR")
@@ -139,6 +141,7 @@ def test_welch_p_values_match_scipy_against_the_best_baseline(report_dir):
     assert entry["p"] == pytest.approx(expected) and entry["baseline"] == "pre"
 
 
+@pytest.mark.slow
 def test_divergence_table_and_csv_list_every_run(report_dir):
     md = (report_dir / "report.md").read_text()
     section = _section(md, "## Divergences")
@@ -150,6 +153,7 @@ def test_divergence_table_and_csv_list_every_run(report_dir):
     assert sum(r["status"] == "diverged" for r in rows) == 7
 
 
+@pytest.mark.slow
 def test_plots_are_written_and_linked(report_dir):
     md = (report_dir / "report.md").read_text()
     names = ["val_vs_depth_dense.png", "curves_dense_L2.png", "curves_dense_L4.png", "layers_dense_L2.png",
@@ -164,6 +168,7 @@ def test_plots_are_written_and_linked(report_dir):
     assert "`peri-dt0.1`" in kan
 
 
+@pytest.mark.slow
 def test_report_cli_writes_the_report_and_rejects_a_non_sweep(tmp_path, report_dir):
     root = tmp_path / "sweep"
     make_fake_sweep(root)

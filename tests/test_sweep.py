@@ -106,6 +106,7 @@ def test_bad_plans_fail_with_a_message_naming_the_key(bad, message):
         parse_plan(bad)
 
 
+@pytest.mark.slow
 def test_micro_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     plan = parse_plan(micro_plan(tmp_path / "cache"))
     out = tmp_path / "sweep"
@@ -149,6 +150,7 @@ def test_micro_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     assert load_index(out)["span-L2-dense-lr3e-3-s0"]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_sweep_cli_rejects_a_bad_plan_and_writes_nothing(tmp_path):
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump({"grid": {"placements": ["pre"], "depths": [2],
@@ -162,6 +164,7 @@ def test_sweep_cli_rejects_a_bad_plan_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_changed_plan_refuses_to_reuse_runs_made_with_other_settings(tmp_path):
     data = micro_plan(tmp_path / "cache")
     data["grid"]["placements"], data["grid"]["depths"] = ["pre"], [1]
@@ -190,6 +193,7 @@ run_sweep(load_plan(sys.argv[1]), sys.argv[2], workers=0, log=lambda line: print
 """
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_run_resumes_that_run_from_its_checkpoint(tmp_path):
     """A real kill (SIGKILL) of a sweep while its second run trains: the next sweep skips the finished run
     and resumes the killed one from its last checkpoint, and that run's metrics hold every step once."""

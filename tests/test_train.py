@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
-import textwrap
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import TEXT
 from spannorm.config import ModelConfig, MoEConfig
 from spannorm.launch import train
 from spannorm.model.transformer import SpanNormLM
@@ -23,16 +22,7 @@ from spannorm.train.progress import Progress
 from spannorm.train.schedule import lr_at
 from spannorm.train.trainer import Trainer, training_objective
 
-TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:

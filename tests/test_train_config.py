@@ -7,8 +7,15 @@ import yaml
 
 from spannorm.config import ConfigError, MoEConfig
 from spannorm.model.counting import param_counts
-from spannorm.train.config import (OptimConfig, RunConfig, apply_overrides, load_preset, parse_override,
-                                   preset_names, resolve_config)
+from spannorm.train.config import (
+    OptimConfig,
+    RunConfig,
+    apply_overrides,
+    load_preset,
+    parse_override,
+    preset_names,
+    resolve_config,
+)
 
 
 def test_overrides_are_coerced_to_field_types():

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from spannorm.cli.main import main
 
@@ -22,13 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def snippets() -> list[tuple[str, str]]:
@@ -75,6 +68,7 @@ def run_python(code: str, cache_dir: Path, monkeypatch) -> None:
         assert expected in printed, (expected, printed)
 
 
+@pytest.mark.slow
 def test_training_doc_snippets_run(tmp_path, monkeypatch):
     found = snippets()
     assert len(found) >= 8

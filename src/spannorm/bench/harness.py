@@ -22,10 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from spannorm.bench.devices import (device_name, matmul_precision, peak_tflops,
-                                    process_peak_rss_bytes)
+from spannorm.bench.devices import device_name, matmul_precision, peak_tflops, process_peak_rss_bytes
 from spannorm.bench.reference import HFLlamaLM, transformers_available
-from spannorm.config import MoEConfig, ModelConfig
+from spannorm.config import ModelConfig, MoEConfig
 from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from spannorm.bench.harness import (DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases,
-                                    run_bench)
+from spannorm.bench.harness import DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases, run_bench
 from spannorm.bench.reference import transformers_available
 from spannorm.cli.main import UsageError
 from spannorm.config import PLACEMENTS

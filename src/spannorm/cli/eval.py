@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return run_tasks(args)
     from spannorm.data.dataset import load_splits
     from spannorm.train.checkpoint import load_for_inference
-    from spannorm.train.config import DataConfig, apply_overrides, RunConfig
+    from spannorm.train.config import DataConfig, RunConfig, apply_overrides
     from spannorm.train.evaluation import evaluate
 
     if args.batch_size < 1 or args.max_batches < 0:

@@ -3,8 +3,8 @@
 
 Architecture:
 - ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
-  Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth beyond the band is unstable; polynomial growth beyond the band warns,
-  unless a weight-free bound holds (Peri-LN).
+  Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth
+  beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN).
 - ``gradient``: the first-to-last block gradient ratio r(L) across depths. Beyond the band at the deepest
   depth and exponential in L (a constant factor per block) is depth-unstable; a power law beyond the band
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
@@ -136,7 +136,7 @@ def gradient_verdict(results: list[DepthResult], band: float) -> Verdict:
             return Verdict("gradient", "ok", "depth-independent", detail + ".")
         return Verdict("gradient", "ok", "within band", detail + f" (band ×{_fmt(band)}).")
     if dep is None:
-        return Verdict("gradient", "warn", "outside band", detail + f"; one depth cannot tell how it scales.")
+        return Verdict("gradient", "warn", "outside band", detail + "; one depth cannot tell how it scales.")
     if not outside:  # only shallower depths leave the band: not the depth instability SPEC §5 describes
         return Verdict("gradient", "warn", "outside band",
                        detail + f"; outside the band ×{_fmt(band)} at a shallower depth only.")
@@ -227,7 +227,8 @@ def attention_verdict(results: list[DepthResult]) -> Verdict | None:
         growths.append(growth)
         cells.append(f"{_fmt(before)} → {_fmt(after)} (L={r.n_layers})")
         peak = max(v for v in (before, after) if v is not None)
-        if not math.isfinite(peak) or peak > ATTN_LOGIT_WARN or (growth is not None and growth > ATTN_LOGIT_GROWTH_WARN):
+        if (not math.isfinite(peak) or peak > ATTN_LOGIT_WARN
+                or (growth is not None and growth > ATTN_LOGIT_GROWTH_WARN)):
             statuses.append("warn")
         else:
             statuses.append("ok")

@@ -442,7 +442,7 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
     if kan is not None:
         depth, names = kan
         lines += ["## Kan et al.'s picture: hidden-state moments per layer after training", "",
-                  f"![Kan et al. moments](kan_moments.png)", ""] + kan_table(results, depth, names) + [""]
+                  "![Kan et al. moments](kan_moments.png)", ""] + kan_table(results, depth, names) + [""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     write_csv(results, out / "results.csv")
     (out / "results.json").write_text(json.dumps(results_json(results), indent=2))

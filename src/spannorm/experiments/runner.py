@@ -145,7 +145,7 @@ def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
     """Measure the per-layer moments of a finished run from its last checkpoint, on the fixed validation
     batch; write ``layer_stats.json``. None when the run has no checkpoint."""
     from spannorm.experiments.layer_stats import measure_model_dir
-    from spannorm.train.config import load_config_file, RunConfig
+    from spannorm.train.config import RunConfig, load_config_file
 
     model_dir = _latest_model_dir(run_dir)
     if model_dir is None:

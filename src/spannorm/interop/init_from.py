@@ -19,8 +19,14 @@ import torch
 
 from spannorm.config import ConfigError, ModelConfig
 from spannorm.interop.errors import InteropError
-from spannorm.interop.hf_import import (HF_CONFIG, TOKENIZER_FILE, checkpoint_has_bias, import_hf,
-                                        model_config_from_hf, read_hf_config)
+from spannorm.interop.hf_import import (
+    HF_CONFIG,
+    TOKENIZER_FILE,
+    checkpoint_has_bias,
+    import_hf,
+    model_config_from_hf,
+    read_hf_config,
+)
 from spannorm.interop.safetensors_files import tensor_names, weight_files
 from spannorm.model.io import CONFIG_NAME, load_model, load_model_config
 from spannorm.model.layers import LayerNorm, RMSNorm
@@ -83,8 +89,8 @@ def _as_config_error(path: str | os.PathLike, fn, *args):
 
 
 def run_config_layer(path: str | os.PathLike) -> dict[str, Any]:
-    """The config layer ``train.init_from`` puts over the preset and under the config file and overrides: the checkpoint's
-    model section, and its ``tokenizer.json`` as ``data.tokenizer`` when it has one."""
+    """The config layer ``train.init_from`` puts over the preset and under the config file and overrides: the
+    checkpoint's model section, and its ``tokenizer.json`` as ``data.tokenizer`` when it has one."""
     model_cfg = _as_config_error(path, checkpoint_model_config, path)
     layer: dict[str, Any] = {"model": model_cfg.to_dict()}
     tokenizer = _as_config_error(path, resolve_checkpoint_dir, path) / TOKENIZER_FILE

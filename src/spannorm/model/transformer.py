@@ -56,7 +56,8 @@ class DecoderLM(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self._std(d))
         for module in self.modules():
-            if isinstance(module, (nn.LayerNorm, nn.Embedding, nn.Linear)) and getattr(module, "bias", None) is not None:
+            if (isinstance(module, (nn.LayerNorm, nn.Embedding, nn.Linear))
+                    and getattr(module, "bias", None) is not None):
                 nn.init.zeros_(module.bias)
             if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
                 nn.init.ones_(module.weight)

@@ -7,7 +7,8 @@ exponential) and picks the first whose relative RMSE is within ``rel_margin`` (r
 (absolute) of the best fit's. So a slowly growing exponential that a line fits as well is called linear, a
 flat profile with noise is called constant, and ``exponential`` is only reported when no polynomial of degree
 ≤ 2 comes close. A quadratic that bends against its trend (concave growth, such as √x) is reported as
-``linear``: its growth is no faster than linear. A profile containing non-finite values (overflow) is classified ``exponential`` outright.
+``linear``: its growth is no faster than linear. A profile containing non-finite values (overflow) is classified
+``exponential`` outright.
 """
 
 from __future__ import annotations

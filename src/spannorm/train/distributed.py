@@ -265,8 +265,11 @@ class DataParallel(SingleProcess):
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         if self.mode == "ddp":  # replicated: rank 0's own model and optimizer are the full state
             return (model, optimizer) if self.is_main else (None, None)
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
         model_state = get_model_state_dict(model, options=options)
@@ -280,8 +283,11 @@ class DataParallel(SingleProcess):
         if self.mode == "ddp":  # every process loads the same files into its replica
             return super().load_checkpoint(ckpt, model, optimizer, device)
         from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=True)  # every process holds the full dicts
         weights = load_file(str(ckpt / ckpt_io.WEIGHTS_NAME), device="cpu")
