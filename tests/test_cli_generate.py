@@ -75,7 +75,8 @@ def test_a_stop_string_cuts_the_text(model_dir, capsys):
     assert cut["stop"] == "string" and cut["text"] == free["text"].split(stop, 1)[0]
     assert main(base + ["--stop-token", str(free["tokens"][2])]) == 0
     by_token = json.loads(capsys.readouterr().out)
-    assert by_token["stop"] == "token" and by_token["tokens"] == free["tokens"][:free["tokens"].index(free["tokens"][2]) + 1]
+    first_stop = free["tokens"].index(free["tokens"][2])
+    assert by_token["stop"] == "token" and by_token["tokens"] == free["tokens"][:first_stop + 1]
 
 
 def test_cuda_asked_for_without_cuda_falls_back_to_the_cpu_with_a_note(model_dir, monkeypatch, capsys):

@@ -26,7 +26,6 @@ from helpers import TEXT
 from spannorm.cli.main import main
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
-from spannorm.launch import train
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import resolve_config
 from spannorm.train.distributed import (

@@ -17,8 +17,14 @@ import torch.distributed as dist
 from spannorm.config import ConfigError
 from spannorm.diagnostics.callback import DiagnosticsCallback
 from spannorm.train.config import RunConfig
-from spannorm.train.distributed import (DataParallel, backend_for, check_batch_divides, fully_shard_function,
-                                        launch_env, resolve_parallel)
+from spannorm.train.distributed import (
+    DataParallel,
+    backend_for,
+    check_batch_divides,
+    fully_shard_function,
+    launch_env,
+    resolve_parallel,
+)
 from spannorm.train.trainer import RunSummary, Trainer, resolve_device
 
 

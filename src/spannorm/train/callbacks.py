@@ -85,7 +85,8 @@ def has_state(callback: Any) -> bool:
 
 def check_callbacks(callbacks: Iterable[Any], reserved: Iterable[str] = ()) -> list[Any]:
     """The callbacks as a list, after checking that every ``on_*`` method is a hook and that no two callbacks
-    with a state of their own (nor a ``reserved`` trainer-state key) share a state key. Raises TypeError or ValueError with one line."""
+    with a state of their own (nor a ``reserved`` trainer-state key) share a state key.
+    Raises TypeError or ValueError with one line."""
     checked = list(callbacks)
     owners: dict[str, str] = {key: "the trainer" for key in reserved}
     for callback in checked:

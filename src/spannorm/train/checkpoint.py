@@ -29,8 +29,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, save_model
-from spannorm.train.layout import (CHECKPOINTS_DIR, LATEST_NAME, OPTIMIZER_META_NAME, OPTIMIZER_TENSORS_NAME,
-                                   RUN_CONFIG_NAME, STATE_NAME, STEP_DIR_PATTERN, TOKENIZER_NAME, step_dir_name)
+from spannorm.train.layout import (
+    CHECKPOINTS_DIR,
+    LATEST_NAME,
+    OPTIMIZER_META_NAME,
+    OPTIMIZER_TENSORS_NAME,
+    RUN_CONFIG_NAME,
+    STATE_NAME,
+    STEP_DIR_PATTERN,
+    TOKENIZER_NAME,
+    step_dir_name,
+)
 
 write_hook: Callable[[str, Path], None] | None = None
 """Test hook, called as ``write_hook(phase, path)`` while a checkpoint is being written (phases:

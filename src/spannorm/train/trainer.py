@@ -41,8 +41,15 @@ from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
-from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, ValidationRegression,
-                                      callback_states, check_callbacks, load_callback_states)
+from spannorm.train.callbacks import (
+    MetricsWriter,
+    ProgressDisplay,
+    SpikeScores,
+    ValidationRegression,
+    callback_states,
+    check_callbacks,
+    load_callback_states,
+)
 from spannorm.train.config import RunConfig
 from spannorm.train.distributed import SingleProcess
 from spannorm.train.evaluation import EvalResult, autocast_context, evaluate
