@@ -70,25 +70,46 @@ def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
     return model_type
 
 
-def rope_theta_of(config: dict[str, Any], where: str = HF_CONFIG) -> float:
-    """θ of plain RoPE, from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
-    (transformers 4). Any scaled RoPE (linear, dynamic, yarn, llama3, longrope, ...) raises."""
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                      "mscale", "mscale_all_dim", "truncate")}
+"""The scaled RoPE types import computes exactly (``spannorm.model.layers.rope_frequencies``) and the keys of
+each that it reads. Any other key in the section is refused rather than ignored."""
+
+
+def rope_of(config: dict[str, Any], where: str = HF_CONFIG) -> tuple[float, dict[str, Any] | None]:
+    """θ and the RoPE scaling, from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
+    (transformers 4). Plain RoPE gives scaling None; linear, llama3 and yarn give ``{"rope_type": ..., ...}``
+    with ``original_max_position_embeddings`` defaulting to ``max_position_embeddings`` as transformers does.
+    dynamic, longrope and anything else raise, as do per-layer-type RoPE and keys a type does not read."""
     theta = config.get("rope_theta")
+    scaling: dict[str, Any] | None = None
     for key in ("rope_parameters", "rope_scaling"):
         section = config.get(key)
         if section is None:
             continue
         if not isinstance(section, dict) or any(isinstance(v, dict) for v in section.values()):
-            raise InteropError(f"{where}: {key}={section!r} is not supported; only one plain RoPE for all layers")
+            raise InteropError(f"{where}: {key}={section!r} is not supported; only one RoPE for all layers")
         kind = section.get("rope_type", section.get("type", "default"))
-        if kind != "default":
-            raise InteropError(f"{where}: {key} type {kind!r} is not supported; spannorm implements only plain "
-                               "RoPE (rope_type 'default'), so a scaled-RoPE model would compute other logits")
         theta = section.get("rope_theta", theta)
+        if kind == "default":
+            continue
+        if kind not in ROPE_KEYS:
+            raise InteropError(f"{where}: {key} type {kind!r} is not supported; allowed: default, "
+                               f"{', '.join(ROPE_KEYS)} (other scalings would compute other logits)")
+        extra = sorted(set(section) - set(ROPE_KEYS[kind]) - {"rope_type", "type", "rope_theta"})
+        if extra:
+            raise InteropError(f"{where}: {key} key {extra[0]!r} is not supported for rope_type {kind!r}; "
+                               f"allowed: {', '.join(ROPE_KEYS[kind])}")
+        scaling = {"rope_type": kind, **{k: section[k] for k in ROPE_KEYS[kind] if section.get(k) is not None}}
+        if kind != "linear":
+            original = config.get("original_max_position_embeddings", config.get("max_position_embeddings"))
+            scaling.setdefault("original_max_position_embeddings", original)
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise InteropError(f"{where}: partial_rotary_factor={config['partial_rotary_factor']} is not supported; "
                            "RoPE rotates the whole head here")
-    return 10000.0 if theta is None else float(theta)
+    return (10000.0 if theta is None else float(theta)), scaling
 
 
 def attention_window_of(config: dict[str, Any], model_type: str) -> int | None:
@@ -141,13 +162,14 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
     elif window is not None and context_length > window:
         raise InteropError(f"context_length={context_length} is invalid: the checkpoint uses sliding-window "
                            f"attention (window {window}), which spannorm does not implement; allowed: <= {window}")
+    rope_theta, rope_scaling = rope_of(config, where)
     init_std = float(config.get("initializer_range") or 0.02)
     try:
         return ModelConfig(
             vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads"), d_ff=d_ff, context_length=context_length,
             placement="pre", norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta_of(config, where), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             bias=bias, embed_scale=1.0, final_norm=True, delta_t=1.0, init="fixed", init_std=init_std)
     except ConfigError as err:
         raise InteropError(f"{where} maps to an invalid spannorm config: {err}") from None
