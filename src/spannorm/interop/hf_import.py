@@ -35,6 +35,9 @@ token ids."""
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2"}
 """HF ``architectures`` entry -> ``model_type``. All three share Llama's tensor names and decoder layer."""
+REMOTE_CODE_ARCHITECTURE = "SpanNormForCausalLM"
+REMOTE_CODE_MODEL_TYPE = "spannorm"
+"""A folder written by ``export_hf_remote_code``: spannorm's tensor names, its config under ``spannorm_config``."""
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -51,8 +54,42 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise InteropError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise InteropError(f"{path} must hold a JSON object")
-    hf_model_type(config, str(path))
+    if not is_remote_code_export(config):
+        hf_model_type(config, str(path))
     return config
+
+
+def is_remote_code_export(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` is that of a spannorm remote-code export (any placement)."""
+    return config.get("model_type") == REMOTE_CODE_MODEL_TYPE
+
+
+def remote_code_model_config(config: dict[str, Any], context_length: int | None = None,
+                             where: str = HF_CONFIG) -> ModelConfig:
+    """The ModelConfig stored in a remote-code export, checked against the resolved fields its modeling code
+    reads (a hand-edited config.json whose two halves disagree is refused)."""
+    data = config.get("spannorm_config")
+    if not isinstance(data, dict):
+        raise InteropError(f"{where}: model_type {REMOTE_CODE_MODEL_TYPE!r} without a 'spannorm_config' object; "
+                           "allowed: a folder written by spannorm export-hf")
+    try:
+        cfg = ModelConfig.from_dict(data)
+    except ConfigError as err:
+        raise InteropError(f"{where}: spannorm_config is invalid: {err}") from None
+    resolved = {"layer_placements": cfg.layer_placements(), "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "norm": cfg.norm,
+                "embedding_multiplier": cfg.embedding_multiplier, "rotary_theta": cfg.rope_theta,
+                "rotary_scaling": cfg.rope_scaling, "tie_embeddings": cfg.tie_embeddings}
+    for key, value in resolved.items():
+        if config.get(key) != value:
+            raise InteropError(f"{where}: {key}={config.get(key)!r} disagrees with spannorm_config, which implies "
+                               f"{value!r}; allowed: a folder written by spannorm export-hf, unedited")
+    if context_length is not None:
+        try:
+            cfg = ModelConfig.from_dict({**data, "context_length": context_length})
+        except ConfigError as err:
+            raise InteropError(f"context_length={context_length} is invalid: {err}") from None
+    return cfg
 
 
 def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
@@ -137,6 +174,8 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
     length; default ``max_position_embeddings``, capped at the sliding window when there is one, since only up
     to the window does full causal attention equal sliding attention.
     """
+    if is_remote_code_export(config):
+        return remote_code_model_config(config, context_length, where)
     model_type = hf_model_type(config, where)
     try:
         d_model = int(config["hidden_size"])
@@ -194,6 +233,7 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
     names = tensor_names(files)
     cfg = model_config_from_hf(hf_config, bias=checkpoint_has_bias(names), context_length=context_length,
                                where=str(directory / HF_CONFIG))
+    ours_named = is_remote_code_export(hf_config)  # our own export stores our tensor names
     model = SpanNormLM(cfg)
     params = model.state_dict()
     filled: set[str] = set()
@@ -202,7 +242,7 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
         for name, tensor in iter_tensors(files):
             if hf_names.IGNORED_HF.search(name):
                 continue
-            ours = hf_names.from_hf(name)
+            ours = name if ours_named else hf_names.from_hf(name)
             if ours == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # a tied checkpoint that also stores the head: the embedding is the head
             if ours is None or ours not in params:
@@ -221,13 +261,13 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
         for name, tensor in params.items():
             if name in filled:
                 continue
-            if name.endswith(".bias"):
+            if name.endswith(".bias") and not ours_named:
                 tensor.zero_()  # a bias the checkpoint does not have computes nothing
             else:
                 missing.append(name)
         if missing:
-            raise InteropError(f"{directory}: the checkpoint lacks {len(missing)} weights "
-                               f"(first: {hf_names.to_hf(missing[0])})")
+            first = missing[0] if ours_named else hf_names.to_hf(missing[0])
+            raise InteropError(f"{directory}: the checkpoint lacks {len(missing)} weights (first: {first})")
     return model
 
 
