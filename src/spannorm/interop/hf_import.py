@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from spannorm.config import ConfigError, ModelConfig
+from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig
 from spannorm.interop import hf_names
 from spannorm.interop.errors import InteropError
 from spannorm.interop.safetensors_files import iter_tensors, tensor_names, weight_files
@@ -143,6 +143,10 @@ def rope_of(config: dict[str, Any], where: str = HF_CONFIG) -> tuple[float, dict
         if kind != "linear":
             original = config.get("original_max_position_embeddings", config.get("max_position_embeddings"))
             scaling.setdefault("original_max_position_embeddings", original)
+        missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
+        if missing:
+            raise InteropError(f"{where}: {key} of rope_type {kind!r} lacks {missing[0]!r}; it needs "
+                               f"{', '.join(ROPE_SCALINGS[kind])}")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise InteropError(f"{where}: partial_rotary_factor={config['partial_rotary_factor']} is not supported; "
                            "RoPE rotates the whole head here")

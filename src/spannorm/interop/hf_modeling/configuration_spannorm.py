@@ -18,7 +18,7 @@ class SpanNormConfig(PretrainedConfig):
                  layer_placements=None, norm="rms", norm_eps=1e-6, delta_t=1.0, span_alpha=1.0, span_beta=1.0,
                  embedding_multiplier=1.0, embed_norm=False, final_norm=True, rotary_theta=10000.0,
                  rotary_scaling=None, attention_window=None, bias=False, tie_embeddings=True, moe=None,
-                 spannorm_config=None, **kwargs):
+                 spannorm_config=None, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -50,5 +50,6 @@ class SpanNormConfig(PretrainedConfig):
         # None (dense SwiGLU) or {"n_experts", "top_k", "expert_hidden", "shared_expert"}.
         self.moe = moe
         self.spannorm_config = spannorm_config
+        self.use_cache = use_cache
         kwargs["tie_word_embeddings"] = False  # a tied model has no lm_head module: nothing for transformers to tie
         super().__init__(**kwargs)

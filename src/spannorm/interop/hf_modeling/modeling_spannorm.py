@@ -400,7 +400,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0,
                 return_dict=None, **kwargs) -> CausalLMOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
@@ -412,9 +412,10 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None and attention_mask is not None:  # left padding: count only real tokens
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         if position_ids is None:
-            position_ids = cache_position[None] if cache_position is not None else \
-                torch.arange(past, past + T, device=x.device)[None]
+            position_ids = torch.arange(past, past + T, device=x.device)[None]
         cos, sin = rope_tables(self.config, position_ids.to(x.device))
         mask, is_causal = self._attention_mask(attention_mask, T, past, x.device)
         ctx = Context(cos, sin, mask, is_causal, cache)
