@@ -4,16 +4,20 @@
   spannorm and the exported folder loaded through ``AutoModelForCausalLM.from_pretrained(dir,
   trust_remote_code=True)``, fp32, on 2 × 128 random tokens; and whether greedy ``generate()`` gives the same 32
   tokens with and without the cache.
+- ``rope``: a random Llama (2 layers, d_model 64, GQA 4/2) with each scaled RoPE that import reads, with
+  ``original_max_position_embeddings`` 32: max |logit difference| between transformers' ``LlamaForCausalLM`` and
+  the imported spannorm model on 2 × 200 tokens, and the same with the scaling dropped (what ignoring it costs).
 - ``timing``: export, transformers load and re-import times for a model of about 100M parameters (``span``
   through the remote-code export, ``pre`` through the Llama export), the median of ``--repeats`` runs.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_hf_export.py parity|timing [--repeats 3]``. Prints a markdown
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_hf_export.py parity|rope|timing [--repeats 3]``. Prints a markdown
 table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -52,6 +56,39 @@ def parity() -> None:
                   f"| {'yes' if same else 'NO'} |")
 
 
+ROPES = {
+    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32),
+    "linear": dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32),
+}
+
+
+def rope() -> None:
+    print("| rope_type | max abs logit difference | largest logit | with the scaling dropped |")
+    print("|---|---|---|---|")
+    for name, params in ROPES.items():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          rope_parameters=dict(params))
+        hf_model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # weights at a scale where logits are O(1), norm gains away from 1
+            for p in hf_model.parameters():
+                p.copy_(1 + 0.3 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.save_pretrained(tmp)
+            ours = import_hf(tmp).eval()
+        plain = SpanNormLM(dataclasses.replace(ours.cfg, rope_scaling=None)).eval()
+        plain.load_state_dict(ours.state_dict())
+        idx = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            theirs = hf_model(input_ids=idx).logits
+            diff = (ours(idx).logits - theirs).abs().max().item()
+            dropped = (plain(idx).logits - theirs).abs().max().item()
+        print(f"| {name} | {diff:.1e} | {theirs.abs().max():.1f} | {dropped:.2g} |")
+
+
 def _median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -80,9 +117,12 @@ def timing(repeats: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("parity", "timing"))
+    parser.add_argument("what", choices=("parity", "rope", "timing"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    parity() if args.what == "parity" else timing(args.repeats)
+    if args.what == "timing":
+        timing(args.repeats)
+    else:
+        {"parity": parity, "rope": rope}[args.what]()

@@ -161,7 +161,7 @@ def test_byte_tokenizer_is_exported_and_reproduces_ours(tmp_path):
     byte = ByteTokenizer()
     texts = ["Hello, wörld!\n\tdef f(x):  return x", "日本語 ü ß", "a\x00b", "Ā", "  two  spaces ", ""]
     fast = load_tokenizer(tmp_path / "hf")
-    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id, len(auto)) == (0, 0, 0, 256)
     for text in texts:
         ids = byte.encode(text).tolist()
@@ -186,7 +186,7 @@ def test_generate_with_the_exported_tokenizer_decodes_text(tmp_path):
     ours = _tiny(vocab_size=256, placement="peri")
     save_model(ours, tmp_path / "sn")
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "hf")]) == 0
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     theirs = _load(tmp_path / "hf")
     inputs = tok(["To be, or not"], return_tensors="pt")
     out = theirs.generate(**inputs, max_new_tokens=6, do_sample=False)

@@ -398,7 +398,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
         return allowed, False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 return_dict=None, **kwargs) -> CausalLMOutputWithPast:
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         past_key_values = cache if cache is not None else past_key_values
