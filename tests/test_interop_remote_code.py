@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,7 +21,7 @@ from spannorm.config import PLACEMENTS  # noqa: E402
 from spannorm.data.tokenizer import ByteTokenizer  # noqa: E402
 from spannorm.interop import InteropError, export_hf, import_hf, load_tokenizer  # noqa: E402
 from spannorm.interop.hf_export import MODELING_FILES, export_hf_remote_code  # noqa: E402
-from spannorm.model.io import save_model  # noqa: E402
+from spannorm.model.io import load_model, save_model  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 97
@@ -240,6 +241,21 @@ def test_a_folder_that_is_not_our_export_is_one_line_and_writes_nothing(edit, me
     capsys.readouterr()
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
     _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_that_is_not_ours_or_a_tokenizer_too_big_is_one_line(tmp_path, capsys):
+    export_hf_remote_code(_tiny(placement="span"), tmp_path / "hf")  # an HF folder, not a spannorm model folder
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    assert "not a spannorm model directory" in _error_line(capsys)
+    save_model(_tiny(placement="peri"), tmp_path / "sn")  # vocabulary 97
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w0")).save(
+        str(tmp_path / "sn" / "tokenizer.json"))
+    with pytest.raises(InteropError, match="has 120 tokens but the model embeds only 97"):
+        export_hf_remote_code(load_model(tmp_path / "sn"), tmp_path / "out", source_dir=tmp_path / "sn")
+    assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "out")]) == 2
+    assert "has 120 tokens but the model embeds only 97" in _error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

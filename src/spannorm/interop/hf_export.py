@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from spannorm.config import ModelConfig
 from spannorm.interop import hf_names
@@ -147,6 +148,21 @@ def _source_hf_config(source_dir: Path | None) -> dict[str, Any] | None:
     return None
 
 
+def check_tokenizer_fits(cfg: ModelConfig, source_dir: Path | None) -> None:
+    """Raise :class:`InteropError` when the ``tokenizer.json`` that would travel with the model has ids the model
+    has no embedding row for."""
+    if source_dir is None or not (source_dir / TOKENIZER_FILE).is_file():
+        return
+    try:
+        size = HFTokenizer.from_file(str(source_dir / TOKENIZER_FILE)).get_vocab_size()
+    except Exception as err:  # tokenizers raises its own exception type
+        raise InteropError(f"{source_dir / TOKENIZER_FILE} is not a tokenizers JSON file "
+                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if size > cfg.vocab_size:
+        raise InteropError(f"{source_dir / TOKENIZER_FILE} has {size} tokens but the model embeds only "
+                           f"{cfg.vocab_size}; allowed: a tokenizer whose ids all have an embedding row")
+
+
 def _write_tokenizer(cfg: ModelConfig, source_dir: Path | None, target: Path) -> tuple[list[str], dict[str, Any]]:
     """Copy the tokenizer files of ``source_dir``; a model without a ``tokenizer.json`` and a vocabulary of 256
     was trained on bytes and gets the byte tokenizer (bos = eos = pad = 0). Returns the files and the token ids
@@ -172,6 +188,7 @@ def export_hf(model: SpanNormLM, out_dir: str | os.PathLike, *, dtype: str = "fl
         raise InteropError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in llama_state_dict(model).items()}
     source_dir = Path(source_dir) if source_dir is not None else None
+    check_tokenizer_fits(model.cfg, source_dir)
     config = llama_config_dict(model.cfg, dtype, _source_hf_config(source_dir))
     written: list[str] = []
 
@@ -242,6 +259,7 @@ def export_hf_remote_code(model: SpanNormLM, out_dir: str | os.PathLike, *, dtyp
         raise InteropError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     source_dir = Path(source_dir) if source_dir is not None else None
+    check_tokenizer_fits(model.cfg, source_dir)
     config = remote_code_config_dict(model, dtype, _source_hf_config(source_dir))
     written: list[str] = []
 

@@ -1,9 +1,11 @@
-"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` SpanNormLM.
+"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` SpanNormLM, or a folder that
+spannorm's remote-code export wrote back into the model it came from.
 
 A Llama decoder layer is exactly our ``pre`` block with RMSNorm, SwiGLU, rotate-half RoPE and no embedding
-scale, so the import is a renaming of tensors plus a config translation. Things a Llama-style config can ask
-for that our model cannot compute (RoPE scaling, a head_dim other than hidden_size/heads, another activation)
-raise :class:`InteropError` instead of loading a model that would compute something else. Only safetensors are
+scale, so the import is a renaming of tensors plus a config translation (RoPE scaling of type linear, llama3
+or yarn included). Things a Llama-style config can ask for that our model cannot compute (dynamic or longrope
+RoPE, a head_dim other than hidden_size/heads, another activation) raise :class:`InteropError` instead of
+loading a model that would compute something else. Only safetensors are
 read, and ``transformers`` is not needed.
 """
 
