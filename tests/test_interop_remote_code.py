@@ -155,6 +155,23 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
         assert torch.equal(out[row, 9:], alone[0, prompt.shape[1]:])
 
 
+@torch.no_grad()
+def test_bf16_export_is_bf16_and_runs(tmp_path):
+    ours = _tiny(placement="hybrid")  # dense: in bf16 a router may pick other experts, which is no bug
+    export_hf_remote_code(ours, tmp_path / "hf", dtype="bfloat16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
+                                                               dtype=torch.bfloat16).eval()
+    assert theirs.embed.weight.dtype == torch.bfloat16
+    idx = _tokens()
+    logits = theirs(input_ids=idx).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    reference = ours(idx).logits
+    assert (logits.float() - reference).abs().mean() < 0.02 * reference.abs().mean()  # bf16 rounding
+    again = import_hf(tmp_path / "hf")
+    assert torch.equal(again.blocks[0].attn.q_proj.weight, ours.blocks[0].attn.q_proj.weight.bfloat16().float())
+
+
 def test_byte_tokenizer_is_exported_and_reproduces_ours(tmp_path):
     ours = _tiny(vocab_size=256, placement="span")
     save_model(ours, tmp_path / "sn")  # a byte model's folder has no tokenizer.json

@@ -407,7 +407,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
         x = inputs_embeds * self.config.embedding_multiplier
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        B, T, _ = x.shape
+        T = x.shape[1]
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache else None
