@@ -19,7 +19,8 @@ from spannorm import ModelConfig, SpanNormLM  # noqa: E402
 from spannorm.cli.main import main  # noqa: E402
 from spannorm.config import PLACEMENTS  # noqa: E402
 from spannorm.data.tokenizer import ByteTokenizer  # noqa: E402
-from spannorm.interop import InteropError, export_hf, import_hf, load_tokenizer  # noqa: E402
+from spannorm.interop import (InteropError, checkpoint_model_config, export_hf, import_hf,  # noqa: E402
+                              load_checkpoint, load_tokenizer)
 from spannorm.interop.hf_export import MODELING_FILES, export_hf_remote_code  # noqa: E402
 from spannorm.model.io import load_model, save_model  # noqa: E402
 
@@ -223,6 +224,14 @@ def test_cli_export_and_import_check_remote_code_parity(tmp_path, capsys):
     diffs = [float(line.rsplit(" ", 1)[1]) for line in captured.out.splitlines() if line.startswith("max |logit")]
     assert len(diffs) == 2 and max(diffs) < TOL
     assert "placement deepnorm" in captured.out
+
+
+def test_init_from_reads_a_remote_code_export(tmp_path):
+    ours = _tiny(placement="span_b2t", moe=MOE)
+    export_hf_remote_code(ours, tmp_path / "hf")
+    assert checkpoint_model_config(tmp_path / "hf") == ours.cfg
+    started = load_checkpoint(tmp_path / "hf")
+    assert all(torch.equal(t, started.state_dict()[k]) for k, t in ours.state_dict().items())
 
 
 def test_pre_and_lns_keep_the_llama_export_and_round_trip(tmp_path):

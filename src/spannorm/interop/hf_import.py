@@ -5,8 +5,8 @@ A Llama decoder layer is exactly our ``pre`` block with RMSNorm, SwiGLU, rotate-
 scale, so the import is a renaming of tensors plus a config translation (RoPE scaling of type linear, llama3
 or yarn included). Things a Llama-style config can ask for that our model cannot compute (dynamic or longrope
 RoPE, a head_dim other than hidden_size/heads, another activation) raise :class:`InteropError` instead of
-loading a model that would compute something else. Only safetensors are
-read, and ``transformers`` is not needed.
+loading a model that would compute something else. Only safetensors are read, and ``transformers`` is not
+needed.
 """
 
 from __future__ import annotations
