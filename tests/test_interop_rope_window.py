@@ -134,6 +134,10 @@ def test_sliding_window_travels_with_the_model_and_caps_every_context(mistral, t
     full = SpanNormLM(dataclasses.replace(ours.cfg, context_length=32, sliding_window=None))
     full.load_state_dict(ours.state_dict())
     assert _max_diff(full, hf_model, _tokens(32)) > 100 * TOL
+    # The run-time error for a longer input does not advise raising the context past the window.
+    with pytest.raises(ValueError, match="16-token sliding window.*shorten the input") as err:
+        ours(_tokens(17))
+    assert "raise" not in str(err.value)
     # A later context change is refused wherever the config is built.
     with pytest.raises(ConfigError, match=r"model.context_length=32 is invalid: the model was trained with "
                                           r"sliding-window attention \(window 16\).*allowed: <= 16"):

@@ -146,11 +146,14 @@ def _yarn_frequencies(inv_freq: torch.Tensor, head_dim: int, theta: float, facto
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the non-interleaved (Llama / GPT-NeoX) layout:
     x·cos + rotate_half(x)·sin. It is computed as x·cos + roll(x, head_dim/2)·sin_signed, where ``sin_signed``
-    is sin with its first half negated: the same products (negation is exact), in three ops instead of six."""
+    is sin with its first half negated: the same products (negation is exact), in three ops instead of six.
+    ``too_long_advice`` ends the error for a sequence longer than the table."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None,
+                 too_long_advice: str = "raise model.context_length"):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.too_long_advice = too_long_advice
         cos, sin = self._table(max_len)
         half = head_dim // 2
         self.register_buffer("cos", cos, persistent=False)
@@ -170,11 +173,21 @@ class RotaryEmbedding(nn.Module):
         T = q.shape[-2]
         if T > self.cos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.shape[0]}); "
-                             "raise model.context_length")
+                             f"{self.too_long_advice}")
         cos, sin_signed = self.cos[:T].to(q.dtype), self.sin_signed[:T].to(q.dtype)
         half = self.head_dim // 2
         return (q * cos + q.roll(half, dims=-1) * sin_signed,
                 k * cos + k.roll(half, dims=-1) * sin_signed)
+
+
+def too_long_advice(cfg: ModelConfig) -> str:
+    """What to do about a sequence longer than ``cfg.context_length``: raise it, unless the model was trained with
+    a sliding window that it already equals (full attention past the window would compute something else)."""
+    if cfg.sliding_window is not None and cfg.context_length >= cfg.sliding_window:
+        return (f"the model was trained with a {cfg.sliding_window}-token sliding window, which spannorm does not "
+                f"implement, so it runs at most {cfg.sliding_window} tokens at once: shorten the input")
+    limit = "" if cfg.sliding_window is None else f" (at most model.sliding_window={cfg.sliding_window})"
+    return f"raise model.context_length{limit}"
 
 
 def sdpa_handles_gqa(q: torch.Tensor) -> bool:
@@ -199,7 +212,8 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling,
+                                      too_long_advice=too_long_advice(cfg))
         if qkv_norm:
             self.q_norm = make_norm(cfg, cfg.head_dim)
             self.k_norm = make_norm(cfg, cfg.head_dim)
