@@ -333,7 +333,7 @@ BLOCKS = {"pre": PreBlock, "post": PostBlock, "peri": PeriBlock, "span": SpanBlo
 class SpanNormPreTrainedModel(PreTrainedModel):
     config_class = SpanNormConfig
     base_model_prefix = "spannorm"
-    _no_split_modules = ["Block"]
+    _no_split_modules = [cls.__name__ for cls in BLOCKS.values()]
     _supports_cache_class = True
 
     def _init_weights(self, module: nn.Module) -> None:
