@@ -52,6 +52,7 @@ def write_byte_tokenizer(directory: Path, model_max_length: int) -> list[str]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (bos = eos = pad = id 0) into ``directory``."""
     byte_tokenizer().save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BYTE_SPECIAL, "eos_token": BYTE_SPECIAL,
-              "pad_token": BYTE_SPECIAL, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+              "pad_token": BYTE_SPECIAL, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return ["tokenizer.json", "tokenizer_config.json"]
