@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from spannorm import ConfigError, ModelConfig, SpanNormLM  # noqa: E402
 from spannorm.cli.main import main  # noqa: E402
-from spannorm.interop import InteropError, export_hf, import_hf  # noqa: E402
+from spannorm.interop import InteropError, export_hf, export_model, import_hf  # noqa: E402
 from spannorm.interop.init_from import check_init_target  # noqa: E402
 from spannorm.train.config import RunConfig  # noqa: E402
 
@@ -69,9 +69,13 @@ def test_scaled_rope_imports_with_parity_past_the_original_context(name, tmp_pat
     plain = SpanNormLM(dataclasses.replace(ours.cfg, rope_scaling=None))
     plain.load_state_dict(ours.state_dict())
     assert _max_diff(plain, hf_model, idx) > 100 * TOL
-    # Export back as Llama: transformers reads the same scaling.
-    export_hf(ours, tmp_path / "out")
-    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    # Export back: as Llama, which reads the same scaling, except yarn, whose original context transformers 4
+    # would take from max_position_embeddings: that goes out with the modeling code of every placement.
+    result = export_model(ours, tmp_path / "out")
+    assert result.hf_llama == (rope["rope_type"] != "yarn")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                                 trust_remote_code=True).eval()
+    assert type(reloaded).__name__ == ("LlamaForCausalLM" if result.hf_llama else "SpanNormForCausalLM")
     assert _max_diff(ours, reloaded, idx) < TOL
     assert import_hf(tmp_path / "out").cfg == ours.cfg
 

@@ -74,6 +74,9 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
         reasons.append("embed_norm: Llama does not normalize the embedding output")
     if cfg.final_norm is False:
         reasons.append("final_norm=false: Llama always applies a final RMSNorm")
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "yarn":
+        reasons.append("rope_scaling yarn: transformers 4 takes yarn's original context from "
+                       "max_position_embeddings, so a Llama config cannot state it for every version")
     if cfg.sliding_window is not None and cfg.bias:
         reasons.append("sliding_window with bias: Mistral, the Llama model with a sliding window, has no biases")
     return reasons
