@@ -43,5 +43,6 @@ def test_doc_snippets_run(tmp_path, monkeypatch, capsys):
                 assert main(words[1:]) == 0, line
     out = capsys.readouterr().out
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("max |logit")]
-    assert len(diffs) == 2 and max(diffs) < 1e-4
+    assert len(diffs) == 3 and max(diffs) < 1e-4  # import, Llama export and remote-code export checks
     assert (tmp_path / "runs" / "llama-to-span" / "summary.json").is_file()
+    assert (tmp_path / "span-hf" / "modeling_spannorm.py").is_file()

@@ -24,7 +24,7 @@ from spannorm.interop import (  # noqa: E402
     load_tokenizer,
     max_logit_difference,
 )
-from spannorm.model.io import load_model, save_model  # noqa: E402
+from spannorm.model.io import save_model  # noqa: E402
 
 TOL = 1e-4
 VOCAB, T = 97, 24
@@ -209,6 +209,11 @@ def test_tokenizer_travels_with_the_weights(hf_llama, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def _auto_model_class(directory: Path) -> str:
+    """The modeling class a remote-code export names in its config.json (``auto_map``)."""
+    return json.loads((directory / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("spannorm: error: ")
@@ -250,8 +255,11 @@ def test_missing_files_are_clear_errors(hf_llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "'llama3' is not supported"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}, "'dynamic' is not supported"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, "'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "lacks 'low_freq_factor'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0, "low_freq_factor": 1.0}},
+     "key 'low_freq_factor' is not supported for rope_type 'linear'"),
     ({"head_dim": 16}, "head_dim=16 is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
 ])
@@ -266,7 +274,7 @@ def test_config_features_we_cannot_compute_are_refused(hf_llama, tmp_path, chang
         import_hf(target)
 
 
-def test_non_llama_placements_export_as_spannorm_with_the_reason(tmp_path, capsys):
+def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason(tmp_path, capsys):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, context_length=16, placement="span")
     model = SpanNormLM(cfg)
     assert any("block-output norm" in r for r in llama_incompatibilities(cfg))
@@ -275,16 +283,17 @@ def test_non_llama_placements_export_as_spannorm_with_the_reason(tmp_path, capsy
     assert not (tmp_path / "strict").exists()
     result = export_model(model, tmp_path / "loose")
     assert not result.hf_llama and "block-output norm" in result.message()
-    assert not (tmp_path / "loose" / "config.json").exists()
+    assert _auto_model_class(tmp_path / "loose") == "modeling_spannorm.SpanNormForCausalLM"
     idx = _tokens(16)
-    assert torch.equal(load_model(tmp_path / "loose")(idx).logits, model(idx).logits)
+    assert torch.equal(import_hf(tmp_path / "loose")(idx).logits, model(idx).logits)
     save_model(model, tmp_path / "sn")
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli"), "--require-llama"]) == 2
     assert "span normalizes the block output" in _error_line(capsys)
     assert not (tmp_path / "cli").exists()
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli")]) == 0
     assert "cannot load it as LlamaForCausalLM" in capsys.readouterr().err
-    assert (tmp_path / "cli" / "model_config.json").is_file()
+    assert (tmp_path / "cli" / "modeling_spannorm.py").is_file()
+    assert _auto_model_class(tmp_path / "cli") == "modeling_spannorm.SpanNormForCausalLM"
 
 
 @pytest.mark.parametrize("model_kw, reason", [
@@ -317,9 +326,9 @@ def test_each_non_llama_feature_is_refused_with_its_reason(model_kw, reason, tmp
     assert not (tmp_path / "strict").exists()
     result = export_model(model, tmp_path / "loose")
     assert not result.hf_llama and result.reasons == reasons and reason in result.message()
-    assert not (tmp_path / "loose" / "config.json").exists()
+    assert _auto_model_class(tmp_path / "loose") == "modeling_spannorm.SpanNormForCausalLM"
     idx = _tokens(16)
-    assert torch.equal(load_model(tmp_path / "loose")(idx).logits, model(idx).logits)
+    assert torch.equal(import_hf(tmp_path / "loose")(idx).logits, model(idx).logits)
     save_model(model, tmp_path / "sn")
     capsys.readouterr()
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli"), "--require-llama"]) == 2

@@ -19,6 +19,17 @@ BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
 SPAN_SCALINGS = ("init", "skip", "both")
 NORMS = ("rms", "layer")
 INITS = ("fan_in", "fixed")
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+"""RoPE scaling types (Hugging Face ``rope_type``) -> the keys each one requires (see
+``spannorm.model.layers.rope_frequencies``). yarn also reads ``beta_fast``, ``beta_slow``, ``attention_factor``,
+``mscale``, ``mscale_all_dim`` and ``truncate`` when present."""
+OPTIONAL_FIELDS = ("rope_scaling", "sliding_window")
+"""Fields :meth:`ModelConfig.to_dict` writes only when set, so that configs and checkpoints written before they
+existed read and compare the same."""
 
 
 class ConfigError(ValueError):
@@ -100,6 +111,13 @@ class ModelConfig:
     embed_norm: bool = False
     """Normalize the embedding output (Peri-LN's optional embedding norm)."""
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """Scaled RoPE of an imported checkpoint, as Hugging Face writes it: ``rope_type`` (linear, llama3 or
+    yarn) and its parameters. None: plain RoPE."""
+    sliding_window: int | None = None
+    """The sliding attention window of an imported checkpoint (Mistral). spannorm attends to the whole causal
+    prefix, which equals sliding-window attention only up to this many tokens, so context_length may not
+    exceed it. None: no window."""
     bias: bool = False
     moe: MoEConfig | None = None
 
@@ -159,6 +177,28 @@ class ModelConfig:
             _fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
         if self.moe is not None:
             self.moe.validate(f"{prefix}.moe")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling(prefix)
+        if self.sliding_window is not None:
+            if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) \
+                    or self.sliding_window < 1:
+                _fail(f"{prefix}.sliding_window", self.sliding_window, "must be a positive integer or null")
+            if self.context_length > self.sliding_window:
+                _fail(f"{prefix}.context_length", self.context_length,
+                      f"the model was trained with sliding-window attention (window {self.sliding_window}), "
+                      f"which spannorm does not implement; full attention equals it only up to the window, "
+                      f"so allowed: <= {self.sliding_window}")
+
+    def _validate_rope_scaling(self, prefix: str) -> None:
+        scaling = self.rope_scaling
+        where = f"{prefix}.rope_scaling"
+        if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_SCALINGS:
+            kind = scaling.get("rope_type") if isinstance(scaling, dict) else scaling
+            _fail(f"{where}.rope_type", kind, f"allowed: {', '.join(ROPE_SCALINGS)}")
+        for key in ROPE_SCALINGS[scaling["rope_type"]]:
+            value = scaling.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                _fail(f"{where}.{key}", value, f"rope_type {scaling['rope_type']} needs a positive number")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -200,7 +240,11 @@ class ModelConfig:
         return layers
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in OPTIONAL_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -43,10 +43,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     imp.set_defaults(run=run_import)
 
     exp = subparsers.add_parser(
-        "export-hf", help="write a spannorm model as a Hugging Face LlamaForCausalLM checkpoint",
+        "export-hf", help="write a spannorm model as a Hugging Face checkpoint (any placement, dense or MoE)",
         description="Write the spannorm model in MODEL_DIR to HF_DIR. Placements that Llama computes (pre, lns) "
-                    "become a LlamaForCausalLM directory; any other model is written in spannorm's own format "
-                    "with a message saying why HF cannot load it as Llama (--require-llama makes that an error).")
+                    "become a LlamaForCausalLM directory; any other model gets its own modeling code, loaded with "
+                    "AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True), and a note saying why "
+                    "it is not Llama (--require-llama makes that an error). The tokenizer travels along; a byte "
+                    "model gets a byte-level tokenizer.json.")
     exp.add_argument("model_dir", metavar="MODEL_DIR", type=Path,
                      help="a spannorm model folder, checkpoint folder, or run folder (its latest checkpoint)")
     exp.add_argument("--out", required=True, type=Path, metavar="HF_DIR", help="directory to write")
@@ -74,7 +76,14 @@ def _user_errors(fn):
 
 @_user_errors
 def run_import(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_import import HF_CONFIG, SOURCE_HF_CONFIG, copy_tokenizer_files, import_hf
+    from spannorm.interop.hf_import import (
+        HF_CONFIG,
+        SOURCE_HF_CONFIG,
+        copy_tokenizer_files,
+        import_hf,
+        is_remote_code_export,
+        read_hf_config,
+    )
     from spannorm.interop.output_dir import check_writable, write_directory
     from spannorm.interop.parity import max_logit_difference
     from spannorm.model.io import save_model
@@ -84,7 +93,8 @@ def run_import(args: argparse.Namespace) -> int:
         raise UsageError(f"--context-length={args.context_length} is invalid: must be a positive integer")
     model = import_hf(args.hf_dir, context_length=args.context_length)
     if args.check:
-        diff = max_logit_difference(model, args.hf_dir)
+        remote = is_remote_code_export(read_hf_config(args.hf_dir))
+        diff = max_logit_difference(model, args.hf_dir, trust_remote_code=remote)
         print(f"max |logit difference| vs transformers (fp32, random tokens): {diff:.3g}")
         if not diff <= PARITY_TOLERANCE:
             print(f"spannorm: error: logits differ by {diff:.3g} > {PARITY_TOLERANCE:g}; nothing written",
@@ -99,14 +109,14 @@ def run_import(args: argparse.Namespace) -> int:
     write_directory(args.out, fill, args.overwrite)
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.hf_dir} -> {args.out}: placement pre, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+    print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
           f"{cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, {n_params:,} parameters")
     return 0
 
 
 @_user_errors
 def run_export(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_export import export_hf, export_model, llama_incompatibilities
+    from spannorm.interop.hf_export import export_model, llama_incompatibilities
     from spannorm.interop.init_from import resolve_checkpoint_dir
     from spannorm.interop.output_dir import check_writable
     from spannorm.interop.parity import max_logit_difference
@@ -120,16 +130,16 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError("HF cannot load this model as LlamaForCausalLM: " + "; ".join(reasons))
     options = dict(dtype=args.dtype, max_shard_bytes=args.max_shard_size, source_dir=model_dir,
                    overwrite=args.overwrite)
+    result = export_model(model, args.out, **options)
     if reasons:
-        result = export_model(model, args.out, **options)
         print(f"spannorm: note: {result.message()}", file=sys.stderr)
-        return 0
-    files = export_hf(model, args.out, **options)
+    files = result.files
     shards = sum(name.endswith(".safetensors") for name in files)
-    print(f"wrote a Hugging Face LlamaForCausalLM checkpoint to {args.out} ({args.dtype}, {shards} safetensors "
+    kind = "LlamaForCausalLM" if result.hf_llama else "SpanNormForCausalLM (trust_remote_code=True)"
+    print(f"wrote a Hugging Face {kind} checkpoint to {args.out} ({args.dtype}, {shards} safetensors "
           f"file{'s' if shards > 1 else ''}, {len(files)} files in all)")
     if args.check:
-        diff = max_logit_difference(model, args.out)
+        diff = max_logit_difference(model, args.out, trust_remote_code=not result.hf_llama)
         print(f"max |logit difference| vs transformers ({args.dtype} weights, random tokens): {diff:.3g}")
         if args.dtype == "float32" and not diff <= PARITY_TOLERANCE:
             print(f"spannorm: error: logits differ by {diff:.3g} > {PARITY_TOLERANCE:g}", file=sys.stderr)

@@ -1,10 +1,12 @@
-"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` DecoderLM.
+"""Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint into a ``pre`` DecoderLM, or a folder that
+spannorm's remote-code export wrote back into the model it came from.
 
 A Llama decoder layer is exactly our ``pre`` block with RMSNorm, SwiGLU, rotate-half RoPE and no embedding
-scale, so the import is a renaming of tensors plus a config translation. Things a Llama-style config can ask
-for that our model cannot compute (RoPE scaling, a head_dim other than hidden_size/heads, another activation)
-raise :class:`InteropError` instead of loading a model that would compute something else. Only safetensors are
-read, and ``transformers`` is not needed.
+scale, so the import is a renaming of tensors plus a config translation (RoPE scaling of type linear, llama3
+or yarn included). Things a Llama-style config can ask for that our model cannot compute (dynamic or longrope
+RoPE, a head_dim other than hidden_size/heads, another activation) raise :class:`InteropError` instead of
+loading a model that would compute something else. Only safetensors are read, and ``transformers`` is not
+needed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from spannorm.config import ConfigError, ModelConfig
+from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig
 from spannorm.interop import hf_names
 from spannorm.interop.errors import InteropError
 from spannorm.interop.safetensors_files import iter_tensors, tensor_names, weight_files
@@ -35,6 +37,9 @@ token ids."""
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2"}
 """HF ``architectures`` entry -> ``model_type``. All three share Llama's tensor names and decoder layer."""
+REMOTE_CODE_ARCHITECTURE = "SpanNormForCausalLM"
+REMOTE_CODE_MODEL_TYPE = "spannorm"
+"""A folder written by ``export_hf_remote_code``: spannorm's tensor names, its config under ``spannorm_config``."""
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -51,8 +56,42 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise InteropError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise InteropError(f"{path} must hold a JSON object")
-    hf_model_type(config, str(path))
+    if not is_remote_code_export(config):
+        hf_model_type(config, str(path))
     return config
+
+
+def is_remote_code_export(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` is that of a spannorm remote-code export (any placement)."""
+    return config.get("model_type") == REMOTE_CODE_MODEL_TYPE
+
+
+def remote_code_model_config(config: dict[str, Any], context_length: int | None = None,
+                             where: str = HF_CONFIG) -> ModelConfig:
+    """The ModelConfig stored in a remote-code export, checked against the resolved fields its modeling code
+    reads (a hand-edited config.json whose two halves disagree is refused)."""
+    data = config.get("spannorm_config")
+    if not isinstance(data, dict):
+        raise InteropError(f"{where}: model_type {REMOTE_CODE_MODEL_TYPE!r} without a 'spannorm_config' object; "
+                           "allowed: a folder written by spannorm export-hf")
+    try:
+        cfg = ModelConfig.from_dict(data)
+    except ConfigError as err:
+        raise InteropError(f"{where}: spannorm_config is invalid: {err}") from None
+    resolved = {"layer_placements": cfg.layer_placements(), "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "norm": cfg.norm,
+                "embedding_multiplier": cfg.embedding_multiplier, "rotary_theta": cfg.rope_theta,
+                "rotary_scaling": cfg.rope_scaling, "tie_embeddings": cfg.tie_embeddings}
+    for key, value in resolved.items():
+        if config.get(key) != value:
+            raise InteropError(f"{where}: {key}={config.get(key)!r} disagrees with spannorm_config, which implies "
+                               f"{value!r}; allowed: a folder written by spannorm export-hf, unedited")
+    if context_length is not None:
+        try:
+            cfg = ModelConfig.from_dict({**data, "context_length": context_length})
+        except ConfigError as err:
+            raise InteropError(f"context_length={context_length} is invalid: {err}") from None
+    return cfg
 
 
 def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
@@ -70,25 +109,50 @@ def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
     return model_type
 
 
-def rope_theta_of(config: dict[str, Any], where: str = HF_CONFIG) -> float:
-    """θ of plain RoPE, from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
-    (transformers 4). Any scaled RoPE (linear, dynamic, yarn, llama3, longrope, ...) raises."""
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                      "mscale", "mscale_all_dim", "truncate")}
+"""The scaled RoPE types import computes exactly (``spannorm.model.layers.rope_frequencies``) and the keys of
+each that it reads. Any other key in the section is refused rather than ignored."""
+
+
+def rope_of(config: dict[str, Any], where: str = HF_CONFIG) -> tuple[float, dict[str, Any] | None]:
+    """θ and the RoPE scaling, from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
+    (transformers 4). Plain RoPE gives scaling None; linear, llama3 and yarn give ``{"rope_type": ..., ...}``
+    with ``original_max_position_embeddings`` defaulting to ``max_position_embeddings`` as transformers does.
+    dynamic, longrope and anything else raise, as do per-layer-type RoPE and keys a type does not read."""
     theta = config.get("rope_theta")
+    scaling: dict[str, Any] | None = None
     for key in ("rope_parameters", "rope_scaling"):
         section = config.get(key)
         if section is None:
             continue
         if not isinstance(section, dict) or any(isinstance(v, dict) for v in section.values()):
-            raise InteropError(f"{where}: {key}={section!r} is not supported; only one plain RoPE for all layers")
+            raise InteropError(f"{where}: {key}={section!r} is not supported; only one RoPE for all layers")
         kind = section.get("rope_type", section.get("type", "default"))
-        if kind != "default":
-            raise InteropError(f"{where}: {key} type {kind!r} is not supported; spannorm implements only plain "
-                               "RoPE (rope_type 'default'), so a scaled-RoPE model would compute other logits")
         theta = section.get("rope_theta", theta)
+        if kind == "default":
+            continue
+        if kind not in ROPE_KEYS:
+            raise InteropError(f"{where}: {key} type {kind!r} is not supported; allowed: default, "
+                               f"{', '.join(ROPE_KEYS)} (other scalings would compute other logits)")
+        extra = sorted(set(section) - set(ROPE_KEYS[kind]) - {"rope_type", "type", "rope_theta"})
+        if extra:
+            raise InteropError(f"{where}: {key} key {extra[0]!r} is not supported for rope_type {kind!r}; "
+                               f"allowed: {', '.join(ROPE_KEYS[kind])}")
+        scaling = {"rope_type": kind, **{k: section[k] for k in ROPE_KEYS[kind] if section.get(k) is not None}}
+        if kind != "linear":
+            original = config.get("original_max_position_embeddings", config.get("max_position_embeddings"))
+            scaling.setdefault("original_max_position_embeddings", original)
+        missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
+        if missing:
+            raise InteropError(f"{where}: {key} of rope_type {kind!r} lacks {missing[0]!r}; it needs "
+                               f"{', '.join(ROPE_SCALINGS[kind])}")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise InteropError(f"{where}: partial_rotary_factor={config['partial_rotary_factor']} is not supported; "
                            "RoPE rotates the whole head here")
-    return 10000.0 if theta is None else float(theta)
+    return (10000.0 if theta is None else float(theta)), scaling
 
 
 def attention_window_of(config: dict[str, Any], model_type: str) -> int | None:
@@ -116,6 +180,8 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
     length; default ``max_position_embeddings``, capped at the sliding window when there is one, since only up
     to the window does full causal attention equal sliding attention.
     """
+    if is_remote_code_export(config):
+        return remote_code_model_config(config, context_length, where)
     model_type = hf_model_type(config, where)
     try:
         d_model = int(config["hidden_size"])
@@ -141,13 +207,14 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
     elif window is not None and context_length > window:
         raise InteropError(f"context_length={context_length} is invalid: the checkpoint uses sliding-window "
                            f"attention (window {window}), which spannorm does not implement; allowed: <= {window}")
+    rope_theta, rope_scaling = rope_of(config, where)
     init_std = float(config.get("initializer_range") or 0.02)
     try:
         return ModelConfig(
             vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads"), d_ff=d_ff, context_length=context_length,
             placement="pre", norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta_of(config, where), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             bias=bias, embed_scale=1.0, final_norm=True, delta_t=1.0, init="fixed", init_std=init_std)
     except ConfigError as err:
         raise InteropError(f"{where} maps to an invalid spannorm config: {err}") from None
@@ -172,6 +239,7 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
     names = tensor_names(files)
     cfg = model_config_from_hf(hf_config, bias=checkpoint_has_bias(names), context_length=context_length,
                                where=str(directory / HF_CONFIG))
+    ours_named = is_remote_code_export(hf_config)  # our own export stores our tensor names
     model = DecoderLM(cfg)
     params = model.state_dict()
     filled: set[str] = set()
@@ -180,7 +248,7 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
         for name, tensor in iter_tensors(files):
             if hf_names.IGNORED_HF.search(name):
                 continue
-            ours = hf_names.from_hf(name)
+            ours = name if ours_named else hf_names.from_hf(name)
             if ours == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # a tied checkpoint that also stores the head: the embedding is the head
             if ours is None or ours not in params:
@@ -199,13 +267,13 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
         for name, tensor in params.items():
             if name in filled:
                 continue
-            if name.endswith(".bias"):
+            if name.endswith(".bias") and not ours_named:
                 tensor.zero_()  # a bias the checkpoint does not have computes nothing
             else:
                 missing.append(name)
         if missing:
-            raise InteropError(f"{directory}: the checkpoint lacks {len(missing)} weights "
-                               f"(first: {hf_names.to_hf(missing[0])})")
+            first = missing[0] if ours_named else hf_names.to_hf(missing[0])
+            raise InteropError(f"{directory}: the checkpoint lacks {len(missing)} weights (first: {first})")
     return model
 
 

@@ -144,6 +144,10 @@ def _check_shapes(source: ModelConfig, target: ModelConfig) -> None:
             source_moe and any(source_moe[k] != target_moe[k] for k in ("n_experts", "d_expert", "shared_expert"))):
         raise ConfigError(f"model.moe={target_moe!r} is invalid: the checkpoint has moe={source_moe!r}, and "
                           "initializing from it needs the same experts")
+    if source.sliding_window is not None and target.sliding_window != source.sliding_window:
+        raise ConfigError(f"model.sliding_window={target.sliding_window!r} is invalid: the checkpoint was trained "
+                          f"with sliding-window attention (window {source.sliding_window}), which spannorm does not "
+                          f"implement; allowed: {source.sliding_window}, with context_length <= it")
     if not source.tie_embeddings and target.tie_embeddings:
         raise ConfigError("model.tie_embeddings=True is invalid: the checkpoint has a separate output head that "
                           "tying would discard; allowed: false")
@@ -159,7 +163,7 @@ def _function_changes(source: ModelConfig, target: ModelConfig, dropped: list[st
     if source.embedding_multiplier != target.embedding_multiplier:
         changes.append(f"embedding multiplier {source.embedding_multiplier:g} -> {target.embedding_multiplier:g}; "
                        f"set model.embed_scale={source.embedding_multiplier:g} to keep it")
-    for name in ("norm", "norm_eps", "rope_theta", "delta_t", "embed_norm"):
+    for name in ("norm", "norm_eps", "rope_theta", "rope_scaling", "delta_t", "embed_norm"):
         if getattr(source, name) != getattr(target, name):
             changes.append(f"{name} {getattr(source, name)!r} -> {getattr(target, name)!r}")
     if dropped:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -86,14 +87,74 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies θ^(-2i/d) (float64), rescaled as ``scaling["rope_type"]`` says, and the
+    magnitude that multiplies cos and sin (1 except for yarn):
+
+    - ``linear``: every frequency divided by ``factor`` (position interpolation).
+    - ``llama3`` (Llama 3.1+): wavelengths λ = 2π/f above L/low_freq_factor (L =
+      original_max_position_embeddings) divided by ``factor``, below L/high_freq_factor kept, and in between
+      f·((1 − s)/factor + s) with s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor).
+    - ``yarn`` (Peng et al. 2023): f/factor and f blended by a ramp over the dimensions that complete between
+      ``beta_fast`` (32) and ``beta_slow`` (1) rotations within L, with cos and sin scaled by
+      ``attention_factor`` (default 0.1·ln(factor) + 1, or the ratio of the mscale terms when given)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind is None:
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = float(scaling["original_max_position_embeddings"])
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)
+        medium = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        in_between = (wavelength <= original / low) & (wavelength >= original / high)
+        return torch.where(in_between, medium, scaled), 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(inv_freq, head_dim, theta, factor, original, scaling)
+    raise ValueError(f"rope_scaling.rope_type={kind!r} is invalid")
+
+
+def _yarn_frequencies(inv_freq: torch.Tensor, head_dim: int, theta: float, factor: float, original: float,
+                      scaling: dict) -> tuple[torch.Tensor, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    magnitude = scaling.get("attention_factor")
+    if magnitude is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        magnitude = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def dimension_of(rotations: float) -> float:  # the dimension that turns `rotations` times within `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension_of(scaling.get("beta_fast") or 32), dimension_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, device=inv_freq.device, dtype=torch.float64) - low) / (high - low))
+    keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency (fast dimensions), 0: interpolated by factor
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(magnitude)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the non-interleaved (Llama / GPT-NeoX) layout:
     x·cos + rotate_half(x)·sin. It is computed as x·cos + roll(x, head_dim/2)·sin_signed, where ``sin_signed``
-    is sin with its first half negated: the same products (negation is exact), in three ops instead of six."""
+    is sin with its first half negated: the same products (negation is exact), in three ops instead of six.
+    ``too_long_advice`` ends the error for a sequence longer than the table."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None,
+                 too_long_advice: str = "raise model.context_length"):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.too_long_advice = too_long_advice
         cos, sin = self._table(max_len)
         half = head_dim // 2
         self.register_buffer("cos", cos, persistent=False)
@@ -102,10 +163,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_signed", sin_signed, persistent=False)
 
     def _table(self, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
-                                                       dtype=torch.float64) / self.head_dim))
+        inv_freq, magnitude = rope_frequencies(self.head_dim, self.theta, self.scaling, device)
         angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
+        if magnitude != 1.0:
+            return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
         return angles.cos().float(), angles.sin().float()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor,
@@ -119,12 +181,22 @@ class RotaryEmbedding(nn.Module):
             sin_signed = self.sin_signed[positions].unsqueeze(1).to(q.dtype)
         elif T > self.cos.shape[0]:
             raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.shape[0]}); "
-                             "raise model.context_length")
+                             f"{self.too_long_advice}")
         else:
             cos, sin_signed = self.cos[:T].to(q.dtype), self.sin_signed[:T].to(q.dtype)
         half = self.head_dim // 2
         return (q * cos + q.roll(half, dims=-1) * sin_signed,
                 k * cos + k.roll(half, dims=-1) * sin_signed)
+
+
+def too_long_advice(cfg: ModelConfig) -> str:
+    """What to do about a sequence longer than ``cfg.context_length``: raise it, unless the model was trained with
+    a sliding window that it already equals (full attention past the window would compute something else)."""
+    if cfg.sliding_window is not None and cfg.context_length >= cfg.sliding_window:
+        return (f"the model was trained with a {cfg.sliding_window}-token sliding window, which spannorm does not "
+                f"implement, so it runs at most {cfg.sliding_window} tokens at once: shorten the input")
+    limit = "" if cfg.sliding_window is None else f" (at most model.sliding_window={cfg.sliding_window})"
+    return f"raise model.context_length{limit}"
 
 
 def sdpa_handles_gqa(q: torch.Tensor) -> bool:
@@ -162,7 +234,8 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling,
+                                      too_long_advice=too_long_advice(cfg))
         if qkv_norm:
             self.q_norm = make_norm(cfg, cfg.head_dim)
             self.k_norm = make_norm(cfg, cfg.head_dim)

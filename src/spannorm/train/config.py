@@ -208,7 +208,7 @@ class RunConfig:
         return self.train.batch_size * self.train.grad_accum * self.model.context_length
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}  # model: optional fields only when set
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
