@@ -1,32 +1,35 @@
 """Typed model configuration, validated in one place.
 
 Every architectural choice of SPEC.md is a field here: the placement of normalization (with per-layer
-overrides), the residual step Δt, SpanNorm's scaling rule, the init, and the optional MoE FFN. Invalid values
-raise :class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
+overrides), the residual step Δt, SpanNorm's scaling rule, the init, and the optional MoE FFN. Enumerated
+fields are ``Literal``-typed and checked, with every float's finiteness, by the shared machinery of
+:mod:`spannorm.configuration`; ``validate`` checks ranges and relations between fields. Invalid values raise
+:class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from spannorm.configuration import ConfigError, build, check_fields
+from spannorm.configuration import fail as _fail
 
 PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid")
 """Every placement of SPEC §2. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
 
 BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
-SPAN_SCALINGS = ("init", "skip", "both")
-NORMS = ("rms", "layer")
-INITS = ("fan_in", "fixed")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field, the value and what is allowed."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+Placement = Literal[PLACEMENTS]  # type: ignore[valid-type]  # the names are PLACEMENTS, written once
+BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
+SpanScaling = Literal["init", "skip", "both"]
+Norm = Literal["rms", "layer"]
+Init = Literal["fan_in", "fixed"]
+SPAN_SCALINGS = typing.get_args(SpanScaling)
+NORMS = typing.get_args(Norm)
+INITS = typing.get_args(Init)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class MoEConfig:
     """Coefficient of the router z-loss mean(logsumexp(router logits)²) (used by the trainer)."""
 
     def validate(self, prefix: str = "model.moe") -> None:
+        check_fields(self, prefix)
         if self.n_experts < 1:
             _fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
         if not 1 <= self.top_k <= self.n_experts:
@@ -69,15 +73,15 @@ class ModelConfig:
     d_ff: int | None = None
     """SwiGLU hidden width. None: 8/3·d_model rounded up to a multiple of 16."""
     context_length: int = 256
-    placement: str = "pre"
-    placement_overrides: dict[int, str] = field(default_factory=dict)
+    placement: Placement = "pre"
+    placement_overrides: dict[int, BlockPlacement] = field(default_factory=dict)
     """Per-layer placements by block index, on top of ``placement`` (e.g. {0: "post"})."""
-    norm: str = "rms"
+    norm: Norm = "rms"
     """``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias)."""
     norm_eps: float = 1e-6
     delta_t: float = 1.0
     """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.)."""
-    span_scaling: str = "init"
+    span_scaling: SpanScaling = "init"
     """SpanNorm's variance-aware scaling (SPEC §3): init, skip or both."""
     span_alpha: float | None = None
     """Override the clean-skip multiplier α of span/span_b2t. None: from span_scaling."""
@@ -85,7 +89,7 @@ class ModelConfig:
     """Run-time branch multiplier β_run of span/span_b2t."""
     mixln_ratio: float = 0.25
     """Mix-LN: the first floor(ratio·L) blocks are post, the rest pre."""
-    init: str = "fan_in"
+    init: Init = "fan_in"
     """``fan_in``: std init_std/sqrt(fan_in) (SPEC §3). ``fixed``: std init_std (0.02 in GPT-2/Llama)."""
     init_std: float = 1.0
     """σ₀ for fan_in init; the std itself for fixed init."""
@@ -105,31 +109,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            known = {f.name for f in dataclasses.fields(MoEConfig)}
-            unknown = sorted(set(self.moe) - known)
-            if unknown:
-                raise ConfigError(f"model.moe.{unknown[0]} is not a known field; "
-                                  f"allowed: {', '.join(sorted(known))}")
-            self.moe = MoEConfig(**self.moe)
+            self.moe = build(MoEConfig, self.moe, "model.moe")
         self.placement_overrides = {int(k): v for k, v in (self.placement_overrides or {}).items()}
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self, prefix: str = "model") -> None:
+        check_fields(self, prefix)
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "context_length")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(f"{prefix}.{name}", value, "must be a positive integer")
-        if self.placement not in PLACEMENTS:
-            _fail(f"{prefix}.placement", self.placement, f"allowed: {', '.join(PLACEMENTS)}")
-        for layer, placement in self.placement_overrides.items():
+        for layer in self.placement_overrides:
             if not 0 <= layer < self.n_layers:
                 _fail(f"{prefix}.placement_overrides", layer,
                       f"layer index must be in [0, {self.n_layers - 1}]")
-            if placement not in BLOCK_PLACEMENTS:
-                _fail(f"{prefix}.placement_overrides[{layer}]", placement,
-                      f"allowed: {', '.join(BLOCK_PLACEMENTS)}")
         if self.d_model % self.n_heads:
             _fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -139,12 +134,6 @@ class ModelConfig:
             _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.d_ff is not None and self.d_ff < 1:
             _fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
-        if self.norm not in NORMS:
-            _fail(f"{prefix}.norm", self.norm, f"allowed: {', '.join(NORMS)}")
-        if self.span_scaling not in SPAN_SCALINGS:
-            _fail(f"{prefix}.span_scaling", self.span_scaling, f"allowed: {', '.join(SPAN_SCALINGS)}")
-        if self.init not in INITS:
-            _fail(f"{prefix}.init", self.init, f"allowed: {', '.join(INITS)}")
         for name in ("norm_eps", "delta_t", "init_std", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -204,8 +193,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]} is not a known field; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+        """Build from a mapping (a ``model_config.json``, a config section): unknown keys refused, values
+        coerced to their fields' types."""
+        return build(cls, data, "model")
+
+
+__all__ = ["BLOCK_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]
