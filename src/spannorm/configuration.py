@@ -63,14 +63,6 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~"))
 
 
-def literal_values(tp: Any) -> tuple[Any, ...] | None:
-    """The allowed values of a ``Literal`` (or ``Literal | None``) annotation, else None."""
-    if _is_union(tp):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return literal_values(inner[0]) if len(inner) == 1 else None
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
 def _check_literal(path: str, value: Any, tp: Any) -> Any:
     allowed = typing.get_args(tp)
     if isinstance(value, str) and value in allowed:
@@ -225,11 +217,6 @@ def _check_value(path: str, value: Any, tp: Any) -> None:
                 _check_value(f"{path}[{i}]", item, args[0])
 
 
-def to_plain(obj: Any) -> Any:
-    """A dataclass as nested dicts of YAML/JSON types (``dataclasses.asdict``)."""
-    return dataclasses.asdict(obj)
-
-
 # ---------------------------------------------------------------------- KEY=VALUE overrides
 def parse_override(text: str) -> tuple[list[str], str]:
     """Split ``"model.n_layers=24"`` (a leading ``--`` is allowed) into (["model", "n_layers"], "24").
@@ -244,36 +231,69 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return parts, value
 
 
+def _field_path(text: str, parts: list[str], root: type, path: str) -> list[tuple[str, Any]]:
+    """The (name, annotation) of every key of ``parts`` walked down from dataclass ``root``; unknown keys and
+    keys that walk into a value fail with a message naming the override."""
+    steps: list[tuple[str, Any]] = []
+    cls: Any = root
+    for depth, name in enumerate(parts):
+        if cls is None:
+            where = ".".join([path, *parts[:depth]] if path else parts[:depth])
+            raise ConfigError(f"override {text!r} is invalid: {where} is a value, not a section")
+        hints = field_types(cls)
+        if name not in hints:
+            unknown_key(".".join([path, *parts[:depth]] if path else parts[:depth]), name, list(hints))
+        tp = hints[name]
+        steps.append((name, tp))
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        cls = inner[0] if inner else (tp if dataclasses.is_dataclass(tp) else None)
+    if dataclasses.is_dataclass(steps[-1][1]):  # a required section, not a value
+        where = ".".join([path, *parts] if path else parts)
+        raise ConfigError(f"override {text!r} is invalid: name a field, e.g. {where}.FIELD=value")
+    return steps
+
+
+def _strip_root(parts: list[str], path: str) -> list[str]:
+    """``model.norm`` and ``norm`` both name ModelConfig's ``norm`` when the settings are for ``model``."""
+    return parts[1:] if path and len(parts) > 1 and parts[0] == path else parts
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], root: type,
                     path: str = "") -> dict[str, Any]:
-    """Apply ``KEY=VALUE`` overrides (dotted keys into dataclass ``root``) to a nested dict. Values stay
-    strings, for :func:`build` to coerce; unknown keys fail here, so that the message names the override."""
+    """Apply ``KEY=VALUE`` overrides (dotted keys into dataclass ``root``; with ``path``, a leading
+    ``{path}.`` is optional) to a nested dict. Values stay strings, for :func:`build` to coerce; unknown keys
+    fail here, so that the message names the override."""
     out = merge({}, data)
     for text in overrides:
         parts, value = parse_override(text)
-        cls: Any = root
+        parts = _strip_root(parts, path)
+        steps = _field_path(text, parts, root, path)
         node = out
-        for depth, name in enumerate(parts):
-            hints = field_types(cls)
-            if name not in hints:
-                unknown_key(".".join([path, *parts[:depth]] if path else parts[:depth]), name, list(hints))
-            tp = hints[name]
-            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-            if depth == len(parts) - 1:
-                if dataclasses.is_dataclass(tp):  # a required section, not a value
-                    where = ".".join([path, *parts] if path else parts)
-                    raise ConfigError(f"override {text!r} is invalid: name a field, e.g. {where}.FIELD=value")
-                node[name] = value
-            elif inner or dataclasses.is_dataclass(tp):
-                cls = inner[0] if inner else tp
-                child = node.get(name)
-                if not isinstance(child, dict):
-                    child = {} if child is None or isinstance(child, str) else dataclasses.asdict(child)
-                    node[name] = child
-                node = child
-            else:
-                where = ".".join([path, *parts[:depth + 1]] if path else parts[:depth + 1])
-                raise ConfigError(f"override {text!r} is invalid: {where} is a value, not a section")
+        for name, _ in steps[:-1]:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = {} if child is None or isinstance(child, str) else dataclasses.asdict(child)
+                node[name] = child
+            node = child
+        node[steps[-1][0]] = value
+    return out
+
+
+def typed_overrides(overrides: Sequence[str], root: type, path: str = "") -> dict[str, Any]:
+    """``KEY=VALUE`` settings for the fields of dataclass ``root`` (``--set`` of check, profile and bench) as
+    a nested dict whose values are coerced to their fields' types, so a malformed value fails here with the
+    same message as in ``spannorm train``. With ``path`` (e.g. ``model``), keys may start with ``{path}.``."""
+    out: dict[str, Any] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        parts = _strip_root(parts, path)
+        steps = _field_path(text, parts, root, path)
+        node = out
+        for name, _ in steps[:-1]:
+            node = node.setdefault(name, {})
+        name, tp = steps[-1]
+        typed = coerce(".".join([path, *parts] if path else parts), value, tp)
+        node[name] = dataclasses.asdict(typed) if dataclasses.is_dataclass(typed) else typed
     return out
 
 
@@ -289,4 +309,4 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["ConfigError", "apply_overrides", "build", "check_fields", "coerce", "fail", "field_types",
-           "literal_values", "merge", "parse_override", "to_plain", "unknown_key", "yaml_value"]
+           "merge", "parse_override", "typed_overrides", "unknown_key", "yaml_value"]
