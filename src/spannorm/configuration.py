@@ -141,12 +141,14 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            fail(path, value, "must be a mapping such as {0: post}")
+            fail(path, value, "must be a mapping")
         key_tp, value_tp = typing.get_args(tp)
         return {coerce(f"{path}[{k}]", k, key_tp): coerce(f"{path}[{k}]", v, value_tp) for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             value = yaml_value(path, value)
+        if value is None:
+            value = []
         if not isinstance(value, (list, tuple)):
             fail(path, value, "must be a list")
         args = typing.get_args(tp)
@@ -172,6 +174,10 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         if key not in hints:
             unknown_key(path, str(key), list(hints))
         kwargs[key] = coerce(_join(path, str(key)), value, hints[key])
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.init and f.name not in kwargs:
+            raise ConfigError(f"{path or cls.__name__} is missing {f.name!r}; allowed keys: {', '.join(hints)}")
     try:
         obj = cls(**kwargs)
     except ConfigError:
