@@ -109,9 +109,9 @@ def test_non_finite_model_floats_are_refused_in_python_too(name):
     for bad in (math.inf, math.nan):
         with pytest.raises(ConfigError, match=rf"^model\.{name}=(inf|nan) is invalid: must be a finite number$"):
             ModelConfig(**{name: bad})
-    for name in ("balance_coef", "z_loss_coef"):
-        with pytest.raises(ConfigError, match=rf"^model\.moe\.{name}=inf is invalid: must be a finite number$"):
-            ModelConfig(moe=MoEConfig(**{name: math.inf}))
+    for coef in ("balance_coef", "z_loss_coef"):
+        with pytest.raises(ConfigError, match=rf"^model\.moe\.{coef}=inf is invalid: must be a finite number$"):
+            ModelConfig(moe=MoEConfig(**{coef: math.inf}))
 
 
 def test_coerce_refuses_non_finite_floats_and_accepts_finite_ones():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import types
 import typing
@@ -44,11 +43,15 @@ def unknown_key(path: str, name: str, known: Sequence[str]) -> NoReturn:
     raise ConfigError(f"{where} is not a known config key{hint}; allowed: {', '.join(sorted(known))}")
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
 def field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotation of every field of dataclass ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    """The resolved annotation of every field of dataclass ``cls`` (cached per class)."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
 
 
 def _join(path: str, name: str) -> str:
@@ -84,7 +87,7 @@ def yaml_value(path: str, text: str) -> Any:
         fail(path, text, "must be a YAML value")
 
 
-def coerce(path: str, value: Any, tp: Any) -> Any:
+def coerce(path: str, value: Any, tp: Any) -> Any:  # noqa: C901 (one branch per kind of annotation)
     """``value`` (from YAML, JSON or a command-line string) as type ``tp``, or a ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
     if _is_union(tp):
@@ -96,7 +99,7 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{path}: unsupported config type {tp}")
     if origin is Literal:
         return _check_literal(path, value, tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, str):
             value = yaml_value(path, value)
         return build(tp, value if value is not None else {}, path)
@@ -151,8 +154,8 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
             value = []
         if not isinstance(value, (list, tuple)):
             fail(path, value, "must be a list")
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
+        item_args = typing.get_args(tp)
+        item_tp = item_args[0] if item_args else Any
         items = [coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if tp is Any:
@@ -299,7 +302,8 @@ def typed_overrides(overrides: Sequence[str], root: type, path: str = "") -> dic
             node = node.setdefault(name, {})
         name, tp = steps[-1]
         typed = coerce(".".join([path, *parts] if path else parts), value, tp)
-        node[name] = dataclasses.asdict(typed) if dataclasses.is_dataclass(typed) else typed
+        is_section = dataclasses.is_dataclass(typed) and not isinstance(typed, type)
+        node[name] = dataclasses.asdict(typed) if is_section else typed
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
-from spannorm.configuration import build, check_fields, merge, parse_override, unknown_key
+from spannorm.configuration import build, check_fields, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
 from spannorm.configuration import fail as _fail
 
