@@ -15,8 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spannorm.configuration import ConfigError, build, check_fields
-from spannorm.configuration import fail as _fail
+from spannorm.configuration import ConfigError, build, check_fields, fail
 
 PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid")
 """Every placement of SPEC §2. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
@@ -50,14 +49,14 @@ class MoEConfig:
     def validate(self, prefix: str = "model.moe") -> None:
         check_fields(self, prefix)
         if self.n_experts < 1:
-            _fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
+            fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
         if not 1 <= self.top_k <= self.n_experts:
-            _fail(f"{prefix}.top_k", self.top_k, f"must be between 1 and n_experts={self.n_experts}")
+            fail(f"{prefix}.top_k", self.top_k, f"must be between 1 and n_experts={self.n_experts}")
         if self.d_expert is not None and self.d_expert < 1:
-            _fail(f"{prefix}.d_expert", self.d_expert, "must be >= 1 or null")
+            fail(f"{prefix}.d_expert", self.d_expert, "must be >= 1 or null")
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
-                _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+                fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
 
 
 @dataclass
@@ -120,32 +119,32 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(f"{prefix}.{name}", value, "must be a positive integer")
+                fail(f"{prefix}.{name}", value, "must be a positive integer")
         for layer in self.placement_overrides:
             if not 0 <= layer < self.n_layers:
-                _fail(f"{prefix}.placement_overrides", layer,
+                fail(f"{prefix}.placement_overrides", layer,
                       f"layer index must be in [0, {self.n_layers - 1}]")
         if self.d_model % self.n_heads:
-            _fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+            fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
-            _fail(f"{prefix}.d_model", self.d_model, "d_model/n_heads must be even for RoPE")
+            fail(f"{prefix}.d_model", self.d_model, "d_model/n_heads must be even for RoPE")
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
-            _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+            fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.d_ff is not None and self.d_ff < 1:
-            _fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
+            fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
         for name in ("norm_eps", "delta_t", "init_std", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                _fail(f"{prefix}.{name}", value, "must be a positive finite number")
+                fail(f"{prefix}.{name}", value, "must be a positive finite number")
         if self.span_alpha is not None and not self.span_alpha > 0:
-            _fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
+            fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
         if not self.span_beta > 0:
-            _fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
+            fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
         if not 0.0 <= self.mixln_ratio <= 1.0:
-            _fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
+            fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
         if self.embed_scale is not None and not self.embed_scale > 0:
-            _fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
+            fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
         if self.moe is not None:
             self.moe.validate(f"{prefix}.moe")
 

@@ -67,6 +67,7 @@ def _is_null(value: Any) -> bool:
 
 
 def _check_literal(path: str, value: Any, tp: Any) -> Any:
+    """``value`` if it is one of the (string) values ``Literal`` type ``tp`` allows; else a ConfigError."""
     allowed = typing.get_args(tp)
     if isinstance(value, str) and value in allowed:
         return value
@@ -210,11 +211,10 @@ def _check_value(path: str, value: Any, tp: Any) -> None:
         return
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            fail(path, value, f"allowed: {', '.join(str(a) for a in typing.get_args(tp))}")
+        _check_literal(path, value, tp)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-            fail(path, value, "must be a finite number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _finite_float(path, value, value)
     elif origin is dict and isinstance(value, dict):
         value_tp = typing.get_args(tp)[1]
         for key, item in value.items():

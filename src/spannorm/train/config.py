@@ -25,9 +25,8 @@ from typing import Any, Literal
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
-from spannorm.configuration import build, check_fields, merge, parse_override
+from spannorm.configuration import build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
-from spannorm.configuration import fail as _fail
 
 Schedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["fp32", "bf16"]
@@ -44,7 +43,7 @@ TOKENIZER_KINDS = ("byte", "bpe")
 
 def _check_positive_int(path: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(path, value, f"must be an integer >= {minimum}")
+        fail(path, value, f"must be an integer >= {minimum}")
 
 
 def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
@@ -55,7 +54,7 @@ def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
     if not ok:
         bound = ">=" if low_inclusive else ">"
         upper = "" if high == math.inf else f" and <= {high:g}"
-        _fail(path, value, f"must be a finite number {bound} {low:g}{upper}")
+        fail(path, value, f"must be a finite number {bound} {low:g}{upper}")
 
 
 @dataclass
@@ -79,9 +78,9 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         check_fields(self, prefix)
         if self.path is not None and not str(self.path).strip():
-            _fail(f"{prefix}.path", self.path, "must name a text file or folder, or be null (embedded corpus)")
+            fail(f"{prefix}.path", self.path, "must name a text file or folder, or be null (embedded corpus)")
         if self.tokenizer not in TOKENIZER_KINDS and not str(self.tokenizer).endswith(".json"):
-            _fail(f"{prefix}.tokenizer", self.tokenizer,
+            fail(f"{prefix}.tokenizer", self.tokenizer,
                   "allowed: byte, bpe, or the path of a tokenizer.json file")
         _check_positive_int(f"{prefix}.bpe_vocab_size", self.bpe_vocab_size, minimum=257)
         _check_number(f"{prefix}.val_fraction", self.val_fraction, low=0.0, high=0.5, low_inclusive=False)
@@ -181,7 +180,7 @@ class TrainConfig:
         _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
         _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)
         if self.init_from is not None and not str(self.init_from).strip():
-            _fail(f"{prefix}.init_from", self.init_from, "must name a checkpoint folder, or be null")
+            fail(f"{prefix}.init_from", self.init_from, "must name a checkpoint folder, or be null")
 
 
 
