@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from spannorm.config import ConfigError
-from spannorm.experiments.plan import format_lr, parse_plan, rank_key, select_best_lr
+from spannorm.experiments.plan import format_lr, load_plan, parse_plan, rank_key, select_best_lr
 from spannorm.experiments.runner import load_index, run_sweep
 
 MICRO_BASE = {
@@ -112,6 +112,13 @@ def test_diverged_counts_as_worst_when_ranking_lrs():
 def test_bad_plans_fail_with_a_message_naming_the_key(bad, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         parse_plan(bad)
+
+
+def test_plan_file_errors_name_the_file(tmp_path):
+    file = tmp_path / "plan.yaml"
+    file.write_text("name: no-grid\n")
+    with pytest.raises(ConfigError, match=r"^plan file '.*plan\.yaml': plan is missing 'grid'"):
+        load_plan(file)
 
 
 def test_micro_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):

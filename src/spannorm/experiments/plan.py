@@ -431,4 +431,10 @@ def load_plan(path: str | Path) -> StudyPlan:
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "parse error"
         raise ConfigError(f"plan file {str(path)!r} is not valid YAML: {first}") from None
-    return parse_plan(data, f"plan file {str(path)!r}")
+    source = f"plan file {str(path)!r}"
+    try:
+        return parse_plan(data, source)
+    except ConfigError as err:
+        if str(err).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {err}") from None
