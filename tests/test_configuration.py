@@ -4,6 +4,7 @@ check, profile, bench and sweep plans share (the same malformed value gives the 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Literal
 
 import pytest
 
+import spannorm.train.config as run_config_module
 from spannorm.cli.main import main
 from spannorm.config import PLACEMENTS, ConfigError, ModelConfig, MoEConfig
 from spannorm.configuration import (apply_overrides, build, check_fields, coerce, field_types, parse_override,
@@ -204,3 +206,25 @@ def test_check_settings_are_built_by_the_machinery():
     with pytest.raises(ConfigError, match=r"^device='tpu' is invalid: allowed: cpu, cuda$"):
         build(CheckSettings, {"device": "tpu"})
     assert dataclasses.asdict(settings)["model_overrides"] == {}
+
+
+# ---------------------------------------------------------------------- the init-from layer is passed in
+def test_resolve_config_reads_a_checkpoint_only_through_the_layer_it_is_given(tmp_path):
+    """train/config sits below interop: it never reads a checkpoint itself. The caller passes the function
+    that does, and its layer goes between the preset and the overrides."""
+    calls = []
+
+    def layer(path):
+        calls.append(path)
+        return {"model": {"d_model": 48, "n_heads": 4, "placement": "peri"}}
+
+    overrides = [f"train.init_from={tmp_path}", "model.placement=span"]
+    plain = resolve_config("tiny", None, overrides)
+    assert calls == [] and plain.model.d_model != 48
+    cfg = resolve_config("tiny", None, overrides, init_from_layer=layer)
+    assert calls == [str(tmp_path)]
+    assert (cfg.model.d_model, cfg.model.placement) == (48, "span")  # the override still wins
+    tree = ast.parse(open(run_config_module.__file__).read())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("spannorm.interop")]  # no import of the layer above
