@@ -12,6 +12,7 @@ import torch
 from spannorm import ConfigError, ModelConfig, SpanNormLM
 from spannorm.cli.main import main
 from spannorm.interop import export_hf, import_hf
+from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
 from spannorm.model.io import load_model, save_model
 from spannorm.train.config import resolve_config
@@ -48,7 +49,7 @@ class FirstWeights:
 def test_init_from_spannorm_dir_converts_pre_to_span(source_model, tmp_path):
     save_model(source_model, tmp_path / "pre")
     cfg = resolve_config(None, None, [f"train.init_from={tmp_path / 'pre'}", "model.placement=span",
-                                      "model.context_length=16", *_run_settings(tmp_path)])
+                                      "model.context_length=16", *_run_settings(tmp_path)], run_config_layer)
     assert (cfg.model.d_model, cfg.model.n_kv_heads, cfg.model.rope_theta, cfg.model.placement) == \
         (32, 2, 5000.0, "span")
     first = FirstWeights()
@@ -59,14 +60,15 @@ def test_init_from_spannorm_dir_converts_pre_to_span(source_model, tmp_path):
     assert torch.equal(first.state["blocks.0.ffn_in_norm.weight"], source["blocks.0.ffn_in_norm.weight"])
     assert torch.equal(first.state["blocks.0.block_out_norm.weight"], torch.ones(32))
     # the run folder itself is a valid source: its latest checkpoint
-    cfg2 = resolve_config(None, None, [f"train.init_from={tmp_path / 'run'}", *_run_settings(tmp_path)])
+    cfg2 = resolve_config(None, None, [f"train.init_from={tmp_path / 'run'}", *_run_settings(tmp_path)],
+                          run_config_layer)
     assert cfg2.model.placement == "span" and cfg2.model.context_length == 16
 
 
 def test_resume_does_not_need_the_source_any_more(source_model, tmp_path):
     save_model(source_model, tmp_path / "pre")
     settings = [f"train.init_from={tmp_path / 'pre'}", "model.placement=peri", *_run_settings(tmp_path)]
-    train(resolve_config(None, None, settings), tmp_path / "run")
+    train(resolve_config(None, None, settings, run_config_layer), tmp_path / "run")
     (tmp_path / "pre" / "model.safetensors").rename(tmp_path / "moved.safetensors")
     (tmp_path / "pre" / "model_config.json").unlink()
     (tmp_path / "pre").rmdir()
@@ -117,5 +119,6 @@ def test_init_from_errors_are_one_line_and_write_nothing(source_model, tmp_path,
     with pytest.raises(ConfigError, match="tokens but the checkpoint embeds only 100"):
         small = SpanNormLM(ModelConfig(**{**SOURCE.to_dict(), "vocab_size": 100}))
         save_model(small, tmp_path / "small")
-        cfg = resolve_config(None, None, [f"train.init_from={tmp_path / 'small'}", *_run_settings(tmp_path)])
+        cfg = resolve_config(None, None, [f"train.init_from={tmp_path / 'small'}", *_run_settings(tmp_path)],
+                             run_config_layer)
         train(cfg, tmp_path / "run")

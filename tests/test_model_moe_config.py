@@ -188,9 +188,10 @@ def test_top_k_above_experts_is_rejected():
 
 
 def test_unknown_keys_are_rejected():
-    with pytest.raises(ConfigError, match="model.n_layer is not a known field"):
+    with pytest.raises(ConfigError, match=r"model\.n_layer is not a known config key \(did you mean 'n_layers'\?\); "
+                                          "allowed: .*n_layers"):
         ModelConfig.from_dict({"n_layer": 3})
-    with pytest.raises(ConfigError, match="model.moe.experts is not a known field"):
+    with pytest.raises(ConfigError, match=r"model\.moe\.experts is not a known config key.*; allowed: .*n_experts"):
         ModelConfig(moe={"experts": 3})
 
 

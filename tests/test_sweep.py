@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from spannorm.config import ConfigError
-from spannorm.experiments.plan import format_lr, parse_plan, rank_key, select_best_lr
+from spannorm.experiments.plan import format_lr, load_plan, parse_plan, rank_key, select_best_lr
 from spannorm.experiments.runner import load_index, run_sweep
 
 MICRO_BASE = {
@@ -99,11 +99,26 @@ def test_diverged_counts_as_worst_when_ranking_lrs():
      "protocol.shared_lr"),
     ({"grid": {"placements": ["pre"], "depths": [0]}}, "grid.depths"),
     ({"grid": {"placements": ["pre"], "depths": [2]}, "protocol": {"kind": "random"}}, "protocol.kind"),
-    ({"grid": {"placements": ["pre"], "depths": [2]}, "extra": 1}, "'extra' is not known"),
+    ({"grid": {"placements": ["pre"], "depths": [2]}, "extra": 1}, "plan.extra is not a known config key; allowed:"),
+    ({"grid": {"placements": ["pre"], "depth": [2]}}, "plan.grid.depth is not a known config key (did you mean"),
+    ({"name": "x"}, "plan is missing 'grid'"),
+    ({"grid": {"placements": ["pre"], "depths": [2], "lrs": [float("inf")]}}, "=inf is invalid: must be a finite"),
+    ({"grid": {"placements": ["pre"], "depths": [2], "lrs": ["nan"]}}, "='nan' is invalid: must be a finite"),
+    ({"grid": {"placements": [{"name": "a", "placement": "sandwich"}], "depths": [2]}},
+     "placement='sandwich' is invalid: allowed: pre"),
+    ({"grid": {"placements": ["pre"], "depths": [2], "ffn": {"dense": ["model.n_layers"]}}}, "plan.grid.ffn.dense"),
+    ({"grid": {"placements": ["pre"], "depths": [2, 2]}}, "values must be distinct"),
 ])
 def test_bad_plans_fail_with_a_message_naming_the_key(bad, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         parse_plan(bad)
+
+
+def test_plan_file_errors_name_the_file(tmp_path):
+    file = tmp_path / "plan.yaml"
+    file.write_text("name: no-grid\n")
+    with pytest.raises(ConfigError, match=r"^plan file '.*plan\.yaml': plan is missing 'grid'"):
+        load_plan(file)
 
 
 @pytest.mark.slow

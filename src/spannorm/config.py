@@ -1,24 +1,34 @@
 """Typed model configuration, validated in one place.
 
 Every architectural choice of SPEC.md is a field here: the placement of normalization (with per-layer
-overrides), the residual step Δt, SpanNorm's scaling rule, the init, and the optional MoE FFN. Invalid values
-raise :class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
+overrides), the residual step Δt, SpanNorm's scaling rule, the init, and the optional MoE FFN. Enumerated
+fields are ``Literal``-typed and checked, with every float's finiteness, by the shared machinery of
+:mod:`spannorm.configuration`; ``validate`` checks ranges and relations between fields. Invalid values raise
+:class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from spannorm.configuration import ConfigError, build, check_fields, fail
 
 PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid")
 """Every placement of SPEC §2. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
 
 BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
-SPAN_SCALINGS = ("init", "skip", "both")
-NORMS = ("rms", "layer")
-INITS = ("fan_in", "fixed")
+Placement = Literal[PLACEMENTS]  # type: ignore[valid-type]  # the names are PLACEMENTS, written once
+BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
+SpanScaling = Literal["init", "skip", "both"]
+Norm = Literal["rms", "layer"]
+Init = Literal["fan_in", "fixed"]
+SPAN_SCALINGS = typing.get_args(SpanScaling)
+NORMS = typing.get_args(Norm)
+INITS = typing.get_args(Init)
 ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -30,14 +40,6 @@ ROPE_SCALINGS = {
 OPTIONAL_FIELDS = ("rope_scaling", "sliding_window")
 """Fields :meth:`ModelConfig.to_dict` writes only when set, so that configs and checkpoints written before they
 existed read and compare the same."""
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field, the value and what is allowed."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
 
 
 @dataclass
@@ -56,15 +58,16 @@ class MoEConfig:
     """Coefficient of the router z-loss mean(logsumexp(router logits)²) (used by the trainer)."""
 
     def validate(self, prefix: str = "model.moe") -> None:
+        check_fields(self, prefix)
         if self.n_experts < 1:
-            _fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
+            fail(f"{prefix}.n_experts", self.n_experts, "must be >= 1")
         if not 1 <= self.top_k <= self.n_experts:
-            _fail(f"{prefix}.top_k", self.top_k, f"must be between 1 and n_experts={self.n_experts}")
+            fail(f"{prefix}.top_k", self.top_k, f"must be between 1 and n_experts={self.n_experts}")
         if self.d_expert is not None and self.d_expert < 1:
-            _fail(f"{prefix}.d_expert", self.d_expert, "must be >= 1 or null")
+            fail(f"{prefix}.d_expert", self.d_expert, "must be >= 1 or null")
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
-                _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+                fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
 
 
 @dataclass
@@ -80,15 +83,15 @@ class ModelConfig:
     d_ff: int | None = None
     """SwiGLU hidden width. None: 8/3·d_model rounded up to a multiple of 16."""
     context_length: int = 256
-    placement: str = "pre"
-    placement_overrides: dict[int, str] = field(default_factory=dict)
+    placement: Placement = "pre"
+    placement_overrides: dict[int, BlockPlacement] = field(default_factory=dict)
     """Per-layer placements by block index, on top of ``placement`` (e.g. {0: "post"})."""
-    norm: str = "rms"
+    norm: Norm = "rms"
     """``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias)."""
     norm_eps: float = 1e-6
     delta_t: float = 1.0
     """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.)."""
-    span_scaling: str = "init"
+    span_scaling: SpanScaling = "init"
     """SpanNorm's variance-aware scaling (SPEC §3): init, skip or both."""
     span_alpha: float | None = None
     """Override the clean-skip multiplier α of span/span_b2t. None: from span_scaling."""
@@ -96,7 +99,7 @@ class ModelConfig:
     """Run-time branch multiplier β_run of span/span_b2t."""
     mixln_ratio: float = 0.25
     """Mix-LN: the first floor(ratio·L) blocks are post, the rest pre."""
-    init: str = "fan_in"
+    init: Init = "fan_in"
     """``fan_in``: std init_std/sqrt(fan_in) (SPEC §3). ``fixed``: std init_std (0.02 in GPT-2/Llama)."""
     init_std: float = 1.0
     """σ₀ for fan_in init; the std itself for fixed init."""
@@ -123,58 +126,43 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            known = {f.name for f in dataclasses.fields(MoEConfig)}
-            unknown = sorted(set(self.moe) - known)
-            if unknown:
-                raise ConfigError(f"model.moe.{unknown[0]} is not a known field; "
-                                  f"allowed: {', '.join(sorted(known))}")
-            self.moe = MoEConfig(**self.moe)
+            self.moe = build(MoEConfig, self.moe, "model.moe")
         self.placement_overrides = {int(k): v for k, v in (self.placement_overrides or {}).items()}
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self, prefix: str = "model") -> None:
+        check_fields(self, prefix)
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "context_length")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(f"{prefix}.{name}", value, "must be a positive integer")
-        if self.placement not in PLACEMENTS:
-            _fail(f"{prefix}.placement", self.placement, f"allowed: {', '.join(PLACEMENTS)}")
-        for layer, placement in self.placement_overrides.items():
+                fail(f"{prefix}.{name}", value, "must be a positive integer")
+        for layer in self.placement_overrides:
             if not 0 <= layer < self.n_layers:
-                _fail(f"{prefix}.placement_overrides", layer,
+                fail(f"{prefix}.placement_overrides", layer,
                       f"layer index must be in [0, {self.n_layers - 1}]")
-            if placement not in BLOCK_PLACEMENTS:
-                _fail(f"{prefix}.placement_overrides[{layer}]", placement,
-                      f"allowed: {', '.join(BLOCK_PLACEMENTS)}")
         if self.d_model % self.n_heads:
-            _fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+            fail(f"{prefix}.d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
-            _fail(f"{prefix}.d_model", self.d_model, "d_model/n_heads must be even for RoPE")
+            fail(f"{prefix}.d_model", self.d_model, "d_model/n_heads must be even for RoPE")
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
-            _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+            fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.d_ff is not None and self.d_ff < 1:
-            _fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
-        if self.norm not in NORMS:
-            _fail(f"{prefix}.norm", self.norm, f"allowed: {', '.join(NORMS)}")
-        if self.span_scaling not in SPAN_SCALINGS:
-            _fail(f"{prefix}.span_scaling", self.span_scaling, f"allowed: {', '.join(SPAN_SCALINGS)}")
-        if self.init not in INITS:
-            _fail(f"{prefix}.init", self.init, f"allowed: {', '.join(INITS)}")
+            fail(f"{prefix}.d_ff", self.d_ff, "must be >= 1 or null")
         for name in ("norm_eps", "delta_t", "init_std", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                _fail(f"{prefix}.{name}", value, "must be a positive finite number")
+                fail(f"{prefix}.{name}", value, "must be a positive finite number")
         if self.span_alpha is not None and not self.span_alpha > 0:
-            _fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
+            fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
         if not self.span_beta > 0:
-            _fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
+            fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
         if not 0.0 <= self.mixln_ratio <= 1.0:
-            _fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
+            fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
         if self.embed_scale is not None and not self.embed_scale > 0:
-            _fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
+            fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
         if self.moe is not None:
             self.moe.validate(f"{prefix}.moe")
         if self.rope_scaling is not None:
@@ -182,9 +170,9 @@ class ModelConfig:
         if self.sliding_window is not None:
             if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) \
                     or self.sliding_window < 1:
-                _fail(f"{prefix}.sliding_window", self.sliding_window, "must be a positive integer or null")
+                fail(f"{prefix}.sliding_window", self.sliding_window, "must be a positive integer or null")
             if self.context_length > self.sliding_window:
-                _fail(f"{prefix}.context_length", self.context_length,
+                fail(f"{prefix}.context_length", self.context_length,
                       f"the model was trained with sliding-window attention (window {self.sliding_window}), "
                       f"which spannorm does not implement; full attention equals it only up to the window, "
                       f"so allowed: <= {self.sliding_window}")
@@ -194,11 +182,11 @@ class ModelConfig:
         where = f"{prefix}.rope_scaling"
         if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_SCALINGS:
             kind = scaling.get("rope_type") if isinstance(scaling, dict) else scaling
-            _fail(f"{where}.rope_type", kind, f"allowed: {', '.join(ROPE_SCALINGS)}")
+            fail(f"{where}.rope_type", kind, f"allowed: {', '.join(ROPE_SCALINGS)}")
         for key in ROPE_SCALINGS[scaling["rope_type"]]:
             value = scaling.get(key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                _fail(f"{where}.{key}", value, f"rope_type {scaling['rope_type']} needs a positive number")
+                fail(f"{where}.{key}", value, f"rope_type {scaling['rope_type']} needs a positive number")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -248,8 +236,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]} is not a known field; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+        """Build from a mapping (a ``model_config.json``, a config section): unknown keys refused, values
+        coerced to their fields' types."""
+        return build(cls, data, "model")
+
+
+__all__ = ["BLOCK_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]

@@ -24,7 +24,8 @@ from torch import nn
 
 from spannorm.bench.devices import device_name, matmul_precision, peak_tflops, process_peak_rss_bytes
 from spannorm.bench.reference import HFLlamaLM, transformers_available
-from spannorm.config import ModelConfig, MoEConfig
+from spannorm.config import ModelConfig
+from spannorm.configuration import fail
 from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 
@@ -36,7 +37,8 @@ HF_LLAMA = "hf_llama"
 
 @dataclass
 class BenchSettings:
-    """Model size, batch and timing of a benchmark run; shared by every case."""
+    """Model size, batch and timing of a benchmark run; shared by every case. ``spannorm bench`` builds it
+    from its options with :func:`spannorm.configuration.build`; :meth:`validate` names the options."""
 
     d_model: int = 256
     n_layers: int = 4
@@ -62,6 +64,20 @@ class BenchSettings:
     lr: float = 1e-4
     allow_tf32: bool = False
     """On CUDA, let fp32 matmuls use TF32 tensor cores (MFU then divides by the TF32 peak)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Other ModelConfig fields of every spannorm case (``--set``, e.g. {"norm": "layer"}); not of the
+    Hugging Face reference."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the command-line option of the first bad setting (every float is
+        already finite: :func:`~spannorm.configuration.build` checks that)."""
+        for name in ("warmup", "steps", "rounds", "seq_len", "batch_size", "n_experts", "top_k"):
+            if getattr(self, name) < 1:
+                fail(_option(name), getattr(self, name), "must be >= 1")
+        if self.rounds > self.steps:
+            fail(_option("rounds"), self.rounds, f"must be <= --steps={self.steps}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            fail(_option("peak_tflops"), self.peak_tflops, "must be > 0")
 
     @property
     def tokens_per_step(self) -> int:
@@ -101,14 +117,20 @@ def plan_cases(placements: list[str], ffns: list[str], compile_modes: list[bool]
     return cases
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def model_config(settings: BenchSettings, placement: str, ffn: str) -> ModelConfig:
-    """The spannorm config of a case (the reference uses the ``pre`` dense config's sizes)."""
-    moe = MoEConfig(n_experts=settings.n_experts, top_k=settings.top_k) if ffn == "moe" else None
-    return ModelConfig(
+    """The spannorm config of a case (the reference uses the ``pre`` dense config's sizes, without
+    ``model_overrides``)."""
+    moe = dict(n_experts=settings.n_experts, top_k=settings.top_k) if ffn == "moe" else None
+    overrides = {} if placement == HF_LLAMA else settings.model_overrides
+    return ModelConfig.from_dict(dict(
         vocab_size=settings.vocab_size, d_model=settings.d_model, n_layers=settings.n_layers,
         n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, d_ff=settings.d_ff,
         context_length=settings.seq_len, placement="pre" if placement == HF_LLAMA else placement,
-        tie_embeddings=settings.tie_embeddings, moe=moe)
+        tie_embeddings=settings.tie_embeddings, moe=moe, **overrides))
 
 
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:

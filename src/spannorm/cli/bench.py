@@ -17,7 +17,8 @@ import torch
 from spannorm.bench.harness import DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases, run_bench
 from spannorm.bench.reference import transformers_available
 from spannorm.cli.main import UsageError
-from spannorm.config import PLACEMENTS
+from spannorm.config import PLACEMENTS, ModelConfig
+from spannorm.configuration import build, typed_overrides
 
 MODES = ("eager", "compiled")
 
@@ -76,6 +77,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="peak TFLOP/s for MFU, overriding the device table (needed for MFU on CPU)")
     p.add_argument("--tf32", action="store_true", help="CUDA: let fp32 matmuls use TF32 (MFU vs the TF32 peak)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ModelConfig field of the spannorm cases, e.g. --set norm=layer (parsed as "
+                        "spannorm train's --model.KEY=VALUE; not applied to the Hugging Face reference)")
     p.add_argument("--out", type=Path, default=None, help="write the full report as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -98,28 +102,20 @@ def _device(text: str) -> torch.device:
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    """Validated settings; raises :class:`UsageError` naming the first bad option."""
+    """Validated settings; raises :class:`UsageError` or :class:`~spannorm.config.ConfigError` naming the
+    first bad option."""
     size = dict(SIZES[args.size])
     for name in size:
         if getattr(args, name) is not None:
             size[name] = getattr(args, name)
-    for flag, value, low in (("--warmup", args.warmup, 1), ("--steps", args.steps, 1),
-                             ("--rounds", args.rounds, 1), ("--seq-len", size["seq_len"], 1),
-                             ("--batch-size", size["batch_size"], 1), ("--n-experts", args.n_experts, 1),
-                             ("--top-k", args.top_k, 1)):
-        if value < low:
-            raise UsageError(f"{flag}={value} is invalid: must be >= {low}")
-    if args.rounds > args.steps:
-        raise UsageError(f"--rounds={args.rounds} is invalid: must be <= --steps={args.steps}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads={args.threads} is invalid: must be >= 1")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise UsageError(f"--peak-tflops={args.peak_tflops} is invalid: must be > 0")
     device = _device(args.device)
-    return BenchSettings(**size, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, tie_embeddings=not args.untied,
-                         n_experts=args.n_experts, top_k=args.top_k, warmup=args.warmup, steps=args.steps,
-                         rounds=args.rounds, device=str(device), seed=args.seed, peak_tflops=args.peak_tflops,
-                         allow_tf32=args.tf32)
+    return build(BenchSettings, dict(
+        **size, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, tie_embeddings=not args.untied,
+        n_experts=args.n_experts, top_k=args.top_k, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
+        device=str(device), seed=args.seed, peak_tflops=args.peak_tflops, allow_tf32=args.tf32,
+        model_overrides=typed_overrides(args.overrides, ModelConfig, "model")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,6 +165,8 @@ def command_line(args: argparse.Namespace, dtypes: list[str]) -> str:
         value = getattr(args, name)
         if value is not None and value != defaults.get(name):
             parts += [f"--{name.replace('_', '-')}", str(value)]
+    for text in args.overrides:
+        parts += ["--set", text]
     if args.untied:
         parts.append("--untied")
     if args.tf32:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from spannorm.cli.main import UsageError
+from spannorm.config import ModelConfig
+from spannorm.configuration import build, typed_overrides
 from spannorm.diagnostics.check import CheckError, CheckSettings, run_check
 from spannorm.diagnostics.report import REPORT_JSON, REPORT_MD, format_run, write_report
 
@@ -23,14 +24,6 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def _override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    key = key.strip().removeprefix("model.")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a model config field), got {text!r}")
-    return key, yaml.safe_load(value)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -61,8 +54,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="model config field for placement targets, e.g. --set scale_out_proj=false")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config field for placement targets, e.g. --set scale_out_proj=false (parsed as "
+                        "spannorm train's --model.KEY=VALUE)")
     p.add_argument("--no-suggest", action="store_true", help="skip the Δt/α stability criterion")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
@@ -75,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} is a file; name a folder")
     if not args.overwrite and any((out / name).exists() for name in (REPORT_JSON, REPORT_MD)):
         raise UsageError(f"--out {str(out)!r} already holds a report; allowed: --overwrite or another folder")
-    settings = CheckSettings(
+    settings = build(CheckSettings, dict(
         depths=args.depths, steps=args.steps, d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, clip=args.clip,
-        weight_decay=args.weight_decay, seed=args.seed, band=args.band, model_overrides=dict(args.overrides),
-        device=args.device, suggest=not args.no_suggest)
+        weight_decay=args.weight_decay, seed=args.seed, band=args.band,
+        model_overrides=typed_overrides(args.overrides, ModelConfig, "model"), device=args.device,
+        suggest=not args.no_suggest))
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads} is invalid: must be >= 1")

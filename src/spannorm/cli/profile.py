@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
 from spannorm.cli.main import UsageError
 from spannorm.config import PLACEMENTS, ModelConfig
+from spannorm.configuration import typed_overrides
 from spannorm.diagnostics.profile import random_init_profile
 
 
@@ -22,13 +21,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _model_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a ModelConfig field), got {text!r}")
-    return key, yaml.safe_load(value)
-
-
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "profile", help="print init profiles (stream-variance ratio, first-to-last gradient ratio) per placement",
@@ -39,8 +31,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", type=_model_override, action="append", default=[],
-                   metavar="KEY=VALUE", help="any other ModelConfig field, e.g. --set scale_out_proj=false")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ModelConfig field, e.g. --set scale_out_proj=false (parsed as spannorm "
+                        "train's --model.KEY=VALUE)")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     p.set_defaults(run=run)
     return p
@@ -48,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     placements = [p for p in args.placements.split(",") if p]
-    extra = dict(args.overrides)
+    extra = typed_overrides(args.overrides, ModelConfig, "model")
     fixed = {"d_model", "n_heads", "n_layers", "placement"} & set(extra)
     if fixed:
         raise UsageError(f"--set {sorted(fixed)[0]} is not allowed: use the dedicated option instead")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.experiments.plan import load_plan
+from spannorm.interop.init_from import run_config_layer
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     # Resolve every run's config now, so a bad override fails before anything is written.
     specs = plan.expand(load_index(out) if out.is_dir() else {})
     for spec in specs:
-        resolve_config(spec.preset, None, list(spec.overrides))
+        resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
         check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
     if args.dry_run:
         for spec in specs:

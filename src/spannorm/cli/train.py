@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import preset_names, resolve_config
 
 EXIT_DIVERGED = 3
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.resume and not args.preset and not config_file and RunFolder(args.out).config.is_file():
         config_file = RunFolder(args.out).config
-    cfg = resolve_config(args.preset, config_file, overrides)
+    cfg = resolve_config(args.preset, config_file, overrides, init_from_layer=run_config_layer)
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():  # under torchrun, rank 0 speaks for every process
         print(json.dumps(summary.to_dict()))

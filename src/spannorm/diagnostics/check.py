@@ -26,12 +26,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from spannorm.config import PLACEMENTS, ModelConfig
+from spannorm.config import PLACEMENTS, ConfigError, ModelConfig
+from spannorm.configuration import check_fields, fail
 from spannorm.data.corpus import embedded_corpus
 from spannorm.data.dataset import WindowSampler, eval_batches, split_point
 from spannorm.diagnostics.check_results import DepthResult, TrainingTrace
@@ -48,13 +50,14 @@ from spannorm.train.schedule import lr_for
 from spannorm.train.trainer import training_objective
 
 
-class CheckError(ValueError):
+class CheckError(ConfigError):
     """Bad input to ``check`` (a target or a setting): one line naming what is wrong and what is allowed."""
 
 
 @dataclass
 class CheckSettings:
-    """Everything ``check`` needs besides the targets. Defaults are the CLI's."""
+    """Everything ``check`` needs besides the targets. Defaults are the CLI's. Build it from a mapping with
+    :func:`spannorm.configuration.build`, or directly; :meth:`validate` checks it either way."""
 
     depths: list[int] = field(default_factory=lambda: [4, 16, 64])
     steps: int = 50
@@ -72,34 +75,34 @@ class CheckSettings:
     seed: int = 0
     band: float = 4.0
     """Forward growth, gradient ratio and identity-path product are judged against [1/band, band]."""
-    model_overrides: dict = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields applied to placement targets (e.g. {"scale_out_proj": False})."""
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     suggest: bool = True
     """Run the stability criterion (a Δt or α suggestion) for placement targets."""
 
     def validate(self) -> None:
+        check_fields(self)  # device among cpu, cuda; every float finite
         if not self.depths or any(not isinstance(L, int) or L < 1 for L in self.depths):
-            raise CheckError(f"depths={self.depths!r} is invalid: give positive integers, e.g. 4,16,64")
-        for name in ("steps",):
-            if getattr(self, name) < 0:
-                raise CheckError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
+            fail("depths", self.depths, "give positive integers, e.g. 4,16,64")
+        if self.steps < 0:
+            fail("steps", self.steps, "must be >= 0")
         for name in ("d_model", "n_heads", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
-                raise CheckError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+                fail(name, getattr(self, name), "must be >= 1")
         if self.seq_len < 2:
-            raise CheckError(f"seq_len={self.seq_len} is invalid: must be >= 2")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CheckError(f"lr={self.lr!r} is invalid: must be a positive number")
-        if self.clip < 0 or self.weight_decay < 0:
-            raise CheckError("clip and weight_decay must be >= 0")
+            fail("seq_len", self.seq_len, "must be >= 2")
+        if not self.lr > 0:
+            fail("lr", self.lr, "must be a positive number")
+        for name in ("clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                fail(name, getattr(self, name), "must be >= 0")
         if not self.band > 1:
-            raise CheckError(f"band={self.band!r} is invalid: must be > 1")
+            fail("band", self.band, "must be > 1")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise CheckError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
-        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
-            raise CheckError(f"device={self.device!r} is invalid: allowed: cpu"
-                             + (", cuda" if torch.cuda.is_available() else " (no CUDA device here)"))
+            fail("warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            fail("device", self.device, "allowed: cpu (no CUDA device here)")
         self.depths = sorted(set(self.depths))
 
     @property

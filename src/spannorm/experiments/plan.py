@@ -38,15 +38,18 @@ A *cell* is one (placement, depth, ffn) triple; its runs differ in learning rate
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
-from spannorm.config import PLACEMENTS, ConfigError
+from spannorm.config import ConfigError, Placement
+from spannorm.configuration import build, fail, parse_override
 
-PROTOCOLS = ("full", "lr_search")
+Protocol = Literal["full", "lr_search"]
+PROTOCOLS = typing.get_args(Protocol)
 FINISHED = ("done", "diverged")
 """Run statuses that end a run for good (``failed`` runs are retried by the next sweep)."""
 
@@ -110,11 +113,15 @@ class RunSpec:
 
 @dataclass
 class MeasureOptions:
-    """What to measure after each run."""
+    """What to measure after each run (the plan's ``measure`` section)."""
 
     layer_stats: bool = True
     batch_size: int = 8
     prune_checkpoints: bool = False
+
+    def validate(self, prefix: str = "plan.measure") -> None:
+        if self.batch_size < 1:
+            fail(f"{prefix}.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass
@@ -129,7 +136,7 @@ class StudyPlan:
     seeds: list[int]
     preset: str | None = None
     base_overrides: tuple[str, ...] = ()
-    protocol: str = "full"
+    protocol: Protocol = "full"
     search_seeds: list[int] = field(default_factory=lambda: [0])
     search_depths: list[int] | None = None
     """lr_search: the depths whose cells run the LR grid (None: every depth). A cell at another depth uses
@@ -254,6 +261,111 @@ def select_best_lr(runs_by_lr: Mapping[float, Iterable[Mapping[str, Any]]]) -> f
 
 
 # ---------------------------------------------------------------------- parsing
+# The plan file's sections, as typed dataclasses built by :func:`spannorm.configuration.build` (unknown keys,
+# types, enumerated values and finite floats are checked there); :func:`parse_plan` adds the checks between
+# sections and assembles the :class:`StudyPlan`.
+@dataclass
+class PlanBase:
+    """``base``: the config every run starts from."""
+
+    preset: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """Nested like a config file (model, data, optim, train); flattened into overrides."""
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str = "plan.base") -> None:
+        _check_overrides(f"{prefix}.overrides", self.overrides)
+
+
+@dataclass
+class PlanVariantEntry:
+    """An item of ``grid.placements`` written as a mapping (a bare name ``pre`` means {name: pre, placement: pre})."""
+
+    name: str
+    placement: Placement
+    overrides: list[str] = field(default_factory=list)
+    ffn: list[str] | None = None
+
+    def validate(self, prefix: str) -> None:
+        if not self.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            fail(f"{prefix}.name", self.name, "use letters, digits, _ - .")
+        _check_overrides(f"{prefix}.overrides", self.overrides)
+        if self.ffn is not None and not self.ffn:
+            fail(f"{prefix}.ffn", self.ffn, "a non-empty list of grid.ffn names")
+
+
+@dataclass
+class PlanGrid:
+    """``grid``: the placements, depths, FFN kinds, learning rates and seeds a study crosses."""
+
+    placements: list[Any]
+    """Placement names, or mappings :class:`PlanVariantEntry`."""
+    depths: list[int]
+    ffn: dict[str, list[str]] = field(default_factory=lambda: {"dense": []})
+    lrs: list[float] = field(default_factory=lambda: [1e-3])
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def validate(self, prefix: str = "plan.grid") -> None:
+        for name in ("depths", "lrs", "seeds"):
+            _check_distinct(f"{prefix}.{name}", getattr(self, name))
+        if any(d < 1 for d in self.depths):
+            fail(f"{prefix}.depths", self.depths, "depths must be >= 1")
+        if any(not lr > 0 for lr in self.lrs):
+            fail(f"{prefix}.lrs", self.lrs, "learning rates must be positive")
+        if any(s < 0 for s in self.seeds):
+            fail(f"{prefix}.seeds", self.seeds, "seeds must be >= 0")
+        if not self.ffn:
+            self.ffn = {"dense": []}
+        for name, overrides in self.ffn.items():
+            if not name.isalnum():
+                fail(f"{prefix}.ffn", name, "names are letters and digits only")
+            _check_overrides(f"{prefix}.ffn.{name}", overrides)
+
+
+@dataclass
+class PlanProtocol:
+    """``protocol``: which runs the grid asks for (see the module docstring)."""
+
+    kind: Protocol = "full"
+    search_seeds: list[int] | None = None
+    """lr_search: the seeds the LR grid runs on (None: the first of grid.seeds)."""
+    search_depths: list[int] | None = None
+    shared_lr: float | None = None
+    shared_runs: bool = True
+
+    def validate(self, prefix: str = "plan.protocol") -> None:
+        for name in ("search_seeds", "search_depths"):
+            if getattr(self, name) is not None:
+                _check_distinct(f"{prefix}.{name}", getattr(self, name))
+
+
+@dataclass
+class PlanFile:
+    """A plan file as written: the sections of the module docstring."""
+
+    grid: PlanGrid
+    name: str | None = None
+    description: str | None = None
+    base: PlanBase = field(default_factory=PlanBase)
+    protocol: PlanProtocol = field(default_factory=PlanProtocol)
+    measure: MeasureOptions = field(default_factory=MeasureOptions)
+
+
+def _check_distinct(path: str, values: list) -> None:
+    if not values:
+        fail(path, values, "must be a non-empty list")
+    if len(set(values)) != len(values):
+        fail(path, values, "values must be distinct")
+
+
+def _check_overrides(path: str, overrides: list[str]) -> None:
+    for text in overrides:
+        try:
+            parse_override(text)
+        except ConfigError:
+            fail(path, overrides, "must be a list of 'section.field=value' strings")
+
+
 def _flatten(prefix: str, value: Any) -> list[str]:
     """A nested config dict as dotted overrides (``placement_overrides`` stays one YAML value)."""
     if isinstance(value, dict) and not prefix.endswith("placement_overrides"):
@@ -268,148 +380,45 @@ def _flatten(prefix: str, value: Any) -> list[str]:
     return [f"{prefix}={value}"]
 
 
-def _need(data: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in data:
-        raise ConfigError(f"plan {where} is missing {key!r}")
-    return data[key]
-
-
-def _number_list(value: Any, path: str, kind: type) -> list:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"plan {path}={value!r} is invalid: must be a non-empty list")
-    out = []
-    for item in value:
-        try:
-            number = kind(float(item)) if kind is int else float(item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"plan {path} item {item!r} is invalid: must be a number") from None
-        if kind is int and float(item) != number:
-            raise ConfigError(f"plan {path} item {item!r} is invalid: must be an integer")
-        out.append(number)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"plan {path}={value!r} is invalid: values must be distinct")
-    return out
-
-
-def _overrides(value: Any, path: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise ConfigError(f"plan {path}={value!r} is invalid: must be a list of 'section.field=value' strings")
-    return tuple(value)
+def _variant(item: Any, index: int) -> PlacementVariant:
+    path = f"plan.grid.placements[{index}]"
+    if isinstance(item, str):
+        entry = build(PlanVariantEntry, {"name": item, "placement": item}, path)
+    elif isinstance(item, dict):
+        entry = build(PlanVariantEntry, item, path)
+    else:
+        fail(path, item, "a placement name, or {name, placement, overrides, ffn}")
+    return PlacementVariant(entry.name, entry.placement, tuple(entry.overrides),
+                       None if entry.ffn is None else tuple(entry.ffn))
 
 
 def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     """Validate a plan dict (see the module docstring) and build a :class:`StudyPlan`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping with keys name, base, grid, protocol, measure")
-    known = {"name", "description", "base", "grid", "protocol", "measure"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"plan key {unknown[0]!r} is not known; allowed: {', '.join(sorted(known))}")
-    base = data.get("base") or {}
-    if not isinstance(base, dict) or set(base) - {"preset", "config", "overrides"}:
-        raise ConfigError("plan base must be a mapping with keys preset, config, overrides")
-    config = base.get("config") or {}
-    if not isinstance(config, dict):
-        raise ConfigError("plan base.config must be a mapping like a config file (model, data, optim, train)")
-    base_overrides = tuple(_flatten("", config)) + _overrides(base.get("overrides"), "base.overrides")
-
-    grid = _need(data, "grid", "")
-    if not isinstance(grid, dict):
-        raise ConfigError("plan grid must be a mapping with placements, depths, ffn, lrs, seeds")
-    grid_keys = {"placements", "depths", "ffn", "lrs", "seeds"}
-    if set(grid) - grid_keys:
-        bad = sorted(set(grid) - grid_keys)[0]
-        raise ConfigError(f"plan grid.{bad} is not known; allowed: {', '.join(sorted(grid_keys))}")
-    variants = []
-    for item in _need(grid, "placements", "grid") or []:
-        if isinstance(item, str):
-            variant = PlacementVariant(item, item)
-        elif isinstance(item, dict) and {"name", "placement"} <= set(item) \
-                and set(item) <= {"name", "placement", "overrides", "ffn"}:
-            only = item.get("ffn")
-            if only is not None and (not isinstance(only, list) or not only):
-                raise ConfigError(f"plan grid.placements[{item['name']}].ffn={only!r} is invalid: "
-                                  "a non-empty list of grid.ffn names")
-            variant = PlacementVariant(str(item["name"]), str(item["placement"]),
-                                       _overrides(item.get("overrides"), f"grid.placements[{item['name']}]"),
-                                       None if only is None else tuple(str(f) for f in only))
-        else:
-            raise ConfigError(f"plan grid.placements item {item!r} is invalid: a placement name, or "
-                              "{name, placement, overrides}")
-        if variant.placement not in PLACEMENTS:
-            raise ConfigError(f"plan grid.placements item {variant.placement!r} is invalid; "
-                              f"allowed: {', '.join(PLACEMENTS)}")
-        if not variant.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ConfigError(f"plan placement name {variant.name!r} is invalid: use letters, digits, _ - .")
-        variants.append(variant)
+    plan = build(PlanFile, data, "plan")
+    grid, protocol = plan.grid, plan.protocol
+    variants = [_variant(item, i) for i, item in enumerate(grid.placements)]
     if not variants or len({v.name for v in variants}) != len(variants):
-        raise ConfigError("plan grid.placements must be a non-empty list of distinct names")
-    depths = _number_list(_need(grid, "depths", "grid"), "grid.depths", int)
-    if any(d < 1 for d in depths):
-        raise ConfigError(f"plan grid.depths={depths!r} is invalid: depths must be >= 1")
-    ffn_raw = grid.get("ffn") or {"dense": []}
-    if not isinstance(ffn_raw, dict) or not ffn_raw:
-        raise ConfigError("plan grid.ffn must map names (e.g. dense, moe) to lists of overrides")
-    ffn = {str(k): _overrides(v, f"grid.ffn.{k}") for k, v in ffn_raw.items()}
-    for name in ffn:
-        if not name.isalnum():
-            raise ConfigError(f"plan grid.ffn name {name!r} is invalid: letters and digits only")
+        fail("plan.grid.placements", [v.name for v in variants], "must be a non-empty list of distinct names")
     for variant in variants:
         for name in variant.ffn or ():
-            if name not in ffn:
-                raise ConfigError(f"plan grid.placements[{variant.name}].ffn item {name!r} is invalid; "
-                                  f"allowed: {', '.join(ffn)}")
-    lrs = _number_list(grid.get("lrs", [1e-3]), "grid.lrs", float)
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-        raise ConfigError(f"plan grid.lrs={lrs!r} is invalid: learning rates must be positive")
-    seeds = _number_list(grid.get("seeds", [0]), "grid.seeds", int)
-    if any(s < 0 for s in seeds):
-        raise ConfigError(f"plan grid.seeds={seeds!r} is invalid: seeds must be >= 0")
-
-    protocol = data.get("protocol") or {}
-    if not isinstance(protocol, dict):
-        raise ConfigError("plan protocol must be a mapping with kind, search_seeds, shared_lr")
-    kind = protocol.get("kind", "full")
-    if kind not in PROTOCOLS:
-        raise ConfigError(f"plan protocol.kind={kind!r} is invalid; allowed: {', '.join(PROTOCOLS)}")
-    search_seeds = _number_list(protocol.get("search_seeds", seeds[:1]), "protocol.search_seeds", int)
-    if not set(search_seeds) <= set(seeds):
-        raise ConfigError(f"plan protocol.search_seeds={search_seeds!r} is invalid: must be among grid.seeds")
-    known_protocol = {"kind", "search_seeds", "search_depths", "shared_lr", "shared_runs"}
-    if set(protocol) - known_protocol:
-        bad = sorted(set(protocol) - known_protocol)[0]
-        raise ConfigError(f"plan protocol.{bad} is not known; allowed: {', '.join(sorted(known_protocol))}")
-    search_depths = protocol.get("search_depths")
-    if search_depths is not None:
-        search_depths = _number_list(search_depths, "protocol.search_depths", int)
-        if not set(search_depths) <= set(depths):
-            raise ConfigError(f"plan protocol.search_depths={search_depths!r} is invalid: must be among "
-                              "grid.depths")
-    shared_runs = protocol.get("shared_runs", True)
-    if not isinstance(shared_runs, bool):
-        raise ConfigError(f"plan protocol.shared_runs={shared_runs!r} is invalid: must be true or false")
-    shared_lr = protocol.get("shared_lr")
-    if shared_lr is not None:
-        shared_lr = float(shared_lr)
-        if shared_lr not in lrs:
-            raise ConfigError(f"plan protocol.shared_lr={shared_lr!r} is invalid: must be one of grid.lrs")
-
-    measure_raw = data.get("measure") or {}
-    allowed_measure = {"layer_stats", "batch_size", "prune_checkpoints"}
-    if not isinstance(measure_raw, dict) or set(measure_raw) - allowed_measure:
-        raise ConfigError(f"plan measure must be a mapping with keys {', '.join(sorted(allowed_measure))}")
-    measure = MeasureOptions(**measure_raw)
-    if not isinstance(measure.batch_size, int) or measure.batch_size < 1:
-        raise ConfigError(f"plan measure.batch_size={measure.batch_size!r} is invalid: must be >= 1")
-
-    name = str(data.get("name") or "sweep")
-    return StudyPlan(name=name, placements=variants, depths=depths, ffn=ffn, lrs=lrs, seeds=seeds,
-                     preset=base.get("preset"), base_overrides=base_overrides, protocol=kind,
-                     search_seeds=search_seeds, search_depths=search_depths, shared_lr=shared_lr,
-                     shared_runs=shared_runs, measure=measure,
-                     description=str(data.get("description") or ""))
+            if name not in grid.ffn:
+                fail(f"plan.grid.placements[{variant.name}].ffn", name, f"allowed: {', '.join(grid.ffn)}")
+    search_seeds = grid.seeds[:1] if protocol.search_seeds is None else protocol.search_seeds
+    if not set(search_seeds) <= set(grid.seeds):
+        fail("plan.protocol.search_seeds", search_seeds, "must be among grid.seeds")
+    if protocol.search_depths is not None and not set(protocol.search_depths) <= set(grid.depths):
+        fail("plan.protocol.search_depths", protocol.search_depths, "must be among grid.depths")
+    if protocol.shared_lr is not None and protocol.shared_lr not in grid.lrs:
+        fail("plan.protocol.shared_lr", protocol.shared_lr, "must be one of grid.lrs")
+    base_overrides = tuple(_flatten("", plan.base.config)) + tuple(plan.base.overrides)
+    return StudyPlan(name=plan.name or "sweep", placements=variants, depths=grid.depths,
+                     ffn={name: tuple(o) for name, o in grid.ffn.items()}, lrs=grid.lrs, seeds=grid.seeds,
+                     preset=plan.base.preset, base_overrides=base_overrides, protocol=protocol.kind,
+                     search_seeds=search_seeds, search_depths=protocol.search_depths,
+                     shared_lr=protocol.shared_lr, shared_runs=protocol.shared_runs, measure=plan.measure,
+                     description=plan.description or "")
 
 
 def load_plan(path: str | Path) -> StudyPlan:
@@ -422,4 +431,10 @@ def load_plan(path: str | Path) -> StudyPlan:
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "parse error"
         raise ConfigError(f"plan file {str(path)!r} is not valid YAML: {first}") from None
-    return parse_plan(data, f"plan file {str(path)!r}")
+    source = f"plan file {str(path)!r}"
+    try:
+        return parse_plan(data, source)
+    except ConfigError as err:
+        if str(err).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {err}") from None

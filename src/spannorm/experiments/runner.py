@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spannorm.config import ConfigError
+from spannorm.configuration import parse_override
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+from spannorm.interop.init_from import run_config_layer
 from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
 
 RUNS_DIR = "runs"
@@ -118,8 +120,6 @@ def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
     info_path = Path(run_dir) / RUN_INFO_NAME
     if not info_path.is_file():
         return
-    from spannorm.train.config import parse_override
-
     def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
         return {".".join(parts): value for parts, value in map(parse_override, overrides)}
 
@@ -175,7 +175,7 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
             from spannorm.launch import train
             from spannorm.train.config import resolve_config
 
-            cfg = resolve_config(spec.preset, None, list(spec.overrides))
+            cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())

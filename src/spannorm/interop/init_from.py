@@ -31,6 +31,7 @@ from spannorm.interop.safetensors_files import tensor_names, weight_files
 from spannorm.model.io import CONFIG_NAME, load_model, load_model_config
 from spannorm.model.layers import LayerNorm, RMSNorm
 from spannorm.model.transformer import DecoderLM
+from spannorm.train.checkpoint import resolve_checkpoint
 from spannorm.train.layout import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     checkpoint."""
     path = Path(path)
     if (path / CHECKPOINTS_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
-        from spannorm.train.checkpoint import resolve_checkpoint
-
         found = resolve_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")

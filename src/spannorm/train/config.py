@@ -2,8 +2,12 @@
 
 A run is resolved in layers: the dataclass defaults, then a named preset (``spannorm/presets/NAME.yaml``),
 then a YAML config file, then dotted command-line overrides such as ``model.n_layers=24``. Every value is
-coerced to its field's type and validated in one place; errors are :class:`ConfigError` with a one-line
-message that names the field, the value and what is allowed.
+coerced to its field's type and validated in one place, by :func:`spannorm.configuration.build`; errors are
+:class:`ConfigError` with a one-line message that names the field, the value and what is allowed.
+
+``train.init_from`` puts the checkpoint's model section between the preset and the config file. Reading a
+checkpoint is the interop layer's job, above this one: :func:`resolve_config` takes the function that reads
+it (``spannorm.interop.init_from.run_config_layer``) as an argument from the command that resolves the run.
 """
 
 from __future__ import annotations
@@ -11,33 +15,36 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
+from spannorm.configuration import apply_overrides as _apply_overrides
+from spannorm.configuration import build, check_fields, fail, merge, parse_override
 from spannorm.train.layout import CONFIG_NAME
 
-SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-PROGRESS_MODES = ("auto", "bar", "plain", "none")
+Schedule = Literal["cosine", "wsd", "constant"]
+Precision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+ProgressMode = Literal["auto", "bar", "plain", "none"]
+ParallelMode = Literal["auto", "none", "ddp", "fsdp"]
+SCHEDULES = typing.get_args(Schedule)
+PRECISIONS = typing.get_args(Precision)
+DEVICES = typing.get_args(Device)
+PROGRESS_MODES = typing.get_args(ProgressMode)
+PARALLEL_MODES = typing.get_args(ParallelMode)
 TOKENIZER_KINDS = ("byte", "bpe")
-PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
-
-
-def _fail(path: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
 
 
 def _check_positive_int(path: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(path, value, f"must be an integer >= {minimum}")
+        fail(path, value, f"must be an integer >= {minimum}")
 
 
 def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
@@ -48,7 +55,7 @@ def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
     if not ok:
         bound = ">=" if low_inclusive else ">"
         upper = "" if high == math.inf else f" and <= {high:g}"
-        _fail(path, value, f"must be a finite number {bound} {low:g}{upper}")
+        fail(path, value, f"must be a finite number {bound} {low:g}{upper}")
 
 
 @dataclass
@@ -70,10 +77,11 @@ class DataConfig:
     """How much of the embedded corpus to use."""
 
     def validate(self, prefix: str = "data") -> None:
+        check_fields(self, prefix)
         if self.path is not None and not str(self.path).strip():
-            _fail(f"{prefix}.path", self.path, "must name a text file or folder, or be null (embedded corpus)")
+            fail(f"{prefix}.path", self.path, "must name a text file or folder, or be null (embedded corpus)")
         if self.tokenizer not in TOKENIZER_KINDS and not str(self.tokenizer).endswith(".json"):
-            _fail(f"{prefix}.tokenizer", self.tokenizer,
+            fail(f"{prefix}.tokenizer", self.tokenizer,
                   "allowed: byte, bpe, or the path of a tokenizer.json file")
         _check_positive_int(f"{prefix}.bpe_vocab_size", self.bpe_vocab_size, minimum=257)
         _check_number(f"{prefix}.val_fraction", self.val_fraction, low=0.0, high=0.5, low_inclusive=False)
@@ -88,7 +96,7 @@ class OptimConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """The schedule decays to lr·min_lr_ratio."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """``cosine`` (warmup, then cosine decay), ``wsd`` (warmup, stable, then linear decay) or ``constant``."""
     warmup_steps: int = 100
     decay_fraction: float = 0.2
@@ -102,10 +110,9 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def validate(self, prefix: str = "optim") -> None:
+        check_fields(self, prefix)
         _check_number(f"{prefix}.lr", self.lr, low=0.0, low_inclusive=False)
         _check_number(f"{prefix}.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        if self.schedule not in SCHEDULES:
-            _fail(f"{prefix}.schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
         _check_positive_int(f"{prefix}.warmup_steps", self.warmup_steps, minimum=0)
         _check_number(f"{prefix}.decay_fraction", self.decay_fraction, low=0.0, high=1.0)
         _check_number(f"{prefix}.weight_decay", self.weight_decay, low=0.0)
@@ -127,9 +134,9 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     seed: int = 0
     """Seeds the model init, the window sampler and generation."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """``fp32`` or ``bf16`` (autocast on CPU and CUDA; weights and optimizer state stay fp32)."""
-    device: str = "auto"
+    device: Device = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -145,7 +152,7 @@ class TrainConfig:
     """Keep the last K checkpoints."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``OUT/tensorboard``."""
-    progress: str = "auto"
+    progress: ProgressMode = "auto"
     """``auto`` (a bar on a terminal, plain lines otherwise), ``bar``, ``plain`` or ``none``."""
     spike_window: int = 128
     """Steps of history for the spike score (SPEC §6): a value above mean + spike_sigmas·σ is a spike."""
@@ -153,7 +160,7 @@ class TrainConfig:
     diagnostics_every: int = 0
     """Measure the stability statistics of SPEC §6 (:class:`spannorm.diagnostics.callback.DiagnosticsCallback`)
     every this many steps, into metrics.jsonl (``diag/...``) and TensorBoard; 0: off."""
-    parallel: str = "auto"
+    parallel: ParallelMode = "auto"
     """Data parallelism under torchrun: ``auto`` (DDP when WORLD_SIZE > 1), ``ddp``, ``fsdp`` (FSDP2
     ``fully_shard``) or ``none``; a run outside torchrun is one process. See docs/training.md."""
     init_from: str | None = None
@@ -162,18 +169,11 @@ class TrainConfig:
     its tokenizer.json); another placement converts it with new norms at identity (docs/interop.md)."""
 
     def validate(self, prefix: str = "train") -> None:
+        check_fields(self, prefix)
         _check_positive_int(f"{prefix}.steps", self.steps)
         _check_positive_int(f"{prefix}.batch_size", self.batch_size)
         _check_positive_int(f"{prefix}.grad_accum", self.grad_accum)
         _check_positive_int(f"{prefix}.seed", self.seed, minimum=0)
-        if self.precision not in PRECISIONS:
-            _fail(f"{prefix}.precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
-        if self.device not in DEVICES:
-            _fail(f"{prefix}.device", self.device, f"allowed: {', '.join(DEVICES)}")
-        if self.progress not in PROGRESS_MODES:
-            _fail(f"{prefix}.progress", self.progress, f"allowed: {', '.join(PROGRESS_MODES)}")
-        if self.parallel not in PARALLEL_MODES:
-            _fail(f"{prefix}.parallel", self.parallel, f"allowed: {', '.join(PARALLEL_MODES)}")
         for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
@@ -181,7 +181,7 @@ class TrainConfig:
         _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
         _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)
         if self.init_from is not None and not str(self.init_from).strip():
-            _fail(f"{prefix}.init_from", self.init_from, "must name a checkpoint folder, or be null")
+            fail(f"{prefix}.init_from", self.init_from, "must name a checkpoint folder, or be null")
 
 
 
@@ -213,116 +213,13 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """Build and validate a config from nested dicts (missing fields keep their defaults)."""
-        return _build(cls, data or {}, "")
+        return build(cls, data or {}, "")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------- building and coercion
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key(path: str, name: str, known: list[str]) -> typing.NoReturn:
-    where = f"{path}.{name}" if path else name
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"{where} is not a known config key{hint}; allowed: {', '.join(sorted(known))}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Instantiate dataclass ``cls`` from a dict, coercing each value to its declared type."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        _fail(path or "config", data, f"must be a mapping of {cls.__name__} fields")
-    hints = _field_types(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            _unknown_key(path, str(key), known)
-        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
-    try:
-        obj = cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:  # a dataclass validator tripping over an odd type
-        raise ConfigError(f"{path or cls.__name__} is invalid: {err}") from None
-    if cls is not RunConfig and hasattr(obj, "validate"):
-        obj.validate(path) if path else obj.validate()
-    return obj
-
-
-def _coerce(path: str, value: Any, tp: Any) -> Any:
-    """Coerce ``value`` (from YAML or a command-line string) to type ``tp``, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
-            return None
-        if len(args) == 1:
-            return _coerce(path, value, args[0])
-        raise ConfigError(f"{path}: unsupported config type {tp}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str):
-            value = _yaml_value(path, value)
-        return _build(tp, value if value is not None else {}, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        _fail(path, value, "must be true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            _fail(path, value, "must be an integer")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(str(value).replace("_", ""))
-        except ValueError:
-            _fail(path, value, "must be an integer")
-        if not math.isfinite(number) or number != int(number):
-            _fail(path, value, "must be an integer")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            _fail(path, value, "must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(str(value).replace("_", ""))
-        except ValueError:
-            _fail(path, value, "must be a number")
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            _fail(path, value, "must be a string")
-        return str(value)
-    if origin is dict:
-        if isinstance(value, str):
-            value = _yaml_value(path, value)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            _fail(path, value, "must be a mapping such as {0: post}")
-        key_tp, value_tp = typing.get_args(tp)
-        return {_coerce(f"{path}[{k}]", k, key_tp): _coerce(f"{path}[{k}]", v, value_tp) for k, v in value.items()}
-    raise ConfigError(f"{path}: unsupported config type {tp}")
-
-
-def _yaml_value(path: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        _fail(path, text, "must be a YAML value")
 
 
 # ---------------------------------------------------------------------- presets, files, overrides
@@ -360,32 +257,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], str]:
-    """Split ``"model.n_layers=24"`` (a leading ``--`` is allowed) into (["model", "n_layers"], "24")."""
-    body = text[2:] if text.startswith("--") else text
-    if "=" not in body:
-        raise ConfigError(f"override {text!r} is invalid: write section.field=value, e.g. model.n_layers=24")
-    key, value = body.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        if len(parts) == 1 and parts[0] in SECTIONS:
-            raise ConfigError(f"override {text!r} is invalid: name a field, e.g. {parts[0]}.FIELD=value")
-        _unknown_key("", key.strip(), [f"{s}.FIELD" for s in SECTIONS])
-    if parts[0] not in SECTIONS:
-        _unknown_key("", parts[0], list(SECTIONS))
-    return parts, value
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "placement_overrides":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _check_keys(data: dict[str, Any], source: str) -> None:
     for key in data:
         if key not in SECTIONS:
@@ -396,42 +267,25 @@ def _check_keys(data: dict[str, Any], source: str) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply dotted overrides to a nested dict. Values stay strings; :func:`RunConfig.from_dict` coerces them.
-    Unknown keys fail here, so the message names the override."""
-    data = _merge({}, data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        cls: Any = SECTIONS[parts[0]]
-        node = data.setdefault(parts[0], {})
-        for depth, name in enumerate(parts[1:], start=1):
-            hints = _field_types(cls)
-            if name not in hints:
-                _unknown_key(".".join(parts[:depth]), name, [f.name for f in dataclasses.fields(cls)])
-            tp = hints[name]
-            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-            last = depth == len(parts) - 1
-            if last:
-                node[name] = value
-            elif inner or dataclasses.is_dataclass(tp):
-                cls = inner[0] if inner else tp
-                child = node.get(name)
-                if not isinstance(child, dict):
-                    child = {} if child is None or isinstance(child, str) else dataclasses.asdict(child)
-                    node[name] = child
-                node = child
-            else:
-                raise ConfigError(f"override {text!r} is invalid: {'.'.join(parts[:depth + 1])} "
-                                  "is a value, not a section")
-    return data
+    """Apply dotted overrides (``section.field=value``) to a nested run-config dict. Values stay strings;
+    :func:`RunConfig.from_dict` coerces them. Unknown keys fail here, so the message names the override."""
+    return _apply_overrides(data, overrides, RunConfig)
+
+
+InitFromLayer = Callable[[str], dict[str, Any]]
+"""Reads the config layer of a ``train.init_from`` checkpoint: its model section, and its tokenizer as
+``data.tokenizer`` (``spannorm.interop.init_from.run_config_layer``)."""
 
 
 def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+                   overrides: list[str] | tuple[str, ...] = (),
+                   init_from_layer: InitFromLayer | None = None) -> RunConfig:
     """Defaults, then the preset, then the config file, then the dotted overrides; validated.
 
-    With ``train.init_from`` (from any layer), the checkpoint's model section and tokenizer go between the
-    preset and the config file: a preset is a recipe for training, so it never resizes the model being
-    continued, while a config file and overrides, which the user wrote for this run, still win."""
+    With ``train.init_from`` (from any layer) and ``init_from_layer``, the layer that function reads from the
+    checkpoint (its model section and tokenizer) goes between the preset and the config file: a preset is a
+    recipe for training, so it never resizes the model being continued, while a config file and overrides,
+    which the user wrote for this run, still win. Without ``init_from_layer`` the checkpoint is not read."""
     preset_layer: dict[str, Any] = {}
     if preset:
         preset_layer = load_preset(preset)
@@ -441,13 +295,12 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         explicit = load_config_file(config_file)
         _check_keys(explicit, f"config file {str(config_file)!r}")
     explicit = apply_overrides(explicit, list(overrides))
-    data = _merge(preset_layer, explicit)
+    data = merge(preset_layer, explicit)
     init_from = (data.get("train") or {}).get("init_from")
     # A missing folder is reported by the trainer, except on resume, which needs only the run's own checkpoint.
-    if isinstance(init_from, str) and init_from.strip() and Path(init_from).exists():
-        from spannorm.interop.init_from import run_config_layer
-
-        data = _merge(_merge(preset_layer, run_config_layer(init_from)), explicit)
+    if (init_from_layer is not None and isinstance(init_from, str) and init_from.strip()
+            and Path(init_from).exists()):
+        data = merge(merge(preset_layer, init_from_layer(init_from)), explicit)
     return RunConfig.from_dict(data)
 
 
