@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from helpers import TEXT
 from spannorm.config import ModelConfig, MoEConfig
+from spannorm.inference import generate
 from spannorm.launch import train
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
@@ -318,8 +319,6 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
 
 
 def test_top_k_sampling_only_draws_among_the_k_most_likely_tokens():
-    from spannorm.train.generation import generate
-
     torch.manual_seed(0)
     model = SpanNormLM(ModelConfig(d_model=32, n_layers=1, n_heads=2, context_length=16))
     prompt = [65, 66, 67]

@@ -10,6 +10,10 @@ from pathlib import Path
 from spannorm.cli.eval_tasks import add_task_arguments, run_tasks
 from spannorm.cli.main import UsageError
 from spannorm.cli.train import collect_overrides
+from spannorm.data.dataset import load_splits
+from spannorm.inference import load_for_inference
+from spannorm.train.config import DataConfig, RunConfig, apply_overrides
+from spannorm.train.evaluation import evaluate
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -36,11 +40,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return run_tasks(args)
-    from spannorm.data.dataset import load_splits
-    from spannorm.train.checkpoint import load_for_inference
-    from spannorm.train.config import DataConfig, RunConfig, apply_overrides
-    from spannorm.train.evaluation import evaluate
-
     if args.batch_size < 1 or args.max_batches < 0:
         raise UsageError(f"--batch-size={args.batch_size} --max-batches={args.max_batches} are invalid: "
                          "allowed: a batch size >= 1 and max-batches >= 0 (0: the whole split)")

@@ -229,12 +229,3 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
         optimizer.load_state_dict(optimizer_from_files(tensors, meta))
     return read_json(ckpt / STATE_NAME)
 
-
-# ---------------------------------------------------------------------- moved
-def __getattr__(name: str):
-    # ``load_for_inference`` moved to spannorm.inference.loading; this keeps the old import path working.
-    # Imported on use because spannorm.inference sits a layer above train (it imports this module).
-    if name == "load_for_inference":
-        from spannorm.inference.loading import load_for_inference
-        return load_for_inference
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,14 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from spannorm.config import ConfigError, ModelConfig
 from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
-from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (
@@ -191,6 +190,18 @@ def ctrl_c_requests_stop(trainer: Trainer) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """How the trainer reads ``train.init_from`` (a checkpoint of another library or another run). The train
+    layer cannot read one itself: :func:`spannorm.launch.train` hands in :mod:`spannorm.interop.init_from`'s.
+
+    ``check(path, model_cfg, tokenizer_vocab_size=...)`` raises :class:`ConfigError` (reading configs only)
+    unless ``build(path, model_cfg)`` can make the model to start from."""
+
+    check: Callable[..., None]
+    build: Callable[[str, ModelConfig], torch.nn.Module]
+
+
 class Trainer:
     """One training run. Build with the resolved config and the run folder, then call :meth:`run`.
 
@@ -198,11 +209,14 @@ class Trainer:
     checked by the first five, before the model is built and before anything is written into ``out_dir``;
     they raise :class:`ConfigError`. ``callbacks`` (:mod:`spannorm.train.callbacks`) run after the spike scores,
     the progress display and the validation-regression warning, and before the metrics writer. The trainer
-    builds no optional callback itself: :func:`spannorm.launch.train` adds the diagnostics one."""
+    builds no optional callback itself: :func:`spannorm.launch.train` adds the diagnostics one, and hands in
+    ``init_from``, the reader of ``train.init_from`` checkpoints (needed only when the config names one)."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None):
+                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None,
+                 init_from: InitFrom | None = None):
         cfg.validate()
+        self.init_from = init_from
         callbacks = check_callbacks(callbacks, reserved=TRAINER_STATE_KEYS)
         self.parallel = parallel if parallel is not None else SingleProcess()
         self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
@@ -262,7 +276,10 @@ class Trainer:
         which fixes it (then the tokenizer must fit in it)."""
         if cfg.train.init_from is not None:
             if self.resume_from is None:
-                check_init_target(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
+                if self.init_from is None:
+                    raise ValueError("train.init_from is set but the Trainer was given no init_from reader; "
+                                     "train with spannorm.launch.train, which hands one in")
+                self.init_from.check(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
             return cfg
         if cfg.model.vocab_size != self.tokenizer.vocab_size:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
@@ -291,7 +308,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         if cfg.train.init_from is not None and self.resume_from is None:
-            model = init_model_from(cfg.train.init_from, cfg.model).to(self.device)
+            assert self.init_from is not None  # checked by _build_model_config
+            model = self.init_from.build(cfg.train.init_from, cfg.model).to(self.device)
         else:
             model = DecoderLM(cfg.model).to(self.device)
         model.train()
