@@ -23,7 +23,7 @@ def transformers_available() -> bool:
 
 def hf_llama_config(cfg: ModelConfig):
     """A ``transformers.LlamaConfig`` matching ``cfg`` (RMSNorm, no biases, dense SwiGLU FFN)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # optional dependency: the 'hf' extra
 
     if cfg.moe is not None or cfg.norm != "rms" or cfg.bias:
         raise ValueError("the Llama reference exists only for dense, bias-free RMSNorm models")
@@ -47,7 +47,7 @@ class HFLlamaLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import LlamaForCausalLM
+        from transformers import LlamaForCausalLM  # optional dependency: the 'hf' extra
 
         hf_cfg = hf_llama_config(cfg)
         hf_cfg._attn_implementation = attn_implementation

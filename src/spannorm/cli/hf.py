@@ -10,6 +10,19 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.interop.errors import InteropError
+from spannorm.interop.hf_export import export_model, llama_incompatibilities
+from spannorm.interop.hf_import import (
+    HF_CONFIG,
+    SOURCE_HF_CONFIG,
+    copy_tokenizer_files,
+    import_hf,
+    is_remote_code_export,
+    read_hf_config,
+)
+from spannorm.interop.init_from import resolve_checkpoint_dir
+from spannorm.interop.output_dir import check_writable, write_directory
+from spannorm.interop.parity import max_logit_difference
+from spannorm.model.io import load_model, save_model
 
 PARITY_TOLERANCE = 1e-4
 """max |logit difference| in fp32 that ``--check`` accepts."""
@@ -76,18 +89,6 @@ def _user_errors(fn):
 
 @_user_errors
 def run_import(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_import import (
-        HF_CONFIG,
-        SOURCE_HF_CONFIG,
-        copy_tokenizer_files,
-        import_hf,
-        is_remote_code_export,
-        read_hf_config,
-    )
-    from spannorm.interop.output_dir import check_writable, write_directory
-    from spannorm.interop.parity import max_logit_difference
-    from spannorm.model.io import save_model
-
     check_writable(args.out, args.overwrite)
     if args.context_length is not None and args.context_length < 1:
         raise UsageError(f"--context-length={args.context_length} is invalid: must be a positive integer")
@@ -116,12 +117,6 @@ def run_import(args: argparse.Namespace) -> int:
 
 @_user_errors
 def run_export(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_export import export_model, llama_incompatibilities
-    from spannorm.interop.init_from import resolve_checkpoint_dir
-    from spannorm.interop.output_dir import check_writable
-    from spannorm.interop.parity import max_logit_difference
-    from spannorm.model.io import load_model
-
     check_writable(args.out, args.overwrite)
     model_dir = resolve_checkpoint_dir(args.model_dir)
     model = load_model(model_dir)

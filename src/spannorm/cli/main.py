@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 import spannorm
+import spannorm.cli as cli_pkg
 from spannorm.config import ConfigError
 
 
@@ -28,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spannorm {spannorm.__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    import spannorm.cli as cli_pkg
-
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name == "main":
             continue

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.experiments.report import build_report
+from spannorm.experiments.results import load_results
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -24,9 +26,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spannorm.experiments.report import build_report
-    from spannorm.experiments.results import load_results
-
     for path in args.sweeps:
         folder = Path(path)
         if not (folder / "plan.yaml").is_file() or not (folder / "index.json").is_file():

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.experiments.plan import load_plan
+from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
 from spannorm.interop.init_from import run_config_layer
+from spannorm.train.config import resolve_config
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -34,9 +36,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
-    from spannorm.train.config import resolve_config
-
     if args.workers < 0:
         raise UsageError(f"--workers={args.workers} is invalid: must be >= 0")
     if args.threads < 0:

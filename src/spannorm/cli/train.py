@@ -9,7 +9,10 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.interop.init_from import run_config_layer
+from spannorm.launch import train
 from spannorm.train.config import preset_names, resolve_config
+from spannorm.train.distributed import is_main_process
+from spannorm.train.layout import RunFolder
 
 EXIT_DIVERGED = 3
 """Exit status of a run that stopped on a non-finite loss or gradient (bad input is 2)."""
@@ -66,11 +69,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here for start-up time: the training stack imports torch, which `spannorm --help` never needs.
-    from spannorm.launch import train
-    from spannorm.train.distributed import is_main_process
-    from spannorm.train.layout import RunFolder
-
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other; allowed: one of them")
     overrides = collect_overrides(getattr(args, "overrides", None))

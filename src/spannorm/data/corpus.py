@@ -5,6 +5,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from spannorm.config import ConfigError
+
 EMBEDDED_NAME = "stdlib"
 EMBEDDED_MAX_BYTES = 4_000_000
 
@@ -60,8 +62,6 @@ def read_corpus(path: str | Path, field_name: str = "data.path") -> bytes:
 
     Raises :class:`spannorm.config.ConfigError` (a one-line message) for a missing path, an empty file, or a
     folder without text files."""
-    from spannorm.config import ConfigError
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{field_name}={str(path)!r} is invalid: no such file or folder; "

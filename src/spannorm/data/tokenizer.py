@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from tokenizers import Tokenizer as _HF
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from spannorm.config import ConfigError
 
@@ -53,8 +55,6 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _HF
-
         path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(f"data.tokenizer={str(path)!r} is invalid: no such file; "
@@ -97,9 +97,6 @@ def _split_lines(text: str, chunk_chars: int) -> list[str]:
 
 def train_bpe(corpus: bytes, vocab_size: int) -> HFTokenizer:
     """Train a byte-level BPE tokenizer on ``corpus`` (decoded as UTF-8, invalid bytes replaced)."""
-    from tokenizers import Tokenizer as _HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -112,8 +109,6 @@ def train_bpe(corpus: bytes, vocab_size: int) -> HFTokenizer:
 
 def bpe_tokenizer(corpus: bytes, corpus_hash: str, vocab_size: int, cache_dir: Path) -> HFTokenizer:
     """The BPE tokenizer of a corpus, trained once and cached as ``cache_dir/tokenizers/bpe{V}-{hash}.json``."""
-    from tokenizers import Tokenizer as _HF
-
     tokenizer_id = f"bpe{vocab_size}-{corpus_hash[:16]}"
     path = cache_dir / "tokenizers" / f"{tokenizer_id}.json"
     if path.is_file():

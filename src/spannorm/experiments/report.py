@@ -159,10 +159,12 @@ def _all_lrs(results: StudyResults) -> list[float]:
 
 # ---------------------------------------------------------------------- plots
 def _pyplot():
+    # The Agg backend must be chosen before pyplot is imported.
+    # Start-up time: matplotlib takes about a second to import, and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time, as above
 
     return plt
 
@@ -179,7 +181,7 @@ def _colors(names: list[str]) -> dict[str, Any]:
 
 def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
     plt = _pyplot()
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # start-up time: see _pyplot
 
     colors = _colors(results.placements)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
 from spannorm.model.placements import BLOCKS
@@ -123,8 +125,6 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read ``path/plan.yaml``, ``path/index.json`` and each listed run's metrics and layer stats."""
-    import yaml
-
     path = Path(path)
     plan_file, index_file = path / "plan.yaml", path / "index.json"
     if not plan_file.is_file() or not index_file.is_file():
@@ -242,6 +242,7 @@ class StudyResults:
     def welch(self, placement: str, depth: int, ffn: str, which: str = "best") -> dict[str, Any] | None:
         """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
         the best baseline's, at ``which`` LR. None when either side has fewer than two finished runs."""
+        # Start-up time: scipy.stats takes seconds to import; only the Welch test needs it.
         from scipy import stats
 
         cell = self.cell(placement, depth, ffn)

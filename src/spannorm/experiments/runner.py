@@ -30,10 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
+from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.interop.init_from import run_config_layer
+from spannorm.launch import train
+from spannorm.train.checkpoint import latest_checkpoint
+from spannorm.train.config import RunConfig, load_config_file, resolve_config
 from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
 
 RUNS_DIR = "runs"
@@ -95,19 +101,7 @@ def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any
 
 def _latest_model_dir(run_dir: Path) -> Path | None:
     """The newest directory under ``run_dir/checkpoints`` that holds a saved model."""
-    try:
-        from spannorm.train.checkpoint import latest_checkpoint
-    except ImportError:  # a trainer without that helper: fall back to the newest saved model
-        latest_checkpoint = None
-    if latest_checkpoint is not None:
-        return latest_checkpoint(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    found = [p.parent for p in root.rglob("model.safetensors") if not p.parent.name.startswith(".")]
-    if not found:
-        return None
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    return latest_checkpoint(run_dir)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -144,9 +138,6 @@ def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
 def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
     """Measure the per-layer moments of a finished run from its last checkpoint, on the fixed validation
     batch; write ``layer_stats.json``. None when the run has no checkpoint."""
-    from spannorm.experiments.layer_stats import measure_model_dir
-    from spannorm.train.config import RunConfig, load_config_file
-
     model_dir = _latest_model_dir(run_dir)
     if model_dir is None:
         return None
@@ -166,15 +157,10 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     path = Path(run_dir)
     started = time.time()
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     try:
         summary = read_summary(path)
         if summary is None:
-            from spannorm.launch import train
-            from spannorm.train.config import resolve_config
-
             cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig
 from spannorm.interop import hf_names
@@ -279,7 +280,6 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
 
 def load_tokenizer(directory: str | os.PathLike):
     """The ``tokenizers.Tokenizer`` stored as ``tokenizer.json`` in an HF checkpoint or spannorm model directory."""
-    from tokenizers import Tokenizer
 
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():

@@ -265,8 +265,8 @@ class MetricsWriter(Callback):
             metrics.unlink()
         self._file = metrics.open("a")
         if trainer.cfg.train.tensorboard:
-            # Imported here for start-up time: TensorBoard's import takes ~0.7 s, and train.tensorboard=false
-            # never needs it.
+            # train.tensorboard=false never needs it.
+            # Start-up time: TensorBoard's import takes ~0.7 s.
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(trainer.run_folder.tensorboard),

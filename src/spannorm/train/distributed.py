@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
@@ -74,6 +76,7 @@ def resolve_parallel(parallel: str, world_size: int) -> str:
 def fully_shard_function():
     """``torch.distributed.fsdp.fully_shard`` (FSDP2); :class:`ConfigError` on a torch without it."""
     try:
+        # Optional: torch < 2.6 has no FSDP2 (the ConfigError below); start-up time: it takes seconds to import.
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6
         raise ConfigError(f"train.parallel='fsdp' is invalid with torch {torch.__version__}: FSDP2 needs "
@@ -210,8 +213,6 @@ class DataParallel(SingleProcess):
 
     def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
         if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (rotary tables) are constants: no broadcast before every forward.
             no_buffer_sync = ({"forward_sync_buffers": False}
@@ -233,6 +234,7 @@ class DataParallel(SingleProcess):
         return contextlib.nullcontext()
 
     def mean_over_ranks(self, *values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        # Start-up time: torch.distributed.tensor takes about a second to import; only FSDP runs need it.
         from torch.distributed.tensor import DTensor
 
         values = tuple(v.full_tensor() if isinstance(v, DTensor) else v for v in values)  # FSDP2's grad norm
@@ -265,6 +267,7 @@ class DataParallel(SingleProcess):
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         if self.mode == "ddp":  # replicated: rank 0's own model and optimizer are the full state
             return (model, optimizer) if self.is_main else (None, None)
+        # Start-up time: torch.distributed.checkpoint takes seconds to import; only FSDP runs need it.
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -282,7 +285,7 @@ class DataParallel(SingleProcess):
                         device: torch.device) -> dict[str, Any]:
         if self.mode == "ddp":  # every process loads the same files into its replica
             return super().load_checkpoint(ckpt, model, optimizer, device)
-        from safetensors.torch import load_file
+        # Start-up time: torch.distributed.checkpoint takes seconds to import; only FSDP runs need it.
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
