@@ -110,8 +110,9 @@ def run_import(args: argparse.Namespace) -> int:
     write_directory(args.out, fill, args.overwrite)
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
-          f"{cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, {n_params:,} parameters")
+    print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, "
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, "
+          f"{n_params:,} parameters")
     return 0
 
 

@@ -215,7 +215,8 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
             vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads"), d_ff=d_ff, context_length=context_length,
             placement="pre", norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             bias=bias, embed_scale=1.0, final_norm=True, delta_t=1.0, init="fixed", init_std=init_std)
     except ConfigError as err:
         raise InteropError(f"{where} maps to an invalid spannorm config: {err}") from None
