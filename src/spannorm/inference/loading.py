@@ -8,7 +8,7 @@ import os
 import torch
 
 from spannorm.config import ConfigError
-from spannorm.data.tokenizer import ByteTokenizer, load_tokenizer_json
+from spannorm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer_json
 from spannorm.model.io import load_model
 from spannorm.train.checkpoint import RUN_CONFIG_NAME, TOKENIZER_NAME, read_json, resolve_checkpoint
 from spannorm.train.config import RunConfig
@@ -28,6 +28,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
                           "and model_config.json")
     model = load_model(ckpt, map_location=device).to(device)
     run_cfg = RunConfig.from_dict(read_json(ckpt / RUN_CONFIG_NAME)) if (ckpt / RUN_CONFIG_NAME).is_file() else None
+    tokenizer: Tokenizer
     if (ckpt / TOKENIZER_NAME).is_file():
         tokenizer = load_tokenizer_json(ckpt / TOKENIZER_NAME)
     elif model.cfg.vocab_size == 256 and (run_cfg is None or run_cfg.data.tokenizer == "byte"):

@@ -212,10 +212,15 @@ def sdpa_handles_gqa(q: torch.Tensor) -> bool:
 class AttentionCache(Protocol):
     """What :class:`CausalSelfAttention` asks of a key/value cache installed on it (one per layer)."""
 
-    positions: torch.Tensor
-    """(batch, T) absolute position of each token of the current forward, for RoPE."""
-    mask: torch.Tensor | None
-    """(batch, 1, T, cached + T) boolean, True where a query may attend to a key; None: every key."""
+    @property
+    def positions(self) -> torch.Tensor:
+        """(batch, T) absolute position of each token of the current forward, for RoPE."""
+        ...
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(batch, 1, T, cached + T) boolean, True where a query may attend to a key; None: every key."""
+        ...
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values (batch, kv_heads, T, head_dim); return every key and value so far."""
