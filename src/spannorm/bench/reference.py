@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ def hf_llama_config(cfg: ModelConfig):
 
     if cfg.moe is not None or cfg.norm != "rms" or cfg.bias:
         raise ValueError("the Llama reference exists only for dense, bias-free RMSNorm models")
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps,

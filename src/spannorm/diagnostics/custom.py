@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def load_block_factory(spec: str) -> BlockFactory:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise BlockFactoryError(f"cannot import {module_name!r} for block factory {spec!r}: {err}") from None
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

@@ -95,7 +95,8 @@ class GroupStats:
 
 
 def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    val, train = [], []
+    val: list[tuple[int, float]] = []
+    train: list[tuple[int, float]] = []
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return val, train

@@ -107,7 +107,7 @@ def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES.values():
         raise InteropError(f"{where}: model_type {model_type!r} is not supported; allowed architectures: {allowed}")
-    return model_type
+    return str(model_type)  # one of SUPPORTED_ARCHITECTURES' values
 
 
 ROPE_KEYS = {"linear": ("factor",),
