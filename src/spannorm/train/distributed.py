@@ -19,7 +19,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ class SingleProcess:
 
     def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
         """The module the training step calls (``model`` itself stays the plain model)."""
-        return torch.compile(model) if compile else model
+        return cast(torch.nn.Module, torch.compile(model)) if compile else model  # typed as returning a callable
 
     def gradient_sync(self, forward_model: torch.nn.Module, enabled: bool):
         """A context for one micro-step's forward and backward; ``enabled=False`` skips the gradient
@@ -215,21 +215,21 @@ class DataParallel(SingleProcess):
         if self.mode == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (rotary tables) are constants: no broadcast before every forward.
-            no_buffer_sync = ({"forward_sync_buffers": False}
+            no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False}
                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                               else {"broadcast_buffers": False})  # torch < 2.13
             wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
         else:
             fully_shard = fully_shard_function()
-            for block in model.blocks:
+            for block in cast(Iterable[torch.nn.Module], model.blocks):  # __getattr__ is typed Tensor | Module
                 fully_shard(block)
             fully_shard(model)  # the root group: embedding, final norm, head
             wrapped = model
-        return torch.compile(wrapped) if compile else wrapped
+        return cast(torch.nn.Module, torch.compile(wrapped)) if compile else wrapped  # typed as a callable
 
     def gradient_sync(self, forward_model: torch.nn.Module, enabled: bool):
         if self.mode == "ddp" and not enabled:
-            ddp = getattr(forward_model, "_orig_mod", forward_model)  # under torch.compile
+            ddp = cast(DistributedDataParallel, getattr(forward_model, "_orig_mod", forward_model))  # under compile
             return ddp.no_sync()
         return contextlib.nullcontext()
 
@@ -244,7 +244,8 @@ class DataParallel(SingleProcess):
         flat = torch.cat([v.detach().float().reshape(-1) for v in present]).to(self.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
-        out, offset = [], 0
+        out: list[torch.Tensor | None] = []
+        offset = 0
         for value in values:
             if value is None:
                 out.append(None)
@@ -293,7 +294,7 @@ class DataParallel(SingleProcess):
         )
 
         options = StateDictOptions(full_state_dict=True, strict=True)  # every process holds the full dicts
-        weights = load_file(str(ckpt / ckpt_io.WEIGHTS_NAME), device="cpu")
+        weights: dict[str, Any] = load_file(str(ckpt / ckpt_io.WEIGHTS_NAME), device="cpu")
         set_model_state_dict(model, weights, options=options)
         by_index = ckpt_io.optimizer_from_files(load_file(str(ckpt / ckpt_io.OPTIMIZER_TENSORS_NAME), device="cpu"),
                                                 ckpt_io.read_json(ckpt / ckpt_io.OPTIMIZER_META_NAME))
