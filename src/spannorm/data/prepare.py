@@ -1,0 +1,304 @@
+"""``spannorm prepare``: text sources to a folder of token shards (see :mod:`spannorm.data.shards`).
+
+The sources are read once, in order, as a stream of document pieces (:mod:`spannorm.data.sources`). Pieces
+are grouped into *units* of about ``shard_mb`` MB of text; unit ``i`` becomes the shards ``train-{i}.bin``
+and ``val-{i}.bin``. Units are tokenized in worker processes, at most two per worker in flight, so peak
+memory depends on ``shard_mb`` and ``workers``, not on the corpus size.
+
+Each document goes wholly to one split: to validation when a hash of its first piece (up to 1 MiB of its
+text) falls below ``val_fraction``. Identical documents therefore always land in the same split, and
+validation never shares a document with training. A separator token (the tokenizer's EOS; byte 0 for the
+byte tokenizer) precedes every document.
+
+Shards are written under temporary names and renamed; a unit counts as done once its marker is written
+under ``.prepare/``. A killed prepare, run again with the same arguments, keeps the finished units and
+tokenizes only the rest; ``index.json`` is written last, so a folder without it is never read as a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import shutil
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from spannorm.config import ConfigError
+from spannorm.data import shards
+from spannorm.data.sources import (BAD_RECORD_POLICIES, DOCUMENT_SPLITS, Piece, ReadStats, iter_pieces, list_sources,
+                                   source_kind)
+from spannorm.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, eos_id, fingerprint,
+                                     train_bpe_from_iterator)
+
+STATE_DIR = ".prepare"
+TOKENIZER_FILE = "tokenizer.json"
+BPE_EOS_TOKEN = "<|endoftext|>"
+SPLIT_CODES = {0: "train", 1: "val"}
+
+
+@dataclass
+class PrepareOptions:
+    """Everything that decides the shards' content (and so must match when a prepare resumes)."""
+
+    tokenizer: str = "byte"
+    """``byte``, ``bpe`` (trained here from the sources) or the path of a ``tokenizer.json``."""
+    bpe_vocab_size: int = 4096
+    bpe_sample_mb: float = 0.0
+    """Train BPE on a sample of documents of about this many MB; 0: on every document."""
+    eos_token: str | None = None
+    """The document separator of a ``tokenizer.json`` (default: the first known EOS token it has)."""
+    document_split: str = "file"
+    """What one document of a text file is: the whole ``file``, each blank-line ``paragraph``, or each ``line``."""
+    text_field: str = "text"
+    on_bad_record: str = "stop"
+    val_fraction: float = 0.1
+    shard_mb: float = 32.0
+    dtype: str | None = None
+    """``uint16`` or ``uint32``; None: uint16 when the vocabulary fits."""
+
+    def validate(self) -> None:
+        def fail(flag: str, value: Any, allowed: str) -> None:
+            raise ConfigError(f"--{flag}={value!r} is invalid; allowed: {allowed}")
+
+        if self.tokenizer not in ("byte", "bpe") and not str(self.tokenizer).endswith(".json"):
+            fail("tokenizer", self.tokenizer, "byte, bpe, or the path of a tokenizer.json file")
+        if not isinstance(self.bpe_vocab_size, int) or not 257 <= self.bpe_vocab_size <= 1 << 20:
+            fail("bpe-vocab-size", self.bpe_vocab_size, "an integer from 257 to 1048576")
+        if not self.bpe_sample_mb >= 0:
+            fail("bpe-sample-mb", self.bpe_sample_mb, "a size in MB >= 0 (0: every document)")
+        if self.document_split not in DOCUMENT_SPLITS:
+            fail("documents", self.document_split, ", ".join(DOCUMENT_SPLITS))
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            fail("on-bad-record", self.on_bad_record, ", ".join(BAD_RECORD_POLICIES))
+        if not 0.0 <= self.val_fraction < 1.0:
+            fail("val-fraction", self.val_fraction, "a fraction in [0, 1)")
+        if not self.shard_mb > 0:
+            fail("shard-mb", self.shard_mb, "a size in MB > 0")
+        if self.dtype not in (None, *shards.TOKEN_DTYPES):
+            fail("dtype", self.dtype, ", ".join(shards.TOKEN_DTYPES))
+
+
+# ---------------------------------------------------------------------- tokenizer
+def _document_in_val(first_piece: bytes, val_fraction: float) -> bool:
+    """The split rule: a stable hash of the document's first piece, compared with ``val_fraction``."""
+    digest = hashlib.blake2b(first_piece, digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
+
+
+def _iter_all_pieces(files: list[Path], opts: PrepareOptions, stats: ReadStats) -> Iterator[Piece]:
+    for path in files:
+        yield from iter_pieces(path, document_split=opts.document_split, text_field=opts.text_field,
+                               on_bad_record=opts.on_bad_record, stats=stats)
+
+
+def _sample_texts(files: list[Path], opts: PrepareOptions) -> Iterator[str]:
+    """The texts BPE trains on: every document, or a hash-chosen sample of about ``bpe_sample_mb`` MB."""
+    total = sum(path.stat().st_size for path in files)
+    rate = 1.0 if opts.bpe_sample_mb <= 0 else min(1.0, opts.bpe_sample_mb * 1e6 / max(1, total))
+    keep = True
+    for piece in _iter_all_pieces(files, opts, ReadStats()):
+        if piece.starts_document:
+            keep = rate >= 1.0 or _document_in_val(b"sample:" + piece.text, rate)
+        if keep:
+            yield piece.text.decode("utf-8", errors="replace")
+
+
+def build_tokenizer(opts: PrepareOptions, files: list[Path], out: Path, log: Callable[[str], None]) -> Tokenizer:
+    """The byte tokenizer, a ``tokenizer.json`` from disk, or BPE trained from the sources (reused from
+    ``out/tokenizer.json`` when a resumed prepare already trained it)."""
+    if opts.tokenizer == "byte":
+        return ByteTokenizer()
+    saved = out / TOKENIZER_FILE
+    if opts.tokenizer == "bpe":
+        if saved.is_file() and (out / STATE_DIR / "plan.json").is_file():
+            return HFTokenizer.from_file(saved)
+        started = time.perf_counter()
+        tok = train_bpe_from_iterator(_sample_texts(files, opts), opts.bpe_vocab_size,
+                                      special_tokens=(BPE_EOS_TOKEN,))
+        log(f"trained BPE ({tok.vocab_size} tokens) in {time.perf_counter() - started:.1f}s")
+        return tok
+    return HFTokenizer.from_file(opts.tokenizer)
+
+
+def _tokenizer_entry(tok: Tokenizer, opts: PrepareOptions, separator: int) -> dict[str, Any]:
+    name = {"byte": "byte", "bpe": f"bpe{opts.bpe_vocab_size}"}.get(opts.tokenizer, str(opts.tokenizer))
+    return {"name": name, "fingerprint": fingerprint(tok), "vocab_size": int(tok.vocab_size),
+            "eos_id": int(separator), "file": None if isinstance(tok, ByteTokenizer) else TOKENIZER_FILE}
+
+
+# ---------------------------------------------------------------------- workers
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str | None, separator: int, dtype: str, out: str) -> None:
+    if tokenizer_json is None:
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        from tokenizers import Tokenizer as _HF  # optional dependency, needed for tokenizer.json only
+
+        tok = HFTokenizer(_HF.from_str(tokenizer_json), "")
+    _WORKER.update(tokenizer=tok, separator=separator, dtype=np.dtype(dtype), out=Path(out))
+
+
+def _encode(pieces: list[bytes]) -> list[np.ndarray]:
+    tok = _WORKER["tokenizer"]
+    if isinstance(tok, ByteTokenizer):
+        return [np.frombuffer(p, dtype=np.uint8) for p in pieces]
+    texts = [p.decode("utf-8", errors="replace") for p in pieces]
+    return [np.asarray(e.ids, dtype=np.int64) for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _tokenize_unit(unit: int, pieces: list[tuple[int, bool, bytes]]) -> dict[str, Any]:
+    """Tokenize one unit and write its shards; return the unit's marker (per split: shard, counts)."""
+    dtype, separator = _WORKER["dtype"], np.array([_WORKER["separator"]], dtype=_WORKER["dtype"])
+    encoded = _encode([text for _, _, text in pieces])
+    marker: dict[str, Any] = {"unit": unit}
+    for code, split in SPLIT_CODES.items():
+        arrays, documents, text_bytes = [], 0, 0
+        for (piece_split, starts, text), ids in zip(pieces, encoded):
+            if piece_split != code:
+                continue
+            if starts:
+                arrays.append(separator)
+                documents += 1
+            arrays.append(ids.astype(dtype, copy=False))
+            text_bytes += len(text)
+        shard = None
+        if arrays:
+            shard = shards.write_shard(_WORKER["out"] / f"{split}-{unit:05d}.bin", np.concatenate(arrays), dtype)
+        marker[split] = {"shard": shard, "documents": documents, "bytes": text_bytes}
+    return marker
+
+
+# ---------------------------------------------------------------------- the run
+def _units(files: list[Path], opts: PrepareOptions, stats: ReadStats) -> Iterator[list[tuple[int, bool, bytes]]]:
+    """Pieces tagged with their split, grouped into units of about ``shard_mb`` MB of text."""
+    limit = int(opts.shard_mb * 1e6)
+    unit: list[tuple[int, bool, bytes]] = []
+    size, split = 0, 0
+    for piece in _iter_all_pieces(files, opts, stats):
+        if piece.starts_document:
+            split = 1 if _document_in_val(piece.text, opts.val_fraction) else 0
+        unit.append((split, piece.starts_document, piece.text))
+        size += len(piece.text)
+        if size >= limit:
+            yield unit
+            unit, size = [], 0
+    if unit:
+        yield unit
+
+
+def _plan(files: list[Path], opts: PrepareOptions) -> dict[str, Any]:
+    """What must match for a resumed prepare to keep earlier units: the options and each source's
+    path, size and modification time."""
+    return {"options": asdict(opts),
+            "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | None = None, workers: int = 1,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prepare ``sources`` into the token folder ``out``; return its index. See the module docstring."""
+    opts = opts or PrepareOptions()
+    opts.validate()
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} is invalid; allowed: an integer >= 1")
+    out = Path(out).expanduser()
+    stats = ReadStats()
+    files = [f for source in sources for f in list_sources(source, stats)]
+    if (opts.val_fraction > 0 and opts.document_split == "file" and len(files) == 1
+            and source_kind(files[0]) == "txt"):
+        raise ConfigError(f"source {str(files[0])!r} is one document, which cannot be split into training and "
+                          "validation; allowed: --documents=paragraph or --documents=line, more files, or "
+                          "--val-fraction=0")
+    plan = _plan(files, opts)
+    state = out / STATE_DIR
+    if (out / shards.INDEX_NAME).is_file():
+        index = shards.read_index(out)
+        if index.get("plan") == plan:
+            log(f"{out} is already prepared from these sources with these options")
+            return index
+        raise ConfigError(f"--out={str(out)!r} already holds a dataset of other sources or options; allowed: "
+                          "a new or empty --out folder")
+    if out.exists() and not (state / "plan.json").is_file() and any(out.iterdir()):
+        raise ConfigError(f"--out={str(out)!r} is a folder that holds other files; allowed: a new or empty "
+                          "folder, or the folder of an unfinished prepare of the same sources")
+    if (state / "plan.json").is_file() and json.loads((state / "plan.json").read_text()) != plan:
+        raise ConfigError(f"--out={str(out)!r} holds an unfinished prepare of other sources or options; allowed: "
+                          "the same command as before (it resumes), or a new --out folder")
+    tok = build_tokenizer(opts, files, out, log)
+    separator = eos_id(tok, opts.eos_token)
+    if separator is None:
+        raise ConfigError(f"--tokenizer={opts.tokenizer!r} has no end-of-document token "
+                          f"({opts.eos_token or 'none of <|endoftext|>, </s>, <eos>, ...'} is in its vocabulary); "
+                          "allowed: --eos-token=TOKEN naming one of its tokens")
+    dtype = np.dtype(opts.dtype) if opts.dtype else shards.token_dtype(tok.vocab_size)
+    if tok.vocab_size > np.iinfo(dtype).max + 1:
+        raise ConfigError(f"--dtype={dtype.name} is invalid for a vocabulary of {tok.vocab_size}; allowed: uint32")
+    state.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".*.tmp-*"):  # half-written files of a killed run
+        leftover.unlink()
+    tokenizer_json = None if isinstance(tok, ByteTokenizer) else tok.to_json()
+    if tokenizer_json is not None:
+        shards.atomic_write_bytes(out / TOKENIZER_FILE, tokenizer_json.encode())
+    shards.atomic_write_json(state / "plan.json", plan)
+
+    markers: dict[int, dict[str, Any]] = {}
+    for path in state.glob("unit-*.json"):
+        marker = json.loads(path.read_text())
+        markers[marker["unit"]] = marker
+    kept = len(markers)
+    started = time.perf_counter()
+    initargs = (tokenizer_json, separator, dtype.name, str(out))
+
+    def record(marker: dict[str, Any]) -> None:
+        markers[marker["unit"]] = marker
+        shards.atomic_write_json(state / f"unit-{marker['unit']:05d}.json", marker)
+
+    if workers == 1:
+        _init_worker(*initargs)
+        for unit, pieces in enumerate(_units(files, opts, stats)):
+            if unit not in markers:
+                record(_tokenize_unit(unit, pieces))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
+            pending: deque[Future] = deque()
+            for unit, pieces in enumerate(_units(files, opts, stats)):
+                if unit in markers:
+                    continue
+                pending.append(pool.submit(_tokenize_unit, unit, pieces))
+                while len(pending) >= 2 * workers:  # bound the text in flight
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        pending.remove(future)
+                        record(future.result())
+            for future in pending:
+                record(future.result())
+
+    splits = {}
+    for split in shards.SPLITS:
+        entries = [markers[u][split] for u in sorted(markers)]
+        splits[split] = shards.split_entry([e["shard"] for e in entries if e["shard"]],
+                                           sum(e["documents"] for e in entries), sum(e["bytes"] for e in entries))
+    index = shards.new_index(
+        _tokenizer_entry(tok, opts, separator), dtype, splits,
+        sources=[{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": shards.file_sha256(p)}
+                 for p in files],
+        bad_records=stats.bad_records, skipped_files=stats.skipped_files, plan=plan)
+    shards.atomic_write_json(out / shards.INDEX_NAME, index)
+    shutil.rmtree(state, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    text_mb = (splits["train"]["bytes"] + splits["val"]["bytes"]) / 1e6
+    log(f"prepared {out}: {splits['train']['tokens']} train tokens ({splits['train']['documents']} documents), "
+        f"{splits['val']['tokens']} val tokens ({splits['val']['documents']} documents), {dtype.name}; "
+        f"{len(markers) - kept} units tokenized, {kept} kept from an earlier run; {text_mb:.1f} MB of text "
+        f"in {seconds:.1f}s" + (f"; {stats.bad_records} records skipped" if stats.bad_records else "")
+        + (f"; {len(stats.skipped_files)} binary files skipped" if stats.skipped_files else ""))
+    return index
