@@ -40,6 +40,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="MB of text per shard and per unit of work (default 32)")
     p.add_argument("--dtype", choices=("uint16", "uint32"), default=None)
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--tokens", type=Path, metavar="FOLDER",
+                   help="instead of preparing text: describe existing token files FOLDER/train.bin and val.bin "
+                        "(nanoGPT's format; --dtype, default uint16) made with --tokenizer, by writing an "
+                        "index.json into --out (default FOLDER); the files are not copied")
     p.add_argument("--verify", type=Path, metavar="DATASET",
                    help="instead of preparing: check every shard of DATASET against its index's SHA-256")
     p.set_defaults(run=run)
@@ -50,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.verify is not None:
         checked = verify_dataset(args.verify)
         print(f"{args.verify}: {checked} shards match their checksums")
+        return 0
+    if args.tokens is not None:
+        prep.describe_token_files(args.tokens, args.tokenizer, out=args.out, dtype=args.dtype or "uint16",
+                                  eos_token=args.eos_token)
         return 0
     if not args.sources or args.out is None:
         raise UsageError("prepare needs SOURCES and --out=FOLDER; allowed: spannorm prepare corpus/ --out data/x, "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import time
 from collections import deque
@@ -267,7 +268,11 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
             if unit not in markers:
                 record(_tokenize_unit(unit, pieces))
     else:
-        context = multiprocessing.get_context("spawn")
+        # fork: workers inherit the imported modules (spawn would import torch again in each, seconds and
+        # hundreds of MB); each worker tokenizes with one thread, so the tokenizers library's own thread pool
+        # is turned off before forking (it warns and turns itself off in forked children otherwise).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
             pending: deque[Future] = deque()
             for unit, pieces in enumerate(_units(files, opts, stats)):
@@ -301,4 +306,59 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
         f"{len(markers) - kept} units tokenized, {kept} kept from an earlier run; {text_mb:.1f} MB of text "
         f"in {seconds:.1f}s" + (f"; {stats.bad_records} records skipped" if stats.bad_records else "")
         + (f"; {len(stats.skipped_files)} binary files skipped" if stats.skipped_files else ""))
+    return index
+
+
+# ---------------------------------------------------------------------- existing token files
+def describe_token_files(folder: str | Path, tokenizer: str, out: str | Path | None = None, dtype: str = "uint16",
+                         eos_token: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Make token files written elsewhere (nanoGPT's ``train.bin`` and ``val.bin``: flat arrays of token ids)
+    readable as a dataset, without copying them: write an ``index.json`` (into ``out``, default ``folder``)
+    that lists them, with the tokenizer they were made with. Every id must fit that tokenizer's vocabulary.
+    The text bytes (for bits per byte) are estimated by decoding up to a million validation tokens."""
+    folder = Path(folder).expanduser()
+    out = Path(out).expanduser() if out is not None else folder
+    if tokenizer not in ("byte",) and not str(tokenizer).endswith(".json"):
+        raise ConfigError(f"--tokenizer={tokenizer!r} is invalid for existing token files; allowed: byte or the "
+                          "path of the tokenizer.json the ids were made with")
+    if dtype not in shards.TOKEN_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is invalid; allowed: {', '.join(shards.TOKEN_DTYPES)}")
+    files = {split: folder / f"{split}.bin" for split in shards.SPLITS}
+    for split, path in files.items():
+        if not path.is_file():
+            raise ConfigError(f"--tokens={str(folder)!r} has no {path.name}; allowed: a folder with train.bin and "
+                              "val.bin (flat token-id arrays, as nanoGPT's prepare.py writes)")
+    if (out / shards.INDEX_NAME).is_file():
+        raise ConfigError(f"--out={str(out)!r} already holds {shards.INDEX_NAME}; allowed: a folder without one")
+    tok = ByteTokenizer() if tokenizer == "byte" else HFTokenizer.from_file(tokenizer)
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    separator = eos_id(tok, eos_token)
+    splits = {}
+    for split, path in files.items():
+        size = path.stat().st_size
+        if size == 0 or size % np_dtype.itemsize:
+            raise ConfigError(f"token file {str(path)!r} is {'empty' if size == 0 else 'corrupt'} ({size} bytes, "
+                              f"not a whole number of {dtype} ids); allowed: a non-empty file of {dtype} ids, or "
+                              "--dtype=uint32")
+        ids = np.memmap(path, dtype=np_dtype, mode="r")
+        top = int(ids.max())
+        if top >= tok.vocab_size:
+            raise ConfigError(f"token file {str(path)!r} holds id {top}, beyond the vocabulary of --tokenizer="
+                              f"{tokenizer} ({tok.vocab_size}); allowed: the tokenizer these ids were made with")
+        sample = np.asarray(ids[:1_000_000])
+        bytes_per_token = len(tok.decode(sample).encode("utf-8")) / max(1, len(sample))
+        documents = int(np.count_nonzero(ids == separator)) if separator is not None else 0
+        shard = {"file": os.path.relpath(path, out), "tokens": int(len(ids)), "bytes": size,
+                 "sha256": shards.file_sha256(path)}
+        splits[split] = shards.split_entry([shard], documents, round(bytes_per_token * len(ids)))
+    entry = {"name": str(tokenizer), "fingerprint": fingerprint(tok), "vocab_size": int(tok.vocab_size),
+             "eos_id": separator, "file": None if isinstance(tok, ByteTokenizer) else TOKENIZER_FILE}
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(tok, ByteTokenizer):
+        shards.atomic_write_bytes(out / TOKENIZER_FILE, tok.to_json().encode())
+    index = shards.new_index(entry, np_dtype, splits, bytes_estimated=True,
+                             sources=[{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in files.values()])
+    shards.atomic_write_json(out / shards.INDEX_NAME, index)
+    log(f"described {folder}: {splits['train']['tokens']} train and {splits['val']['tokens']} val tokens "
+        f"({dtype}, tokenizer {tokenizer}); train with --data.path={out}")
     return index
