@@ -128,21 +128,23 @@ def load_splits(data_cfg, tokenizer: Tokenizer | None = None, corpus: bytes | No
 
 
 def _dataset_tokenizer(folder: Path, entry: dict[str, Any], data_cfg, tokenizer: Tokenizer | None) -> Tokenizer:
-    """The tokenizer to use with a prepared folder: the given one or data.tokenizer's, which must have the
-    folder's fingerprint."""
+    """The tokenizer to use with a prepared folder: the given one (a checkpoint's) or data.tokenizer's,
+    which must have the folder's fingerprint."""
     own = f"--data.tokenizer={folder / entry['file']}" if entry.get("file") else "--data.tokenizer=byte"
     if tokenizer is None:
         if data_cfg.tokenizer == "bpe":
             raise ConfigError(f"data.tokenizer=bpe trains a tokenizer on text, but data.path={str(folder)!r} is "
                               f"a prepared dataset with its own tokenizer ({entry['name']}); allowed: {own}")
         tokenizer = ByteTokenizer() if data_cfg.tokenizer == "byte" else HFTokenizer.from_file(data_cfg.tokenizer)
-        given = f"data.tokenizer={data_cfg.tokenizer}"
+        given, allowed = f"data.tokenizer={data_cfg.tokenizer}", f"{own} (the dataset's own)"
     else:
         given = f"the model's tokenizer ({tokenizer.id}, vocabulary {tokenizer.vocab_size})"
+        allowed = ("a dataset prepared with the model's tokenizer (spannorm prepare --tokenizer=byte, or "
+                   "--tokenizer=RUN/tokenizer.json)")
     if fingerprint(tokenizer) != entry["fingerprint"]:
         raise ConfigError(f"data.path={str(folder)!r} was prepared with tokenizer {entry['name']} "
                           f"({entry['fingerprint']}, vocabulary {entry['vocab_size']}) but {given} differs; "
-                          f"allowed: {own}, or a dataset prepared with the model's tokenizer")
+                          f"allowed: {allowed}")
     return tokenizer
 
 
