@@ -11,7 +11,7 @@ largest of the process and the workers it waited for) are recorded. ``mb_per_s``
 ``mb_per_s_whole_process`` includes them. Usage:
 
     python benchmarks/prepare_bench.py --text /work/shared/data/tinyshakespeare.txt --work /tmp/prep-bench \\
-        [--sizes 100,1000] [--skip-bpe]
+        [--sizes 100,1000] [--bpe-sizes 20]
 
 Writes benchmarks/results/prepare_bench.json and prints one line per measurement. The working folder (the
 corpora and datasets, about 4.5 GB at 1 GB) is not cleaned up.
@@ -87,7 +87,9 @@ def main() -> int:
     parser.add_argument("--text", type=Path, default=Path("/work/shared/data/tinyshakespeare.txt"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/prep-bench"))
     parser.add_argument("--sizes", default="100,1000", help="corpus sizes in MB")
-    parser.add_argument("--skip-bpe", action="store_true")
+    parser.add_argument("--bpe-sizes", default="20",
+                        help="corpus sizes in MB also prepared with BPE (trained once on a 10 MB sample of the "
+                             "first of them); empty: none")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -98,19 +100,20 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    sizes = [int(s) for s in args.sizes.split(",")]
+    bpe_sizes = [int(s) for s in args.bpe_sizes.split(",") if s]
+    sizes = sorted(set([int(s) for s in args.sizes.split(",")] + bpe_sizes))
     tokenizer_json = args.work / "bpe" / "tokenizer.json"
     for size in sizes:
         corpus = args.work / f"corpus_{size}mb.jsonl"
         make_corpus(args.text, corpus, size)
         text_mb = corpus.stat().st_size / 1e6
-        tokenizers = ["byte"] if args.skip_bpe else ["byte", "bpe"]
+        tokenizers = ["byte", "bpe"] if size in bpe_sizes else ["byte"]
         for tokenizer in tokenizers:
             if tokenizer == "bpe" and not tokenizer_json.is_file():
                 subprocess.run(["rm", "-rf", str(args.work / "bpe")], check=True)
                 row = measure(spannorm + ["prepare", str(corpus), "--out", str(args.work / "bpe"), "--tokenizer",
-                                          "bpe", "--bpe-vocab-size", "4096", "--bpe-sample-mb", "20"], env)
-                record({"what": "prepare+train BPE 4096 on a 20 MB sample", "corpus_mb": round(text_mb), **row})
+                                          "bpe", "--bpe-vocab-size", "4096", "--bpe-sample-mb", "10"], env)
+                record({"what": "prepare+train BPE 4096 on a 10 MB sample", "corpus_mb": round(text_mb), **row})
             for workers in (1, 2):
                 out = args.work / f"ds_{tokenizer}_{size}mb_w{workers}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)

@@ -221,6 +221,7 @@ def test_records_without_the_text_field_stop_or_are_skipped_and_counted(tmp_path
     jsonl.write_text('{"text": "one"}\n{"body": "two"}\nnot json\n{"text": "three"}\n')
     with pytest.raises(ConfigError, match=r"x.jsonl' line 2 has no string field 'text'.*--on-bad-record=skip"):
         prep.prepare([jsonl], tmp_path / "stop", small(), log=quiet)
+    assert not (tmp_path / "stop").exists()  # stopped before any shard was done: nothing left behind
     index = prep.prepare([jsonl], tmp_path / "skip", small(on_bad_record="skip", val_fraction=0.0), log=quiet)
     assert index["bad_records"] == 2 and index["splits"]["train"]["documents"] == 2
     assert documents(shards.open_dataset(tmp_path / "skip"), "train") == ["one", "three"]
@@ -312,3 +313,23 @@ def test_prepare_cli_then_train_and_eval_on_it(tmp_path, sources, capsys):
     assert main(["eval", str(run), "--json"]) == 0
     val_report = json.loads(capsys.readouterr().out)
     assert val_report["tokens"] == (index["splits"]["val"]["tokens"] - 1) // 32 * 32
+
+
+def test_hugging_face_datasets_sources_made_locally(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from spannorm.data.sources import HFSource
+
+    records = [{"text": p, "n": i} for i, p in enumerate(PARAGRAPHS[:30])]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(saved))
+    options = small(val_fraction=0.0)
+    index = prep.prepare([HFSource(str(saved))], tmp_path / "from_disk", options, log=quiet)
+    assert documents(shards.open_dataset(tmp_path / "from_disk"), "train") == PARAGRAPHS[:30]
+    assert index["sources"][0]["hf"] == str(saved)
+    with pytest.raises(ConfigError, match="has no split 'test'; allowed: --hf-split=train"):
+        prep.prepare([HFSource(str(saved), split="test")], tmp_path / "bad", options, log=quiet)
+    parquet = tmp_path / "pq"
+    parquet.mkdir()
+    datasets.Dataset.from_list(records).to_parquet(str(parquet / "part-0.parquet"))
+    streamed = prep.prepare([HFSource(str(parquet))], tmp_path / "streamed", options, log=quiet)
+    assert streamed["splits"] == index["splits"]

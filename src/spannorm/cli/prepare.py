@@ -8,7 +8,7 @@ from pathlib import Path
 from spannorm.cli.main import UsageError
 from spannorm.data import prepare as prep
 from spannorm.data.shards import verify_dataset
-from spannorm.data.sources import BAD_RECORD_POLICIES, DOCUMENT_SPLITS
+from spannorm.data.sources import BAD_RECORD_POLICIES, DOCUMENT_SPLITS, HFSource
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -22,6 +22,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "resumes when started again with the same arguments.")
     p.add_argument("sources", nargs="*", type=Path, help="files or folders of text")
     p.add_argument("--out", type=Path, help="the dataset folder to write")
+    p.add_argument("--hf", metavar="DATASET",
+                   help="also read a Hugging Face datasets source (needs the datasets package): a save_to_disk "
+                        "folder, parquet/arrow files or a folder of them, or a dataset name (streamed)")
+    p.add_argument("--hf-split", default="train", help="the split of --hf (default train)")
+    p.add_argument("--hf-config", default=None, help="the configuration name of --hf")
     p.add_argument("--tokenizer", default=defaults.tokenizer,
                    help="byte (default), bpe (trained here on the sources), or the path of a tokenizer.json")
     p.add_argument("--bpe-vocab-size", type=int, default=defaults.bpe_vocab_size)
@@ -59,12 +64,15 @@ def run(args: argparse.Namespace) -> int:
         prep.describe_token_files(args.tokens, args.tokenizer, out=args.out, dtype=args.dtype or "uint16",
                                   eos_token=args.eos_token)
         return 0
-    if not args.sources or args.out is None:
-        raise UsageError("prepare needs SOURCES and --out=FOLDER; allowed: spannorm prepare corpus/ --out data/x, "
-                         "or spannorm prepare --verify=FOLDER")
+    sources: list = list(args.sources)
+    if args.hf is not None:
+        sources.append(HFSource(args.hf, split=args.hf_split, config=args.hf_config))
+    if not sources or args.out is None:
+        raise UsageError("prepare needs SOURCES (or --hf) and --out=FOLDER; allowed: spannorm prepare corpus/ "
+                         "--out data/x, or spannorm prepare --verify=FOLDER")
     opts = prep.PrepareOptions(
         tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size, bpe_sample_mb=args.bpe_sample_mb,
         eos_token=args.eos_token, document_split=args.document_split, text_field=args.text_field,
         on_bad_record=args.on_bad_record, val_fraction=args.val_fraction, shard_mb=args.shard_mb, dtype=args.dtype)
-    prep.prepare(args.sources, args.out, opts, workers=args.workers)
+    prep.prepare(sources, args.out, opts, workers=args.workers)
     return 0

@@ -33,8 +33,8 @@ import numpy as np
 
 from spannorm.config import ConfigError
 from spannorm.data import shards
-from spannorm.data.sources import (BAD_RECORD_POLICIES, DOCUMENT_SPLITS, Piece, ReadStats, iter_pieces, list_sources,
-                                   source_kind)
+from spannorm.data.sources import (BAD_RECORD_POLICIES, DOCUMENT_SPLITS, HFSource, Piece, ReadStats, iter_hf_pieces,
+                                   iter_pieces, list_sources, source_kind)
 from spannorm.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, eos_id, fingerprint,
                                      train_bpe_from_iterator)
 
@@ -42,6 +42,7 @@ STATE_DIR = ".prepare"
 TOKENIZER_FILE = "tokenizer.json"
 BPE_EOS_TOKEN = "<|endoftext|>"
 SPLIT_CODES = {0: "train", 1: "val"}
+ENCODE_BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -93,25 +94,42 @@ def _document_in_val(first_piece: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
 
 
-def _iter_all_pieces(files: list[Path], opts: PrepareOptions, stats: ReadStats) -> Iterator[Piece]:
-    for path in files:
-        yield from iter_pieces(path, document_split=opts.document_split, text_field=opts.text_field,
-                               on_bad_record=opts.on_bad_record, stats=stats)
+Source = Path | HFSource
 
 
-def _sample_texts(files: list[Path], opts: PrepareOptions) -> Iterator[str]:
-    """The texts BPE trains on: every document, or a hash-chosen sample of about ``bpe_sample_mb`` MB."""
-    total = sum(path.stat().st_size for path in files)
-    rate = 1.0 if opts.bpe_sample_mb <= 0 else min(1.0, opts.bpe_sample_mb * 1e6 / max(1, total))
-    keep = True
+def _iter_all_pieces(files: list[Source], opts: PrepareOptions, stats: ReadStats) -> Iterator[Piece]:
+    for source in files:
+        if isinstance(source, HFSource):
+            yield from iter_hf_pieces(source, text_field=opts.text_field, on_bad_record=opts.on_bad_record,
+                                      stats=stats)
+        else:
+            yield from iter_pieces(source, document_split=opts.document_split, text_field=opts.text_field,
+                                   on_bad_record=opts.on_bad_record, stats=stats)
+
+
+def _source_bytes(source: Source) -> int | None:
+    return source.local_bytes() if isinstance(source, HFSource) else source.stat().st_size
+
+
+def _sample_texts(files: list[Source], opts: PrepareOptions) -> Iterator[str]:
+    """The texts BPE trains on: every document, or about ``bpe_sample_mb`` MB of them (chosen by a hash
+    spread over the corpus when its size is known, else the first ones)."""
+    sizes = [_source_bytes(f) for f in files]
+    budget = opts.bpe_sample_mb * 1e6
+    known = None if None in sizes else sum(sizes)
+    rate = 1.0 if opts.bpe_sample_mb <= 0 or known is None else min(1.0, budget / max(1, known))
+    keep, taken = True, 0
     for piece in _iter_all_pieces(files, opts, ReadStats()):
         if piece.starts_document:
+            if budget and known is None and taken >= budget:
+                return
             keep = rate >= 1.0 or _document_in_val(b"sample:" + piece.text, rate)
         if keep:
+            taken += len(piece.text)
             yield piece.text.decode("utf-8", errors="replace")
 
 
-def build_tokenizer(opts: PrepareOptions, files: list[Path], out: Path, log: Callable[[str], None]) -> Tokenizer:
+def build_tokenizer(opts: PrepareOptions, files: list[Source], out: Path, log: Callable[[str], None]) -> Tokenizer:
     """The byte tokenizer, a ``tokenizer.json`` from disk, or BPE trained from the sources (reused from
     ``out/tokenizer.json`` when a resumed prepare already trained it)."""
     if opts.tokenizer == "byte":
@@ -152,8 +170,19 @@ def _encode(pieces: list[bytes]) -> list[np.ndarray]:
     tok = _WORKER["tokenizer"]
     if isinstance(tok, ByteTokenizer):
         return [np.frombuffer(p, dtype=np.uint8) for p in pieces]
-    texts = [p.decode("utf-8", errors="replace") for p in pieces]
-    return [np.asarray(e.ids, dtype=np.int64) for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    # Encodings carry strings and offsets for every token (about 100 bytes each): encode about 1 MB of text at a
+    # time and keep only the ids, so a unit's memory is its text and ids, not its Encoding objects.
+    ids: list[np.ndarray] = []
+    start = 0
+    while start < len(pieces):
+        end, size = start, 0
+        while end < len(pieces) and (end == start or size + len(pieces[end]) <= ENCODE_BATCH_BYTES):
+            size += len(pieces[end])
+            end += 1
+        texts = [p.decode("utf-8", errors="replace") for p in pieces[start:end]]
+        ids += [np.asarray(e.ids, dtype=np.int64) for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        start = end
+    return ids
 
 
 def _tokenize_unit(unit: int, pieces: list[tuple[int, bool, bytes]]) -> dict[str, Any]:
@@ -179,7 +208,7 @@ def _tokenize_unit(unit: int, pieces: list[tuple[int, bool, bytes]]) -> dict[str
 
 
 # ---------------------------------------------------------------------- the run
-def _units(files: list[Path], opts: PrepareOptions, stats: ReadStats) -> Iterator[list[tuple[int, bool, bytes]]]:
+def _units(files: list[Source], opts: PrepareOptions, stats: ReadStats) -> Iterator[list[tuple[int, bool, bytes]]]:
     """Pieces tagged with their split, grouped into units of about ``shard_mb`` MB of text."""
     limit = int(opts.shard_mb * 1e6)
     unit: list[tuple[int, bool, bytes]] = []
@@ -196,14 +225,50 @@ def _units(files: list[Path], opts: PrepareOptions, stats: ReadStats) -> Iterato
         yield unit
 
 
-def _plan(files: list[Path], opts: PrepareOptions) -> dict[str, Any]:
+def _plan(files: list[Source], opts: PrepareOptions) -> dict[str, Any]:
     """What must match for a resumed prepare to keep earlier units: the options and each source's
-    path, size and modification time."""
+    path, size and modification time (a ``datasets`` source: its name, split, config and local size)."""
     return {"options": asdict(opts),
-            "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+            "sources": [[*f.describe().values(), f.local_bytes()] if isinstance(f, HFSource)
+                        else [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | None = None, workers: int = 1,
+def _source_entry(source: Source) -> dict[str, Any]:
+    if isinstance(source, HFSource):
+        return {**source.describe(), "bytes": source.local_bytes()}
+    return {"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": shards.file_sha256(source)}
+
+
+def _tokenize_all(files: list[Source], opts: PrepareOptions, stats: ReadStats, workers: int, initargs: tuple,
+                  markers: dict[int, dict[str, Any]], record: Callable[[dict[str, Any]], None]) -> None:
+    """Tokenize every unit that has no marker yet, in this process or in ``workers`` worker processes."""
+    if workers == 1:
+        _init_worker(*initargs)
+        for unit, pieces in enumerate(_units(files, opts, stats)):
+            if unit not in markers:
+                record(_tokenize_unit(unit, pieces))
+    else:
+        # fork: workers inherit the imported modules (spawn would import torch again in each, seconds and
+        # hundreds of MB); each worker tokenizes with one thread, so the tokenizers library's own thread pool
+        # is turned off before forking (it warns and turns itself off in forked children otherwise).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
+            pending: deque[Future] = deque()
+            for unit, pieces in enumerate(_units(files, opts, stats)):
+                if unit in markers:
+                    continue
+                pending.append(pool.submit(_tokenize_unit, unit, pieces))
+                while len(pending) >= 2 * workers:  # bound the text in flight
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        pending.remove(future)
+                        record(future.result())
+            for future in pending:
+                record(future.result())
+
+
+def prepare(sources: list[str | Path | HFSource], out: str | Path, opts: PrepareOptions | None = None, workers: int = 1,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare ``sources`` into the token folder ``out``; return its index. See the module docstring."""
     opts = opts or PrepareOptions()
@@ -212,9 +277,12 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
         raise ConfigError(f"--workers={workers} is invalid; allowed: an integer >= 1")
     out = Path(out).expanduser()
     stats = ReadStats()
-    files = [f for source in sources for f in list_sources(source, stats)]
+    files: list[Source] = [f for source in sources for f in
+                           ([source] if isinstance(source, HFSource) else list_sources(source, stats))]
+    if not files:
+        raise ConfigError("prepare needs at least one source; allowed: text files or folders, or --hf=DATASET")
     if (opts.val_fraction > 0 and opts.document_split == "file" and len(files) == 1
-            and source_kind(files[0]) == "txt"):
+            and isinstance(files[0], Path) and source_kind(files[0]) == "txt"):
         raise ConfigError(f"source {str(files[0])!r} is one document, which cannot be split into training and "
                           "validation; allowed: --documents=paragraph or --documents=line, more files, or "
                           "--val-fraction=0")
@@ -242,6 +310,7 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
     dtype = np.dtype(opts.dtype) if opts.dtype else shards.token_dtype(tok.vocab_size)
     if tok.vocab_size > np.iinfo(dtype).max + 1:
         raise ConfigError(f"--dtype={dtype.name} is invalid for a vocabulary of {tok.vocab_size}; allowed: uint32")
+    created = not out.exists()
     state.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".*.tmp-*"):  # half-written files of a killed run
         leftover.unlink()
@@ -262,30 +331,12 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
         markers[marker["unit"]] = marker
         shards.atomic_write_json(state / f"unit-{marker['unit']:05d}.json", marker)
 
-    if workers == 1:
-        _init_worker(*initargs)
-        for unit, pieces in enumerate(_units(files, opts, stats)):
-            if unit not in markers:
-                record(_tokenize_unit(unit, pieces))
-    else:
-        # fork: workers inherit the imported modules (spawn would import torch again in each, seconds and
-        # hundreds of MB); each worker tokenizes with one thread, so the tokenizers library's own thread pool
-        # is turned off before forking (it warns and turns itself off in forked children otherwise).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
-            pending: deque[Future] = deque()
-            for unit, pieces in enumerate(_units(files, opts, stats)):
-                if unit in markers:
-                    continue
-                pending.append(pool.submit(_tokenize_unit, unit, pieces))
-                while len(pending) >= 2 * workers:  # bound the text in flight
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        pending.remove(future)
-                        record(future.result())
-            for future in pending:
-                record(future.result())
+    try:
+        _tokenize_all(files, opts, stats, workers, initargs, markers, record)
+    except BaseException:
+        if not markers and created:  # failed before any unit was done (a bad first source): leave nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     splits = {}
     for split in shards.SPLITS:
@@ -294,8 +345,7 @@ def prepare(sources: list[str | Path], out: str | Path, opts: PrepareOptions | N
                                            sum(e["documents"] for e in entries), sum(e["bytes"] for e in entries))
     index = shards.new_index(
         _tokenizer_entry(tok, opts, separator), dtype, splits,
-        sources=[{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": shards.file_sha256(p)}
-                 for p in files],
+        sources=[_source_entry(f) for f in files],
         bad_records=stats.bad_records, skipped_files=stats.skipped_files, plan=plan)
     shards.atomic_write_json(out / shards.INDEX_NAME, index)
     shutil.rmtree(state, ignore_errors=True)

@@ -5,6 +5,10 @@ objects or strings, read whole), or ``.parquet`` (read by ``pyarrow`` when it is
 compressed as ``.gz`` (standard library) or ``.zst`` (when ``zstandard`` is installed). A folder is every
 such file under it, sorted by relative path, hidden entries skipped.
 
+A Hugging Face ``datasets`` source (:class:`HFSource`, an optional extra) is a folder written by
+``save_to_disk``, parquet or arrow files (a file or a folder of them), or a dataset name for a streaming
+``load_dataset``; its records are read one at a time.
+
 Documents come out in pieces of at most about :data:`PIECE_BYTES` (a long text file is never held whole);
 each piece says whether it starts a document.
 """
@@ -43,6 +47,27 @@ class ReadStats:
 
     bad_records: int = 0
     skipped_files: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A Hugging Face ``datasets`` source: a local ``save_to_disk`` folder, parquet/arrow files, or a name."""
+
+    name: str
+    split: str = "train"
+    config: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"hf": self.name, "split": self.split, "config": self.config}
+
+    def local_bytes(self) -> int | None:
+        """The size on disk of a local source (None for a name read by streaming)."""
+        path = Path(self.name).expanduser()
+        if path.is_file():
+            return path.stat().st_size
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return None
 
 
 def _suffixes(path: Path) -> tuple[str, str]:
@@ -211,6 +236,53 @@ def iter_pieces(path: Path, *, document_split: str = "file", text_field: str = "
                 yield from _chunked(text)
     else:
         yield from _parquet_pieces(path, text_field, on_bad_record, stats)
+
+
+def _hf_records(source: HFSource):
+    """The records of a ``datasets`` source, streamed where ``datasets`` can stream them."""
+    try:
+        import datasets  # optional dependency (the hf extra): Hugging Face datasets sources only
+    except ImportError:
+        raise ConfigError(f"--hf={source.name!r} needs the datasets package, which is not installed; allowed: pip "
+                          "install datasets, or .jsonl/.parquet files as sources") from None
+    path = Path(source.name).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if source.split not in loaded:
+                    raise ConfigError(f"--hf={source.name!r} has no split {source.split!r}; allowed: --hf-split="
+                                      f"{' or '.join(loaded)}")
+                loaded = loaded[source.split]
+            return loaded
+        if path.exists():
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".parquet",
+                                                                                                     ".arrow"))
+            if not files:
+                raise ConfigError(f"--hf={source.name!r} holds no parquet or arrow files and no saved dataset; "
+                                  "allowed: a save_to_disk folder, parquet/arrow files, or a dataset name")
+            builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+        return datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # datasets raises many types (missing hub access, bad names, bad files)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"--hf={source.name!r} cannot be loaded ({type(err).__name__}: {first}); allowed: a local "
+                          "save_to_disk folder, parquet/arrow files, or a name the datasets library can stream") from None
+
+
+def iter_hf_pieces(source: HFSource, *, text_field: str = "text", on_bad_record: str = "stop",
+                   stats: ReadStats | None = None) -> Iterator[Piece]:
+    """The document pieces of a ``datasets`` source: one document per record."""
+    stats = stats if stats is not None else ReadStats()
+    records = _hf_records(source)
+    for number, record in enumerate(records):
+        text = _record_text(record, text_field)
+        if text is None:
+            _bad_record(Path(source.name), f"record {number}", text_field, on_bad_record, stats)
+        elif text:
+            yield from _chunked(text)
 
 
 def _parquet_pieces(path: Path, text_field: str, on_bad_record: str, stats: ReadStats) -> Iterator[Piece]:
