@@ -7,6 +7,7 @@ import gzip
 import inspect
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,3 +334,21 @@ def test_hugging_face_datasets_sources_made_locally(tmp_path):
     datasets.Dataset.from_list(records).to_parquet(str(parquet / "part-0.parquet"))
     streamed = prep.prepare([HFSource(str(parquet))], tmp_path / "streamed", options, log=quiet)
     assert streamed["splits"] == index["splits"]
+
+
+def test_data_md_commands_run(tmp_path, monkeypatch, capsys):
+    """docs/data.md's first snippet, on a small folder of text, with the training shortened."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = doc.split("```bash\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"part{i}.txt").write_text("\n\n".join(PARAGRAPHS[i::4]))
+    short = ["--train.steps=2", "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2",
+             "--train.batch_size=2", "--train.eval_batches=1", "--train.progress=none"]
+    lines = [line.split() for line in block.strip().splitlines()]
+    assert [line[1] for line in lines] == ["prepare", "prepare", "train", "eval"]
+    for words in lines:
+        args = words[1:] + (short if words[1] == "train" else [])
+        assert main(args) == 0, words
+    assert "shards match their checksums" in capsys.readouterr().out
