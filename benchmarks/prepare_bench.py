@@ -13,7 +13,7 @@ largest of the process and the workers it waited for) are recorded. ``mb_per_s``
     python benchmarks/prepare_bench.py --text /work/shared/data/tinyshakespeare.txt --work /tmp/prep-bench \\
         [--sizes 100,1000] [--bpe-sizes 20]
 
-Writes benchmarks/results/prepare_bench.json and prints one line per measurement. The working folder (the
+Writes benchmarks/results/prepare_bench.json (``--name``) and prints one line per measurement. The working folder (the
 corpora and datasets, about 4.5 GB at 1 GB) is not cleaned up.
 """
 
@@ -42,6 +42,18 @@ ids = np.concatenate([np.frombuffer(b"\0" + d.encode(), dtype=np.uint8) for d in
 cut = int(len(ids) * 0.9)
 ids[:cut].tofile(out + "/train.bin")
 ids[cut:].tofile(out + "/val.bin")
+'''
+
+
+OPEN = r'''
+import sys, time
+started = time.perf_counter()
+from spannorm.data.dataset import WindowSampler, load_splits
+from spannorm.train.config import DataConfig
+imported = time.perf_counter()
+tokenizer, splits = load_splits(DataConfig(path=sys.argv[1]))
+WindowSampler(splits.train, 64, 16, seed=0).next_batch()
+print(f"open_and_first_batch_s={time.perf_counter() - imported:.3f} import_s={imported - started:.3f}")
 '''
 
 
@@ -79,6 +91,8 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, 
     inner = re.search(r"MB of text in ([0-9.]+)s", printed)  # prepare's own time, without start-up
     if inner:
         row["tokenize_s"] = float(inner.group(1))
+    for key, value in re.findall(r"(\w+_s)=([0-9.]+)", printed):
+        row[key] = float(value)
     return row
 
 
@@ -87,6 +101,7 @@ def main() -> int:
     parser.add_argument("--text", type=Path, default=Path("/work/shared/data/tinyshakespeare.txt"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/prep-bench"))
     parser.add_argument("--sizes", default="100,1000", help="corpus sizes in MB")
+    parser.add_argument("--name", default="prepare_bench", help="results/NAME.json")
     parser.add_argument("--bpe-sizes", default="20",
                         help="corpus sizes in MB also prepared with BPE (trained once on a 10 MB sample of the "
                              "first of them); empty: none")
@@ -101,7 +116,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
 
     bpe_sizes = [int(s) for s in args.bpe_sizes.split(",") if s]
-    sizes = sorted(set([int(s) for s in args.sizes.split(",")] + bpe_sizes))
+    sizes = sorted(set([int(s) for s in args.sizes.split(",") if s] + bpe_sizes))
     tokenizer_json = args.work / "bpe" / "tokenizer.json"
     for size in sizes:
         corpus = args.work / f"corpus_{size}mb.jsonl"
@@ -138,12 +153,16 @@ def main() -> int:
         row = measure(spannorm + ["train", "--preset", "tiny", "--out", str(run),
                                   f"--data.path={args.work / f'ds_byte_{size}mb_w1'}", "--train.steps=1",
                                   "--train.progress=none", "--train.eval_batches=1"], env)
+        trainer_wall = json.loads((run / "summary.json").read_text())["wall_s"]
         record({"what": "train 1 step (tiny preset) on the byte dataset: whole process", "corpus_mb":
-                round(text_mb), **row})
+                round(text_mb), **row, "trainer_wall_s": round(trainer_wall, 2)})
+        row = measure([sys.executable, "-c", OPEN, str(args.work / f"ds_byte_{size}mb_w1")], env)
+        record({"what": "open the byte dataset and draw the first batch (load_splits + WindowSampler)",
+                "corpus_mb": round(text_mb), **row})
     RESULTS.mkdir(exist_ok=True)
     result = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores "
               "shared with other jobs", "python": platform.python_version(), "rows": rows}
-    (RESULTS / "prepare_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -117,7 +117,7 @@ def test_a_killed_prepare_resumes_keeping_finished_shards(tmp_path, sources, mon
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([folder], out, small(), log=quiet)
     assert not (out / shards.INDEX_NAME).exists()  # not a dataset yet
-    with pytest.raises(ConfigError, match="holds no text files"):  # and never read as one
+    with pytest.raises(ConfigError, match="is an unfinished `spannorm prepare`"):  # and never read as one
         ds.load_splits(DataConfig(path=str(out), cache_dir=str(tmp_path / "cache")))
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*-0000[01].bin")}
     assert kept
@@ -154,7 +154,7 @@ def test_bpe_trained_from_the_sources_with_an_eos_token(tmp_path, sources):
 def test_training_reads_a_prepared_dataset_across_shards(tmp_path, sources):
     folder, _ = sources
     prep.prepare([folder], tmp_path / "out", small(), log=quiet)
-    tok, splits = ds.load_splits(DataConfig(path=str(tmp_path / "out")))
+    tok, splits = ds.load_splits(DataConfig(path=str(tmp_path / "out" / "index.json")))  # or the folder
     assert isinstance(tok, ByteTokenizer) and isinstance(splits.train, shards.ShardedTokens)
     whole = np.concatenate(splits.train.shards)
     assert len(splits.train) == len(whole)

@@ -110,6 +110,9 @@ def load_splits(data_cfg, tokenizer: Tokenizer | None = None, corpus: bytes | No
     folder = prepared_folder(data_cfg) if corpus is None else None
     if folder is not None:
         return _load_prepared(folder, data_cfg, tokenizer)
+    if corpus is None and data_cfg.path is not None and (Path(data_cfg.path).expanduser() / ".prepare").is_dir():
+        raise ConfigError(f"data.path={data_cfg.path!r} is an unfinished `spannorm prepare` (no index.json yet); "
+                          "allowed: run the same prepare command again to finish it, then train on the folder")
     if corpus is None:
         corpus, source = corpus_from_config(data_cfg)
     corpus_hash = hashlib.sha256(corpus).hexdigest()
