@@ -352,3 +352,11 @@ def test_data_md_commands_run(tmp_path, monkeypatch, capsys):
         args = words[1:] + (short if words[1] == "train" else [])
         assert main(args) == 0, words
     assert "shards match their checksums" in capsys.readouterr().out
+
+
+def test_zstd_compressed_jsonl(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    data = "".join(json.dumps({"text": p}) + "\n" for p in PARAGRAPHS[:10]).encode()
+    (tmp_path / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    prep.prepare([tmp_path / "x.jsonl.zst"], tmp_path / "out", small(val_fraction=0.0), log=quiet)
+    assert documents(shards.open_dataset(tmp_path / "out"), "train") == PARAGRAPHS[:10]
