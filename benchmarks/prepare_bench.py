@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prep-bench"))
     parser.add_argument("--sizes", default="100,1000", help="corpus sizes in MB")
     parser.add_argument("--name", default="prepare_bench", help="results/NAME.json")
+    parser.add_argument("--open-only", action="store_true",
+                        help="only time opening the byte datasets of an earlier run of --sizes")
     parser.add_argument("--bpe-sizes", default="20",
                         help="corpus sizes in MB also prepared with BPE (trained once on a 10 MB sample of the "
                              "first of them); empty: none")
@@ -116,9 +118,13 @@ def main() -> int:
         print(json.dumps(row), flush=True)
 
     bpe_sizes = [int(s) for s in args.bpe_sizes.split(",") if s]
-    sizes = sorted(set([int(s) for s in args.sizes.split(",") if s] + bpe_sizes))
+    sizes = sorted(set([int(s) for s in args.sizes.split(",") if s] + ([] if args.open_only else bpe_sizes)))
     tokenizer_json = args.work / "bpe" / "tokenizer.json"
-    for size in sizes:
+    for size in sizes if args.open_only else []:
+        row = measure([sys.executable, "-c", OPEN, str(args.work / f"ds_byte_{size}mb_w1")], env)
+        record({"what": "open the byte dataset and draw the first batch (load_splits + WindowSampler)",
+                "corpus_mb": size, **row})
+    for size in [] if args.open_only else sizes:
         corpus = args.work / f"corpus_{size}mb.jsonl"
         make_corpus(args.text, corpus, size)
         text_mb = corpus.stat().st_size / 1e6
