@@ -56,6 +56,16 @@ WindowSampler(splits.train, 64, 16, seed=0).next_batch()
 print(f"open_and_first_batch_s={time.perf_counter() - imported:.3f} import_s={imported - started:.3f}")
 '''
 
+TRAIN_BPE = r'''
+import sys, time
+from pathlib import Path
+from spannorm.data import prepare as prep
+options = prep.PrepareOptions(tokenizer="bpe", bpe_vocab_size=4096, bpe_sample_mb=float(sys.argv[2]))
+started = time.perf_counter()
+prep.train_bpe_from_iterator(prep._sample_texts([Path(sys.argv[1])], options), 4096, (prep.BPE_EOS_TOKEN,))
+print(f"train_bpe_s={time.perf_counter() - started:.1f}")
+'''
+
 
 def make_corpus(text_path: Path, out: Path, size_mb: int) -> None:
     """JSONL documents of varied paragraph runs from ``text_path`` until ``size_mb`` MB."""
@@ -102,6 +112,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prep-bench"))
     parser.add_argument("--sizes", default="100,1000", help="corpus sizes in MB")
     parser.add_argument("--name", default="prepare_bench", help="results/NAME.json")
+    parser.add_argument("--bpe-train-only", action="store_true",
+                        help="only time training BPE 4096 on a 10 MB sample of the first --bpe-sizes corpus")
     parser.add_argument("--open-only", action="store_true",
                         help="only time opening the byte datasets of an earlier run of --sizes")
     parser.add_argument("--bpe-sizes", default="20",
@@ -120,11 +132,15 @@ def main() -> int:
     bpe_sizes = [int(s) for s in args.bpe_sizes.split(",") if s]
     sizes = sorted(set([int(s) for s in args.sizes.split(",") if s] + ([] if args.open_only else bpe_sizes)))
     tokenizer_json = args.work / "bpe" / "tokenizer.json"
+    if args.bpe_train_only:
+        row = measure([sys.executable, "-c", TRAIN_BPE, str(args.work / f"corpus_{bpe_sizes[0]}mb.jsonl"), "10"], env)
+        record({"what": "train BPE 4096 on a 10 MB sample (whole process)", "corpus_mb": bpe_sizes[0], **row})
+        sizes = []
     for size in sizes if args.open_only else []:
         row = measure([sys.executable, "-c", OPEN, str(args.work / f"ds_byte_{size}mb_w1")], env)
         record({"what": "open the byte dataset and draw the first batch (load_splits + WindowSampler)",
                 "corpus_mb": size, **row})
-    for size in [] if args.open_only else sizes:
+    for size in [] if args.open_only or args.bpe_train_only else sizes:
         corpus = args.work / f"corpus_{size}mb.jsonl"
         make_corpus(args.text, corpus, size)
         text_mb = corpus.stat().st_size / 1e6
