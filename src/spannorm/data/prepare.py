@@ -251,21 +251,29 @@ def _tokenize_all(files: list[Source], opts: PrepareOptions, stats: ReadStats, w
         # fork: workers inherit the imported modules (spawn would import torch again in each, seconds and
         # hundreds of MB); each worker tokenizes with one thread, so the tokenizers library's own thread pool
         # is turned off before forking (it warns and turns itself off in forked children otherwise).
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
-            pending: deque[Future] = deque()
-            for unit, pieces in enumerate(_units(files, opts, stats)):
-                if unit in markers:
-                    continue
-                pending.append(pool.submit(_tokenize_unit, unit, pieces))
-                while len(pending) >= 2 * workers:  # bound the text in flight
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        pending.remove(future)
-                        record(future.result())
-            for future in pending:
-                record(future.result())
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=initargs) as pool:
+                pending: deque[Future] = deque()
+                for unit, pieces in enumerate(_units(files, opts, stats)):
+                    if unit in markers:
+                        continue
+                    pending.append(pool.submit(_tokenize_unit, unit, pieces))
+                    while len(pending) >= 2 * workers:  # bound the text in flight
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            pending.remove(future)
+                            record(future.result())
+                for future in pending:
+                    record(future.result())
+        finally:  # workers are forked as units are submitted; afterwards this process gets its setting back
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def prepare(sources: list[str | Path | HFSource], out: str | Path, opts: PrepareOptions | None = None, workers: int = 1,
