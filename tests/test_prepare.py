@@ -250,7 +250,8 @@ def test_one_text_file_is_split_into_paragraph_or_line_documents(tmp_path):
         prep.prepare([path], tmp_path / "one", small(), log=quiet)
     index = prep.prepare([path], tmp_path / "para", small(document_split="paragraph", val_fraction=0.0), log=quiet)
     got = documents(shards.open_dataset(tmp_path / "para"), "train")
-    assert [d.strip("\n") for d in got] == [p.strip("\n") for p in PARAGRAPHS] and index["splits"]["train"]["documents"] == len(PARAGRAPHS)
+    assert [d.strip("\n") for d in got] == [p.strip("\n") for p in PARAGRAPHS]
+    assert index["splits"]["train"]["documents"] == len(PARAGRAPHS)
 
 
 def test_existing_token_files_are_described_with_a_stated_tokenizer(tmp_path):

@@ -197,7 +197,8 @@ def check_long_enough(splits: TokenSplits, context_length: int, field_name: str 
                 "a smaller model.context_length or another data.val_fraction")
 
 
-def _to_batch(tokens: np.ndarray | shards.ShardedTokens, starts: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_batch(tokens: np.ndarray | shards.ShardedTokens, starts: np.ndarray,
+              context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     windows = np.stack([np.asarray(tokens[s:s + context_length + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(windows)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

@@ -268,8 +268,9 @@ def _hf_records(source: HFSource):
         raise
     except Exception as err:  # datasets raises many types (missing hub access, bad names, bad files)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"--hf={source.name!r} cannot be loaded ({type(err).__name__}: {first}); allowed: a local "
-                          "save_to_disk folder, parquet/arrow files, or a name the datasets library can stream") from None
+        raise ConfigError(f"--hf={source.name!r} cannot be loaded ({type(err).__name__}: {first}); allowed: a "
+                          "local save_to_disk folder, parquet/arrow files, or a name the datasets library can "
+                          "stream") from None
 
 
 def iter_hf_pieces(source: HFSource, *, text_field: str = "text", on_bad_record: str = "stop",
