@@ -7,10 +7,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from spannorm.cli.eval_tasks import add_task_arguments, run_tasks
 from spannorm.cli.main import UsageError
 from spannorm.cli.train import collect_overrides
 from spannorm.data.dataset import load_splits
+from spannorm.data.shards import ShardedTokens
 from spannorm.inference import load_for_inference
 from spannorm.train.config import DataConfig, RunConfig, apply_overrides
 from spannorm.train.evaluation import evaluate
@@ -19,17 +22,21 @@ from spannorm.train.evaluation import evaluate
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="loss, perplexity and bits per byte of a checkpoint on a corpus",
-        description="Evaluate a checkpoint (a run folder, a checkpoint folder or a model folder) on the "
-                    "validation split of its training corpus, or of another corpus given with "
-                    "--data.path=FILE_OR_FOLDER (any data.* field can be overridden). The checkpoint's own "
-                    "tokenizer is always used.")
+        description="Evaluate a checkpoint (a run folder, a checkpoint folder or a model folder) on every "
+                    "window of the validation split of its training data, or of other data given with "
+                    "--data.path=FILE_OR_FOLDER (a text file or folder, or a dataset folder written by "
+                    "`spannorm prepare`; any data.* field can be overridden). --split=all scores a whole "
+                    "held-out file or dataset. The checkpoint's own tokenizer is always used, and a prepared "
+                    "dataset must have been made with it.")
     p.add_argument("checkpoint", type=Path, help="run folder, checkpoint folder or model folder")
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val",
+                   help="val (default), train, or all: the two together, for a held-out file or dataset")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batches", type=int, default=50,
-                   help="evaluate this many batches of evenly spaced, non-overlapping windows (default 50); "
-                        "0: every window of the split")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="evaluate this many batches of evenly spaced, non-overlapping windows; 0 (default): "
+                        "every window of the split")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="default: the run's train.device (auto: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_task_arguments(p)
@@ -48,20 +55,31 @@ def run(args: argparse.Namespace) -> int:
         if not text.startswith("data."):
             raise UsageError(f"override {text!r} is not allowed here; allowed: data.* fields (the model comes "
                              "from the checkpoint)")
-    model, run_cfg, tokenizer, ckpt = load_for_inference(args.checkpoint, device=args.device)
+    model, run_cfg, tokenizer, ckpt = load_for_inference(args.checkpoint, device="cpu")
+    device = args.device or (run_cfg.train.device if run_cfg is not None else "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda is invalid: no CUDA device is available; allowed: --device=cpu")
+    model.to(device)
     base = run_cfg.data if run_cfg is not None else DataConfig()
     data = apply_overrides({"data": dataclasses.asdict(base)}, overrides)
     data_cfg = RunConfig.from_dict(data).data
     _, splits = load_splits(data_cfg, tokenizer=tokenizer)
-    tokens = splits.split(args.split)
+    if args.split == "all":
+        tokens = ShardedTokens([part for part in (splits.train, splits.val) if len(part)])
+        n_bytes = splits.train_bytes + splits.val_bytes
+    else:
+        tokens = splits.split(args.split)
+        n_bytes = splits.val_bytes if args.split == "val" else splits.train_bytes
     context = model.cfg.context_length
     if len(tokens) < context + 1:
         raise UsageError(f"the {args.split} split of {splits.source!r} has {len(tokens)} tokens, fewer than one "
                          f"window of {context + 1}; allowed: a longer corpus")
-    n_bytes = splits.val_bytes if args.split == "val" else splits.train_bytes
     result = evaluate(model, tokens, context, args.batch_size, max_batches=args.max_batches or None,
-                      bytes_per_token=n_bytes / len(tokens), device=args.device, precision=args.precision)
-    report = {"checkpoint": str(ckpt), "corpus": splits.source, "split": args.split, "loss": result.loss,
+                      bytes_per_token=n_bytes / len(tokens), device=device, precision=args.precision)
+    report = {"checkpoint": str(ckpt), "corpus": splits.source, "split": args.split, "device": device,
+              "loss": result.loss,
               "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens}
     if args.json:
         print(json.dumps(report))

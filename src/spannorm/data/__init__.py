@@ -1,1 +1,1 @@
-"""Data: corpora, tokenizers, token caches and window sampling."""
+"""Data: text sources, tokenizers, ``spannorm prepare``, the token-shard format every path reads, window sampling."""

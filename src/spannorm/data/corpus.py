@@ -37,6 +37,7 @@ def embedded_corpus(max_bytes: int = EMBEDDED_MAX_BYTES) -> bytes:
 
 # ---------------------------------------------------------------------- text from disk
 BINARY_SNIFF_BYTES = 8192
+TOKEN_FILE_SUFFIXES = (".bin", ".npy", ".npz", ".pt", ".pth", ".safetensors")
 
 
 def _is_text_file(path: Path) -> bool:
@@ -67,6 +68,11 @@ def read_corpus(path: str | Path, field_name: str = "data.path") -> bytes:
         raise ConfigError(f"{field_name}={str(path)!r} is invalid: no such file or folder; "
                           "allowed: a text file, a folder of text files, or null for the embedded corpus")
     if path.is_file():
+        if path.suffix.lower() in TOKEN_FILE_SUFFIXES or not _is_text_file(path):
+            raise ConfigError(f"{field_name}={str(path)!r} is invalid: it is binary ({path.suffix or 'no suffix'}, "
+                              "token ids or arrays, not text); allowed: a text file, a folder of text files, or a "
+                              "folder written by `spannorm prepare` (token files such as nanoGPT's train.bin/"
+                              "val.bin: describe them once with `spannorm prepare --tokens FOLDER --tokenizer=...`)")
         data = path.read_bytes()
         if not data:
             raise ConfigError(f"{field_name}={str(path)!r} is invalid: the file is empty; "

@@ -1,16 +1,23 @@
 """From a :class:`~spannorm.train.config.DataConfig` to token splits and batches.
 
-The corpus is split by bytes (the last ``val_fraction``, starting at a line break) into train and validation
-text; each part is tokenized once and cached as a memory-mapped ``.npy`` file (uint16, or uint32 for
-vocabularies over 65536) under ``cache_dir/tokens/<content hash>-<tokenizer id>-val<fraction>/``. Training
-windows are drawn at random by a seeded :class:`WindowSampler` whose state can be saved and restored exactly;
-validation windows are fixed and evenly spaced.
+Every corpus is read through one format, the token folder of :mod:`spannorm.data.shards` (memory-mapped
+shards and ``index.json``):
+
+- ``data.path`` naming a folder written by ``spannorm prepare`` is opened as it is; its own train and
+  validation documents are the splits, and ``data.tokenizer`` must be the tokenizer it was prepared with;
+- a text file or folder (and the embedded corpus, ``data.path`` null) is split by bytes (the last
+  ``val_fraction``, starting at a line break) into train and validation text; each part is tokenized once
+  and cached as a token folder with one shard per split under
+  ``cache_dir/tokens/<content hash>-<tokenizer id>-val<fraction>-shards/``.
+
+Training windows are drawn at random by a seeded :class:`WindowSampler` whose state can be saved and
+restored exactly (over several shards a window may span two of them); validation windows are fixed and
+evenly spaced.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,8 +28,9 @@ import numpy as np
 import torch
 
 from spannorm.config import ConfigError
+from spannorm.data import shards
 from spannorm.data.corpus import EMBEDDED_NAME, embedded_corpus, read_corpus
-from spannorm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, bpe_tokenizer
+from spannorm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, bpe_tokenizer, fingerprint
 
 DEFAULT_CACHE_DIR = "~/.cache/spannorm"
 SPLITS = ("train", "val")
@@ -37,12 +45,13 @@ def resolve_cache_dir(cache_dir: str | None) -> Path:
 class TokenSplits:
     """The tokenized corpus: memory-mapped train and validation token arrays and their byte counts."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | shards.ShardedTokens
+    val: np.ndarray | shards.ShardedTokens
     train_bytes: int
     val_bytes: int
     source: str
-    """What the text came from: a path, or ``embedded:stdlib``."""
+    """What the text came from: a path (a text file or folder, or a prepared token folder), or
+    ``embedded:stdlib``."""
     corpus_hash: str
 
     def split(self, name: str) -> np.ndarray:
@@ -83,13 +92,27 @@ def split_point(corpus: bytes, val_fraction: float) -> int:
     return cut
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def prepared_folder(data_cfg) -> Path | None:
+    """The token folder ``data.path`` names (a folder holding ``index.json``, or that file), or None."""
+    if data_cfg.path is None:
+        return None
+    path = Path(data_cfg.path).expanduser()
+    if path.name == shards.INDEX_NAME and path.is_file():
+        path = path.parent
+    return path if shards.is_dataset_folder(path) else None
 
 
 def load_splits(data_cfg, tokenizer: Tokenizer | None = None, corpus: bytes | None = None,
                 source: str | None = None) -> tuple[Tokenizer, TokenSplits]:
-    """Tokenize the configured corpus once (cached) and return the tokenizer and memory-mapped splits."""
+    """The tokenizer and memory-mapped splits of the configured data: a prepared token folder, or a text
+    corpus tokenized once into the cache (see the module docstring). A given ``tokenizer`` (a checkpoint's)
+    must be the one a prepared folder was made with."""
+    folder = prepared_folder(data_cfg) if corpus is None else None
+    if folder is not None:
+        return _load_prepared(folder, data_cfg, tokenizer)
+    if corpus is None and data_cfg.path is not None and (Path(data_cfg.path).expanduser() / ".prepare").is_dir():
+        raise ConfigError(f"data.path={data_cfg.path!r} is an unfinished `spannorm prepare` (no index.json yet); "
+                          "allowed: run the same prepare command again to finish it, then train on the folder")
     if corpus is None:
         corpus, source = corpus_from_config(data_cfg)
     corpus_hash = hashlib.sha256(corpus).hexdigest()
@@ -97,34 +120,66 @@ def load_splits(data_cfg, tokenizer: Tokenizer | None = None, corpus: bytes | No
         tokenizer = tokenizer_from_config(data_cfg, corpus, corpus_hash)
     cut = split_point(corpus, data_cfg.val_fraction)
     parts = {"train": corpus[:cut], "val": corpus[cut:]}
-    key = f"{corpus_hash[:32]}-{tokenizer.id}-val{data_cfg.val_fraction:g}"
+    key = f"{corpus_hash[:32]}-{tokenizer.id}-val{data_cfg.val_fraction:g}-shards"
     folder = resolve_cache_dir(data_cfg.cache_dir) / "tokens" / key
-    if not (folder / "meta.json").is_file():
+    if not (folder / shards.INDEX_NAME).is_file():
         _write_cache(folder, parts, tokenizer)
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in SPLITS}
-    return tokenizer, TokenSplits(train=arrays["train"], val=arrays["val"], train_bytes=len(parts["train"]),
-                                  val_bytes=len(parts["val"]), source=source or "", corpus_hash=corpus_hash)
+    dataset = shards.open_dataset(folder)
+    return tokenizer, TokenSplits(train=dataset.splits["train"], val=dataset.splits["val"],
+                                  train_bytes=len(parts["train"]), val_bytes=len(parts["val"]),
+                                  source=source or "", corpus_hash=corpus_hash)
+
+
+def _dataset_tokenizer(folder: Path, entry: dict[str, Any], data_cfg, tokenizer: Tokenizer | None) -> Tokenizer:
+    """The tokenizer to use with a prepared folder: the given one (a checkpoint's) or data.tokenizer's,
+    which must have the folder's fingerprint."""
+    own = f"--data.tokenizer={folder / entry['file']}" if entry.get("file") else "--data.tokenizer=byte"
+    if tokenizer is None:
+        if data_cfg.tokenizer == "bpe":
+            raise ConfigError(f"data.tokenizer=bpe trains a tokenizer on text, but data.path={str(folder)!r} is "
+                              f"a prepared dataset with its own tokenizer ({entry['name']}); allowed: {own}")
+        tokenizer = ByteTokenizer() if data_cfg.tokenizer == "byte" else HFTokenizer.from_file(data_cfg.tokenizer)
+        given, allowed = f"data.tokenizer={data_cfg.tokenizer}", f"{own} (the dataset's own)"
+    else:
+        given = f"the model's tokenizer ({tokenizer.id}, vocabulary {tokenizer.vocab_size})"
+        allowed = ("a dataset prepared with the model's tokenizer (spannorm prepare --tokenizer=byte, or "
+                   "--tokenizer=RUN/tokenizer.json)")
+    if fingerprint(tokenizer) != entry["fingerprint"]:
+        raise ConfigError(f"data.path={str(folder)!r} was prepared with tokenizer {entry['name']} "
+                          f"({entry['fingerprint']}, vocabulary {entry['vocab_size']}) but {given} differs; "
+                          f"allowed: {allowed}")
+    return tokenizer
+
+
+def _load_prepared(folder: Path, data_cfg, tokenizer: Tokenizer | None) -> tuple[Tokenizer, TokenSplits]:
+    dataset = shards.open_dataset(folder)
+    tokenizer = _dataset_tokenizer(folder, dataset.tokenizer, data_cfg, tokenizer)
+    index_hash = hashlib.sha256(repr(dataset.index["splits"]).encode()).hexdigest()
+    return tokenizer, TokenSplits(train=dataset.splits["train"], val=dataset.splits["val"],
+                                  train_bytes=dataset.text_bytes("train"), val_bytes=dataset.text_bytes("val"),
+                                  source=str(folder), corpus_hash=index_hash)
 
 
 def _write_cache(folder: Path, parts: dict[str, bytes], tokenizer: Tokenizer) -> None:
-    """Tokenize each split and write the cache folder atomically (a temporary folder, then a rename)."""
-    dtype = _token_dtype(tokenizer.vocab_size)
+    """Tokenize each split and write the token folder atomically (a temporary folder, then a rename)."""
+    dtype = shards.token_dtype(tokenizer.vocab_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta: dict[str, Any] = {"tokenizer": tokenizer.id, "dtype": dtype.name}
+        splits = {}
         for name, text in parts.items():
             ids = tokenizer.encode(text)
-            np.save(tmp / f"{name}.npy", ids.astype(dtype), allow_pickle=False)
-            meta[f"{name}_tokens"] = int(len(ids))
-            meta[f"{name}_bytes"] = len(text)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            entries = [shards.write_shard(tmp / f"{name}-00000.bin", ids, dtype)] if len(ids) else []
+            splits[name] = shards.split_entry(entries, documents=1, text_bytes=len(text))
+        tokenizer_entry = {"name": tokenizer.id, "fingerprint": fingerprint(tokenizer),
+                           "vocab_size": int(tokenizer.vocab_size), "eos_id": None, "file": None}
+        shards.atomic_write_json(tmp / shards.INDEX_NAME, shards.new_index(tokenizer_entry, dtype, splits))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process wrote the same cache first
-            if not (folder / "meta.json").is_file():
+            if not (folder / shards.INDEX_NAME).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +197,8 @@ def check_long_enough(splits: TokenSplits, context_length: int, field_name: str 
                 "a smaller model.context_length or another data.val_fraction")
 
 
-def _to_batch(tokens: np.ndarray, starts: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_batch(tokens: np.ndarray | shards.ShardedTokens, starts: np.ndarray,
+              context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     windows = np.stack([np.asarray(tokens[s:s + context_length + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(windows)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

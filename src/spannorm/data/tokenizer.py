@@ -1,14 +1,15 @@
 """Tokenizers: byte-level (vocabulary 256, the default), byte-level BPE trained locally with Hugging Face
 ``tokenizers`` (cached by corpus hash), and any ``tokenizer.json`` from disk.
 
-Every tokenizer has an ``id`` string that, with the corpus hash, keys the token cache."""
+Every tokenizer has an ``id`` string that, with the corpus hash, keys the token cache, and a
+:func:`fingerprint` that a prepared dataset records so a model is never fed another tokenizer's ids."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer as _HF
@@ -33,6 +34,9 @@ class ByteTokenizer:
 
     id = "byte"
     vocab_size = 256
+    eos_id = 0
+    """Prepared datasets separate documents with byte 0 (NUL), which text never holds (a source with a NUL
+    byte is refused as binary), so the vocabulary stays 256."""
 
     def encode(self, text: bytes | str) -> np.ndarray:
         if isinstance(text, str):
@@ -97,13 +101,20 @@ def _split_lines(text: str, chunk_chars: int) -> list[str]:
 
 def train_bpe(corpus: bytes, vocab_size: int) -> HFTokenizer:
     """Train a byte-level BPE tokenizer on ``corpus`` (decoded as UTF-8, invalid bytes replaced)."""
+    text = corpus.decode("utf-8", errors="replace")
+    return train_bpe_from_iterator(_split_lines(text, 1 << 16), vocab_size)
+
+
+def train_bpe_from_iterator(texts: Iterable[str], vocab_size: int,
+                            special_tokens: tuple[str, ...] = ()) -> HFTokenizer:
+    """Train a byte-level BPE tokenizer from an iterator of texts (streamed: memory grows with the number of
+    distinct words, not with the corpus); ``special_tokens`` take the first ids."""
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
-    text = corpus.decode("utf-8", errors="replace")
-    tok.train_from_iterator(_split_lines(text, 1 << 16), trainer)
+                                  special_tokens=list(special_tokens), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     return HFTokenizer(tok, "")
 
 
@@ -119,6 +130,29 @@ def bpe_tokenizer(corpus: bytes, corpus_hash: str, vocab_size: int, cache_dir: P
     tmp.write_text(trained.to_json())
     os.replace(tmp, path)
     return HFTokenizer(trained.tokenizer, tokenizer_id)
+
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
+
+
+def eos_id(tokenizer: Tokenizer, eos_token: str | None = None) -> int | None:
+    """The id that separates documents: byte 0 for the byte tokenizer; for a ``tokenizers`` tokenizer the
+    id of ``eos_token``, or of the first of :data:`EOS_CANDIDATES` in its vocabulary (None if none is)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return ByteTokenizer.eos_id
+    candidates = (eos_token,) if eos_token else EOS_CANDIDATES
+    for token in candidates:
+        found = tokenizer.tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found)
+    return None
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """What identifies a tokenizer across files: ``byte``, or the SHA-256 of its serialized JSON."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    return "json-sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:16]
 
 
 def load_tokenizer_json(path: str | Path) -> HFTokenizer:
