@@ -13,7 +13,7 @@ from spannorm.cli.eval_tasks import add_task_arguments, run_tasks
 from spannorm.cli.main import UsageError
 from spannorm.cli.train import collect_overrides
 from spannorm.data.dataset import load_splits
-from spannorm.data.shards import ShardedTokens
+from spannorm.data.shards import ShardedTokens, TokenStream
 from spannorm.inference import load_for_inference
 from spannorm.train.config import DataConfig, RunConfig, apply_overrides
 from spannorm.train.evaluation import evaluate
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     data = apply_overrides({"data": dataclasses.asdict(base)}, overrides)
     data_cfg = RunConfig.from_dict(data).data
     _, splits = load_splits(data_cfg, tokenizer=tokenizer)
+    tokens: TokenStream
     if args.split == "all":
         tokens = ShardedTokens([part for part in (splits.train, splits.val) if len(part)])
         n_bytes = splits.train_bytes + splits.val_bytes

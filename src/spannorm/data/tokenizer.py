@@ -140,6 +140,7 @@ def eos_id(tokenizer: Tokenizer, eos_token: str | None = None) -> int | None:
     id of ``eos_token``, or of the first of :data:`EOS_CANDIDATES` in its vocabulary (None if none is)."""
     if isinstance(tokenizer, ByteTokenizer):
         return ByteTokenizer.eos_id
+    assert isinstance(tokenizer, HFTokenizer)  # the two kinds of tokenizer there are
     candidates = (eos_token,) if eos_token else EOS_CANDIDATES
     for token in candidates:
         found = tokenizer.tokenizer.token_to_id(token)
@@ -152,6 +153,7 @@ def fingerprint(tokenizer: Tokenizer) -> str:
     """What identifies a tokenizer across files: ``byte``, or the SHA-256 of its serialized JSON."""
     if isinstance(tokenizer, ByteTokenizer):
         return "byte"
+    assert isinstance(tokenizer, HFTokenizer)  # the two kinds of tokenizer there are
     return "json-sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:16]
 
 

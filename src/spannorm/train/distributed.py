@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -29,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
+from spannorm.data.shards import TokenStream
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import PARALLEL_MODES
 
@@ -102,7 +102,7 @@ class RankSliceSampler(WindowSampler):
     rows ``[rank·b/N, (rank+1)·b/N)``. The generator state is the same in every process and for every N, so
     a checkpoint's sampler state resumes at any world size; with N = 1 this is exactly :class:`WindowSampler`."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+    def __init__(self, tokens: TokenStream, context_length: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -155,7 +155,7 @@ class SingleProcess:
         all-reduce (accumulation micro-steps)."""
         return contextlib.nullcontext()
 
-    def train_sampler(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int) -> WindowSampler:
+    def train_sampler(self, tokens: TokenStream, context_length: int, batch_size: int, seed: int) -> WindowSampler:
         return RankSliceSampler(tokens, context_length, batch_size, seed, rank=self.rank, world_size=self.world_size)
 
     def mean_over_ranks(self, *values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
