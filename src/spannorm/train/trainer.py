@@ -243,6 +243,8 @@ class Trainer:
         else:
             self.model = SpanNormLM(cfg.model).to(self.device)
         self.model.train()
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
         self.forward_model = self.parallel.wrap_model(self.model, compile=cfg.train.compile)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
