@@ -5,12 +5,16 @@ tensors, whose memory comes from c10's allocator and not Python's)."""
 
 from __future__ import annotations
 
+import inspect
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from spannorm.cli.main import main
 from spannorm.config import PLACEMENTS, ModelConfig, MoEConfig
 from spannorm.model.loss import chunked_cross_entropy
 from spannorm.model.transformer import DecoderLM
@@ -186,3 +190,40 @@ def test_memory_fields_are_validated(field):
     assert getattr(TrainConfig(), field) == 0  # off by default: the CPU default path is unchanged
     with pytest.raises(ConfigError, match=rf"train\.{field}=-1 is invalid"):
         TrainConfig(**{field: -1}).validate()
+
+
+# ---------------------------------------------------------------- through the trainer
+
+def _train_run(tmp_path, name, *extra) -> list[dict]:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_bytes(inspect.getsource(json.decoder).encode())
+    out = tmp_path / name
+    args = ["train", "--out", str(out), "--model.d_model=32", "--model.n_layers=3", "--model.n_heads=2",
+            "--model.context_length=32", "--model.moe.n_experts=4", "--model.moe.top_k=2",
+            f"--data.path={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--train.batch_size=4",
+            "--train.steps=3", "--train.eval_every=3", "--train.eval_batches=2", "--train.checkpoint_every=0",
+            "--train.log_every=1", "--train.tensorboard=false", "--train.device=cpu", "--train.progress=none",
+            *extra]
+    assert main(args) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_train_section_switches_both_features_on(tmp_path):
+    """``spannorm train`` with an MoE model: activation checkpointing every 2nd block gives the plain run's
+    training and validation losses bit for bit; 16-token loss chunks give them within 1e-5 relative."""
+    torch.set_num_threads(1)
+    plain = _train_run(tmp_path, "plain")
+    checkpointed = _train_run(tmp_path, "ac", "--train.activation_checkpointing=2")
+    chunked = _train_run(tmp_path, "chunked", "--train.loss_chunk_tokens=16")
+    key = lambda rows, k: [r[k] for r in rows if k in r]  # noqa: E731
+    for k in ("train_loss", "val_loss"):
+        assert key(plain, k) and key(checkpointed, k) == key(plain, k)
+        assert key(chunked, k) == pytest.approx(key(plain, k), rel=1e-5)
+
+
+def test_bad_memory_setting_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--train.loss_chunk_tokens=-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.loss_chunk_tokens=-4 is invalid" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
