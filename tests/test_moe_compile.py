@@ -207,3 +207,25 @@ def test_self_test_leaves_the_global_random_state_alone(monkeypatch):
     if HAS_GROUPED:
         grouped_mm_self_test(torch.device("cpu"), torch.float32)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.skipif(not HAS_GROUPED or moe_module.TORCH_VERSION < (2, 9), reason="no CPU grouped_mm kernel")
+@pytest.mark.parametrize("first_use", ["no_grad", "inference_mode", "bf16_autocast", "checkpointed_block"])
+def test_self_test_gives_the_same_verdict_wherever_it_first_runs(monkeypatch, first_use):
+    """The self-test's first run may happen inside no_grad, inference mode, autocast or a checkpointed block
+    (whose saved-tensor hooks would otherwise count its tensors and fail the recomputation): it passes
+    there too, and the checkpointed model's backward works."""
+    monkeypatch.setattr(moe_module, "GROUPED_MM_VERDICTS", {})
+    model = _moe_model()  # built, not moved: the first forward runs the self-test
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(7))
+    if first_use == "checkpointed_block":
+        model.activation_checkpointing = 1
+        out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + 0.01 * out.balance_loss).backward()
+    else:
+        context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+                   "bf16_autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[first_use]
+        with context:
+            model(idx[:, :-1], idx[:, 1:])
+    dtype = torch.bfloat16 if first_use == "bf16_autocast" else torch.float32  # the dtype the experts ran in
+    assert moe_module.GROUPED_MM_VERDICTS == {("cpu", None, dtype): True}

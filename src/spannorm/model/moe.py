@@ -85,7 +85,11 @@ def grouped_mm_self_test(device: torch.device, dtype: torch.dtype) -> bool:
     key = (device.type, device.index, dtype)
     if key not in GROUPED_MM_VERDICTS:
         try:
-            problem = _grouped_mm_problem(device, dtype)
+            # wherever the first use happens (no_grad, inference mode, autocast, a checkpointed block whose
+            # saved-tensor hooks would count the test's tensors), the test runs plainly, with gradients
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                problem = _grouped_mm_problem(device, dtype)
         except (RuntimeError, NotImplementedError) as err:  # no kernel for this device/dtype/shape
             problem = f"it raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if problem is not None:
@@ -150,10 +154,10 @@ class Experts(nn.Module):
         # run the self-test: run it here for the dtypes the grouped dispatch would take on that device.
         out = super()._apply(fn, recurse)
         if not torch.compiler.is_compiling() and hasattr(torch, "_grouped_mm"):
-            probe = self.w_gate.detach()
-            for dtype in (torch.float32, torch.bfloat16) if probe.device.type == "cpu" else (torch.bfloat16,):
-                if grouped_mm_supported(probe[:1, 0].to(dtype), self.w_gate.shape[1], self.w_gate.shape[2]):
-                    grouped_mm_self_test(probe.device, dtype)
+            device = self.w_gate.device  # sharded (DTensor) weights: their local device; no data is read
+            for dtype in (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.bfloat16,):
+                if grouped_mm_supported(torch.empty(0, dtype=dtype, device=device), *self.w_gate.shape[1:]):
+                    grouped_mm_self_test(device, dtype)
         return out
 
     def _resolve(self, x: torch.Tensor) -> str:

@@ -16,6 +16,13 @@ from spannorm.model.loss import chunked_cross_entropy
 from spannorm.model.moe import Experts, MoEFFN
 from spannorm.model.placements import Block, BlockInit, has_final_norm, make_block
 
+# An MoE layer hands its auxiliary losses back by setting an attribute in forward. Under torch.compile, a
+# checkpointed block with such a side effect is refused unless dynamo may skip replaying it when the block
+# is recomputed in backward, which is what the model wants (the losses of the forward are the ones used).
+# This only turns that refusal into the eager semantics minus the replay; it changes nothing else.
+if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
 
 @dataclass
 class LMOutput:
