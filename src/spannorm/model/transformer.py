@@ -16,13 +16,6 @@ from spannorm.model.loss import chunked_cross_entropy
 from spannorm.model.moe import Experts, MoEFFN
 from spannorm.model.placements import Block, BlockInit, has_final_norm, make_block
 
-# An MoE layer hands its auxiliary losses back by setting an attribute in forward. Under torch.compile, a
-# checkpointed block with such a side effect is refused unless dynamo may skip replaying it when the block
-# is recomputed in backward, which is what the model wants (the losses of the forward are the ones used).
-# This only turns that refusal into the eager semantics minus the replay; it changes nothing else.
-if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-
 
 @dataclass
 class LMOutput:
@@ -58,7 +51,7 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = 0
+        self._checkpoint_every = 0
         self.loss_chunk_tokens = 0
         self.reset_parameters()
 
@@ -102,6 +95,17 @@ class DecoderLM(nn.Module):
         if isinstance(ffn, MoEFFN):
             nn.init.normal_(ffn.router.weight, std=self._std(self.cfg.d_model))
 
+    # ------------------------------------------------------------------ memory settings
+    @property
+    def activation_checkpointing(self) -> int:
+        return self._checkpoint_every
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, every: int) -> None:
+        self._checkpoint_every = int(every)
+        if every and self.moe_layers():
+            _let_compiled_checkpoints_skip_side_effects()
+
     # ------------------------------------------------------------------ forward
     @property
     def head_weight(self) -> torch.Tensor:
@@ -115,7 +119,7 @@ class DecoderLM(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.hook_embed(x)
-        every = self.activation_checkpointing if self.training and torch.is_grad_enabled() else 0
+        every = self._checkpoint_every if self.training and torch.is_grad_enabled() else 0
         for layer, block in enumerate(self.blocks):
             x = checkpoint(block, x, use_reentrant=False) if every and layer % every == 0 else block(x)
         if self.final_norm is not None:
@@ -135,6 +139,17 @@ class DecoderLM(nn.Module):
             out.z_loss = torch.stack([a.z_loss for a in aux]).mean()
             out.expert_load = torch.stack([a.load for a in aux])
         return out
+
+
+def _let_compiled_checkpoints_skip_side_effects() -> None:
+    """An MoE layer hands its auxiliary losses back by setting an attribute in forward. Under torch.compile
+    a checkpointed block with such a side effect is refused unless dynamo may skip replaying it when the
+    block is recomputed in backward, which is what the model wants (the forward's losses are the ones
+    used). This turns that refusal into the eager semantics minus the replay and changes nothing else."""
+    import torch._dynamo.config  # here, not at the top: importing dynamo adds seconds to every start-up
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 SpanNormLM = DecoderLM
