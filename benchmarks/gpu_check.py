@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import yaml
 
 from spannorm.bench.devices import device_name, peak_tflops
@@ -56,6 +57,8 @@ def train_losses(cfg: ModelConfig, device: torch.device, dtype: str, compiled: b
     """``steps`` SGD steps on fixed batches; the model is built on the CPU (the same init everywhere)."""
     torch.manual_seed(seed)
     model = DecoderLM(cfg).to(device)
+    if compiled:
+        torch._dynamo.reset()  # each case is a new model: without this, dynamo's recompile limit is reached
     forward = torch.compile(model, fullgraph=True) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -74,29 +77,28 @@ def train_losses(cfg: ModelConfig, device: torch.device, dtype: str, compiled: b
 
 def correctness(device: torch.device, placements, ffns, dtypes, modes, steps: int, deadline: float) -> list[dict]:
     rows, references = [], {}
-    for placement in placements:
-        for ffn in ffns:
-            cfg = tiny_config(placement, ffn == "moe")
-            for dtype in dtypes:
-                for mode in modes:
-                    row = {"placement": placement, "ffn": ffn, "dtype": dtype, "mode": mode}
-                    if time.monotonic() > deadline:
-                        rows.append({**row, "status": "skipped", "reason": "time budget spent"})
-                        continue
-                    try:
-                        if (placement, ffn) not in references:
-                            references[placement, ffn] = train_losses(cfg, torch.device("cpu"), "fp32", False,
-                                                                      steps)
-                        ref = references[placement, ffn]
-                        start = time.monotonic()
-                        got = train_losses(cfg, device, dtype, mode == "compiled", steps)
-                        worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-                        ok = worst <= TOLERANCE[dtype]
-                        rows.append({**row, "status": "pass" if ok else "FAIL", "max_rel_diff": worst,
-                                     "tolerance": TOLERANCE[dtype], "losses": got, "cpu_losses": ref,
-                                     "seconds": time.monotonic() - start})
-                    except Exception as err:  # a check records every failure and goes on to the next case
-                        rows.append({**row, "status": "ERROR", "reason": f"{type(err).__name__}: {err}"[:300]})
+    # eager cases first (seconds each), then the compiled ones (a compile each) until the deadline
+    cases = [(p, f, d, m) for m in modes for d in dtypes for f in ffns for p in placements]
+    for placement, ffn, dtype, mode in cases:
+        cfg = tiny_config(placement, ffn == "moe")
+        row = {"placement": placement, "ffn": ffn, "dtype": dtype, "mode": mode}
+        if time.monotonic() > deadline:
+            rows.append({**row, "status": "skipped", "reason": "time budget spent"})
+            continue
+        try:
+            if (placement, ffn) not in references:
+                references[placement, ffn] = train_losses(cfg, torch.device("cpu"), "fp32", False,
+                                                          steps)
+            ref = references[placement, ffn]
+            start = time.monotonic()
+            got = train_losses(cfg, device, dtype, mode == "compiled", steps)
+            worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+            ok = worst <= TOLERANCE[dtype]
+            rows.append({**row, "status": "pass" if ok else "FAIL", "max_rel_diff": worst,
+                         "tolerance": TOLERANCE[dtype], "losses": got, "cpu_losses": ref,
+                         "seconds": time.monotonic() - start})
+        except Exception as err:  # a check records every failure and goes on to the next case
+            rows.append({**row, "status": "ERROR", "reason": f"{type(err).__name__}: {err}"[:300]})
     return rows
 
 
