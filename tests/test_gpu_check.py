@@ -17,13 +17,20 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
 
 
+def test_benchmarks_doc_names_the_script():
+    doc = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "bash benchmarks/gpu_check.sh benchmarks/results/gpu_check.json" in doc
+
+
 def test_gpu_check_cpu_half_runs_and_writes_one_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--placements", "span", "--ffns", "dense,moe", "--dtypes", "fp32,bf16",
-                           "--modes", "eager", "--check-steps", "2", "--train-steps", "3", "--warmup-steps", "1",
-                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # through the shell script, as documented, with the CPU and a tiny shape
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--device", "cpu",
+                           "--tiny", "--placements", "span", "--ffns", "dense,moe", "--dtypes", "fp32,bf16",
+                           "--modes", "eager", "--check-steps", "2", "--train-steps", "3", "--warmup-steps", "1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert sorted((r["ffn"], r["dtype"]) for r in report["correctness"]) == [
