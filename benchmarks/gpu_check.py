@@ -137,8 +137,8 @@ def timing(name: str, args: list[str], device: torch.device, warmup: int, work: 
             "mfu": mfu, "vs_llmc": tokens_per_s / LLMC_TOKENS_PER_S if tokens_per_s else None,
             "timed_steps": len(timed), "final_train_loss": steps[-1]["train_loss"] if steps else None,
             "vocab_size": cfg.vocab_size,
-            "peak_memory": next((steps[-1][k] for k in ("peak_memory_gb", "peak_mem_gb") if steps and k in steps[-1]),
-                                None)}
+            "peak_memory": next((steps[-1][k] for k in ("peak_memory_gb", "peak_mem_gb")
+                                 if steps and k in steps[-1]), None)}
 
 
 def speed(device: torch.device, tiny: bool, steps: int, warmup: int, work: Path, deadline: float) -> list[dict]:
@@ -179,8 +179,8 @@ def distributed(device: torch.device, steps: int, work: Path, deadline: float) -
             continue
         rows.append({**row, "status": "ok", "seconds": time.monotonic() - start,
                      "final_train_loss": losses[-1] if losses else None,
-                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in metrics[1:] if "tokens_per_s" in r)
-                     if len(metrics) > 1 else None})
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in metrics[1:]
+                                                       if "tokens_per_s" in r) if len(metrics) > 1 else None})
     return rows
 
 
@@ -210,7 +210,8 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu_check.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny preset for the speed stage, few cases (tests)")
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
     parser.add_argument("--ffns", default="dense,moe")
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                         started + 0.45 * budget)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        report["speed"] = speed(device, args.tiny, args.train_steps, args.warmup_steps, work, started + 0.85 * budget)
+        report["speed"] = speed(device, args.tiny, args.train_steps, args.warmup_steps, work,
+                                started + 0.85 * budget)
         report["distributed"] = distributed(device, 20, work, started + budget)
     by_run = {r["run"]: r.get("tokens_per_s") for r in report["speed"]}
     report["ratios"] = {

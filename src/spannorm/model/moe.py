@@ -45,7 +45,8 @@ def expert_counts(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """How many assignments each expert received, shape (E,): ``torch.bincount`` with a shape that does not
     depend on the values (so ``torch.compile`` keeps it in the graph)."""
     flat = expert_idx.reshape(-1)
-    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
