@@ -8,16 +8,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from spannorm.config import ModelConfig
 from spannorm.model.layers import ResidualHook, make_norm
+from spannorm.model.loss import chunked_cross_entropy
 from spannorm.model.moe import Experts, MoEFFN
 from spannorm.model.placements import Block, BlockInit, has_final_norm, make_block
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    """(batch, T, vocab); None when the loss was computed in chunks (:attr:`DecoderLM.loss_chunk_tokens`)."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy, when targets were given. MoE auxiliary losses are not added."""
     balance_loss: torch.Tensor | None = None
@@ -31,7 +34,13 @@ class LMOutput:
 class DecoderLM(nn.Module):
     """A decoder-only Transformer whose block placement is ``cfg.placement`` (with per-layer overrides).
 
-    Every placement, SpanNorm and each baseline, is this one class; :data:`SpanNormLM` is its older name."""
+    Every placement, SpanNorm and each baseline, is this one class; :data:`SpanNormLM` is its older name.
+
+    Two memory settings change what is kept, not what is computed (the trainer sets them from ``train.``):
+    ``activation_checkpointing = k`` recomputes blocks 0, k, 2k, ... in backward instead of keeping their
+    activations (0: none, 1: every block), and ``loss_chunk_tokens = n`` computes the loss given targets
+    ``n`` tokens at a time (:func:`~spannorm.model.loss.chunked_cross_entropy`; the output then has no
+    logits; 0: all at once)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -42,6 +51,8 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._checkpoint_every = 0
+        self.loss_chunk_tokens = 0
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init (SPEC §3)
@@ -85,6 +96,17 @@ class DecoderLM(nn.Module):
         if isinstance(ffn, MoEFFN):
             nn.init.normal_(ffn.router.weight, std=self._std(self.cfg.d_model))
 
+    # ------------------------------------------------------------------ memory settings
+    @property
+    def activation_checkpointing(self) -> int:
+        return self._checkpoint_every
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, every: int) -> None:
+        self._checkpoint_every = int(every)
+        if every and self.moe_layers():
+            _let_compiled_checkpoints_skip_side_effects()
+
     # ------------------------------------------------------------------ forward
     @property
     def head_weight(self) -> torch.Tensor:
@@ -98,14 +120,19 @@ class DecoderLM(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.hook_embed(x)
-        for block in self.blocks:
-            x = block(x)
+        every = self._checkpoint_every if self.training and torch.is_grad_enabled() else 0
+        for layer, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if every and layer % every == 0 else block(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = F.linear(x, self.head_weight.to(x.dtype))
-        out = LMOutput(logits=logits)
-        if targets is not None:
-            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        if targets is not None and self.loss_chunk_tokens:
+            out = LMOutput(logits=None, loss=chunked_cross_entropy(x, self.head_weight, targets,
+                                                                   self.loss_chunk_tokens))
+        else:
+            logits = F.linear(x, self.head_weight.to(x.dtype))
+            out = LMOutput(logits=logits)
+            if targets is not None:
+                out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         moe = self.moe_layers()
         if moe:
             aux = [m.last_aux for m in moe]
@@ -113,6 +140,17 @@ class DecoderLM(nn.Module):
             out.z_loss = torch.stack([a.z_loss for a in aux]).mean()
             out.expert_load = torch.stack([a.load for a in aux])
         return out
+
+
+def _let_compiled_checkpoints_skip_side_effects() -> None:
+    """An MoE layer hands its auxiliary losses back by setting an attribute in forward. Under torch.compile
+    a checkpointed block with such a side effect is refused unless dynamo may skip replaying it when the
+    block is recomputed in backward, which is what the model wants (the forward's losses are the ones
+    used). This turns that refusal into the eager semantics minus the replay and changes nothing else."""
+    import torch._dynamo.config  # here, not at the top: importing dynamo adds seconds to every start-up
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 SpanNormLM = DecoderLM

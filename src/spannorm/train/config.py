@@ -140,6 +140,12 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    activation_checkpointing: int = 0
+    """Recompute every k-th block's activations (blocks 0, k, 2k, ...) in backward instead of keeping them:
+    0 none, 1 every block. Same loss and gradients; less memory for about one more forward of those blocks."""
+    loss_chunk_tokens: int = 0
+    """Compute the loss this many tokens at a time, so that the logits are never all held (in fp32 or for
+    backward); same FLOPs, equal loss up to summation order. 0: all logits at once."""
     eval_every: int = 100
     """Evaluate on the validation split every this many steps, and at the end; 0: only at the end."""
     eval_batches: int = 20
@@ -174,7 +180,8 @@ class TrainConfig:
         _check_positive_int(f"{prefix}.batch_size", self.batch_size)
         _check_positive_int(f"{prefix}.grad_accum", self.grad_accum)
         _check_positive_int(f"{prefix}.seed", self.seed, minimum=0)
-        for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every"):
+        for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every",
+                     "activation_checkpointing", "loss_chunk_tokens"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
         _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)

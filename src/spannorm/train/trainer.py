@@ -313,6 +313,8 @@ class Trainer:
         else:
             model = DecoderLM(cfg.model).to(self.device)
         model.train()
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
         return model, self.parallel.wrap_model(model, compile=cfg.train.compile)
 
     def _build_callbacks(self, callbacks: list[Any]) -> list[Any]:
