@@ -199,7 +199,7 @@ class InitFrom:
     unless ``build(path, model_cfg)`` can make the model to start from."""
 
     check: Callable[..., None]
-    build: Callable[[str, ModelConfig], torch.nn.Module]
+    build: Callable[[str, ModelConfig], DecoderLM]
 
 
 class Trainer:
