@@ -1,4 +1,6 @@
-"""Model weights on disk: ``model.safetensors`` plus ``model_config.json``. Nothing is ever unpickled."""
+"""Model weights on disk: ``model.safetensors`` plus ``model_config.json`` (and ``checksums.json``, written last).
+Nothing is ever unpickled; a damaged folder is refused with one :class:`~spannorm.model.checksums.CorruptCheckpoint`
+line naming the file."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spannorm.config import ModelConfig
+from spannorm.model.checksums import CorruptCheckpoint, model_config_of, verify_folder, write_manifest
 from spannorm.model.transformer import DecoderLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -34,21 +38,32 @@ def save_model(model: DecoderLM, directory: str | os.PathLike) -> None:
     _atomic_write_bytes(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True)
     _atomic_write_bytes(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    write_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))
 
 
 def load_model_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a spannorm model directory")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    return model_config_of(Path(directory))
 
 
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> DecoderLM:
-    """Rebuild the model from ``model_config.json`` and load ``model.safetensors`` strictly."""
-    cfg = load_model_config(directory)
-    model = DecoderLM(cfg)
+    """Rebuild the model from ``model_config.json`` and load ``model.safetensors`` strictly, after checking the
+    folder (checksums, JSON, tensor names and shapes: :func:`~spannorm.model.checksums.verify_folder`)."""
+    load_model_config(directory)  # FileNotFoundError for a folder that is no model folder at all
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist: not a spannorm model directory")
-    model.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
+    cfg = verify_folder(directory)
+    model = DecoderLM(cfg)
+    model.load_state_dict(load_weights(weights, map_location), strict=True)
     return model
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """``load_file`` with a damaged file turned into :class:`CorruptCheckpoint` naming it."""
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptCheckpoint(path, f"not a readable safetensors file ({str(err).splitlines()[0]})") from None

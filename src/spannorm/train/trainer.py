@@ -170,7 +170,7 @@ class Trainer:
     written into ``out_dir``; it raises :class:`ConfigError`."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None):
+                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None, use_intact: bool = False):
         cfg.validate()
         self.out_dir = Path(out_dir)
         self.parallel = parallel if parallel is not None else SingleProcess()
@@ -191,7 +191,8 @@ class Trainer:
         if existing and not resume and not overwrite:
             raise ConfigError(f"out_dir={str(self.out_dir)!r} already holds {_describe_run(self.out_dir)}; "
                               "allowed: --resume to continue it, --overwrite to replace it, or another --out")
-        self.resume_from = ckpt_io.latest_checkpoint(self.out_dir) if (resume and existing) else None
+        self.resume_from = ckpt_io.resume_checkpoint(self.out_dir, use_intact=use_intact) if (resume and existing) \
+            else None  # a damaged latest checkpoint: refused, or with use_intact the newest intact one
         self.overwrite = overwrite and not resume
 
         if cfg.data.path is not None:  # config.yaml records where the text is, from any working folder
@@ -308,8 +309,7 @@ class Trainer:
         metrics = self.out_dir / METRICS_NAME
         if self.resume_from is not None and metrics.is_file():
             # Drop records past the checkpoint (a killed run may have logged steps it never saved).
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            kept = ckpt_io.metrics_lines_up_to(metrics, self.step)
             ckpt_io.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
         elif metrics.exists():
             metrics.unlink()
@@ -546,7 +546,7 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          callbacks: Iterable[Any] = ()) -> RunSummary:
+          callbacks: Iterable[Any] = (), use_intact: bool = False) -> RunSummary:
     """Train ``cfg`` into ``out_dir`` and return the :class:`RunSummary` (also on divergence, with
     ``diverged=True``). Raises :class:`ConfigError` for bad input, before writing anything.
 
@@ -555,7 +555,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
 
     if distributed.launch_env() is not None:
         return distributed.train_distributed(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
-    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
+    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks, use_intact=use_intact).run()
 
 
 __all__ = ["Divergence", "RunSummary", "SpikeScore", "Trainer", "train", "training_objective"]
