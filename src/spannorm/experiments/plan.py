@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from spannorm.config import PLACEMENTS, ConfigError
+from spannorm.experiments.plan_checks import check_plan, exact_lr_tag
 
 PROTOCOLS = ("full", "lr_search")
 FINISHED = ("done", "diverged")
@@ -52,10 +53,9 @@ FINISHED = ("done", "diverged")
 
 
 def format_lr(lr: float) -> str:
-    """A learning rate as it appears in run ids: 0.003 -> ``3e-3``, 0.0015 -> ``1.5e-3``."""
-    mantissa, exponent = f"{lr:e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
+    """A learning rate as it appears in run ids: 0.003 -> ``3e-3``, 0.0015 -> ``1.5e-3``; exact, so two
+    learning rates never share an id (see :func:`~spannorm.experiments.plan_checks.exact_lr_tag`)."""
+    return exact_lr_tag(lr)
 
 
 @dataclass(frozen=True)
@@ -405,11 +405,13 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
         raise ConfigError(f"plan measure.batch_size={measure.batch_size!r} is invalid: must be >= 1")
 
     name = str(data.get("name") or "sweep")
-    return StudyPlan(name=name, placements=variants, depths=depths, ffn=ffn, lrs=lrs, seeds=seeds,
+    plan = StudyPlan(name=name, placements=variants, depths=depths, ffn=ffn, lrs=lrs, seeds=seeds,
                      preset=base.get("preset"), base_overrides=base_overrides, protocol=kind,
                      search_seeds=search_seeds, search_depths=search_depths, shared_lr=shared_lr,
                      shared_runs=shared_runs, measure=measure,
                      description=str(data.get("description") or ""))
+    check_plan(plan, source)  # no grid-owned key set outside the grid, no two runs under one id
+    return plan
 
 
 def load_plan(path: str | Path) -> StudyPlan:
