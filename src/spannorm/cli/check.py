@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,9 +87,13 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads} is invalid: must be >= 1")
         torch.set_num_threads(args.threads)
-    for folder in args.path:  # a user's module is imported only from where the user says (never from cwd)
+    for folder in args.path:
         if not Path(folder).is_dir():
             raise UsageError(f"--path {folder!r} is not a folder; allowed: the folder that holds your module")
+    # A user's module is imported only from where the user says: the working folder (which `python -m` puts
+    # first on sys.path) is dropped, and each --path folder is put first.
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+    for folder in reversed(args.path):
         sys.path.insert(0, str(Path(folder).resolve()))
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[check] {msg}", file=sys.stderr, flush=True))
     try:

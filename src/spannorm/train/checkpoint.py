@@ -24,6 +24,7 @@ file named and the newest intact checkpoint of the run offered (:func:`resolve_c
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -226,6 +227,26 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def remove_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Delete what :func:`save_checkpoint` wrote under ``RUN/checkpoints`` (``step_*`` folders holding a
+    checkpoint, ``latest``, leftovers of killed writers), and the folder itself once empty: a ``--overwrite``
+    never deletes files of the user's that only sit in a folder named ``checkpoints``."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        ours = (_STEP_DIR.match(path.name) and path.is_dir() and (path / STATE_NAME).is_file()) \
+            or path.name.startswith((".step_",)) or (path.name == LATEST_NAME and path.is_file())
+        if not ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
 # ---------------------------------------------------------------------- reading
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` names; if that is missing or incomplete, the newest complete one; else None."""
@@ -343,6 +364,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     from spannorm.model.io import load_model
     from spannorm.train.config import RunConfig
 
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} is invalid: no CUDA device is available; allowed: cpu")
     ckpt = resolve_checkpoint(path, use_intact=use_intact)
     if ckpt is None:
         raise ConfigError(f"checkpoint {str(path)!r} is invalid: no checkpoint found there; allowed: a run "

@@ -298,7 +298,9 @@ class Trainer:
         if self.overwrite:
             for name in RUN_OUTPUTS:
                 path = self.out_dir / name
-                if path.is_dir():
+                if name == ckpt_io.CHECKPOINTS_DIR:
+                    ckpt_io.remove_checkpoints(self.out_dir)  # only what save_checkpoint wrote
+                elif path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
