@@ -315,7 +315,9 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
         raise ConfigError("plan base.config must be a mapping like a config file (model, data, optim, train)")
     base_overrides = tuple(_flatten("", config)) + _overrides(base.get("overrides"), "base.overrides")
 
-    grid = _need(data, "grid", "")
+    if "grid" not in data:  # name the file: the message below has no other anchor
+        raise ConfigError(f"{source} is missing 'grid'; allowed: a plan with grid.placements and grid.depths")
+    grid = data["grid"]
     if not isinstance(grid, dict):
         raise ConfigError("plan grid must be a mapping with placements, depths, ffn, lrs, seeds")
     grid_keys = {"placements", "depths", "ffn", "lrs", "seeds"}
