@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from spannorm.config import ConfigError
 from spannorm.model.checksums import MANIFEST_NAME, CorruptCheckpoint, read_json_file, verify_folder, write_manifest
