@@ -359,3 +359,33 @@ def test_sweep_workers_die_when_the_parent_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail(f"worker {worker} outlived its killed parent by 30 s")
+
+
+# ---------------------------------------------------------------------- plans and sweep folders
+def _plan(**grid):
+    from spannorm.experiments.plan import parse_plan
+
+    return parse_plan({"name": "p", "grid": {"placements": ["pre", "span"], "depths": [2], **grid}})
+
+
+def test_run_ids_carry_the_exact_learning_rate():
+    from spannorm.experiments.plan_checks import exact_lr_tag
+
+    assert [exact_lr_tag(v) for v in (3e-3, 1.5e-3, 1e-2, 0.0003)] == ["3e-3", "1.5e-3", "1e-2", "3e-4"]
+    plan = _plan(lrs=[1e-3, 1.0000001e-3])
+    ids = [spec.run_id for spec in plan.expand()]
+    assert len(ids) == len(set(ids)) == 4 and "pre-L2-dense-lr1.0000001e-3-s0" in ids
+
+
+def test_a_sweep_folder_accepts_its_plan_extended_and_refuses_a_cut_one(tmp_path):
+    from spannorm.config import ConfigError
+    from spannorm.experiments.plan_checks import check_sweep_folder
+
+    small = _plan(lrs=[1e-3])
+    record = {**small.expand()[0].to_dict(), "status": "done"}
+    (tmp_path / "index.json").write_text(json.dumps({"plan": "p", "runs": [record]}))
+    (tmp_path / "plan.yaml").write_text("name: p\n")
+    results = {record["run_id"]: record}
+    check_sweep_folder(_plan(lrs=[1e-3, 3e-3], seeds=[0, 1]), tmp_path, results)  # extended: accepted
+    with pytest.raises(ConfigError, match="no longer asks for 1 run"):
+        check_sweep_folder(_plan(lrs=[3e-3]), tmp_path, results)
