@@ -389,3 +389,13 @@ def test_a_sweep_folder_accepts_its_plan_extended_and_refuses_a_cut_one(tmp_path
     check_sweep_folder(_plan(lrs=[1e-3, 3e-3], seeds=[0, 1]), tmp_path, results)  # extended: accepted
     with pytest.raises(ConfigError, match="no longer asks for 1 run"):
         check_sweep_folder(_plan(lrs=[3e-3]), tmp_path, results)
+
+
+def test_safetensors_files_get_the_ordinary_file_mode_not_0600(trained, tmp_path):
+    from spannorm.model.io import FILE_MODE
+
+    ckpt = trained / "run" / "checkpoints" / "step_00000006"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (ckpt / name).stat().st_mode & 0o777 == FILE_MODE
+    assert main(["export-hf", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == FILE_MODE

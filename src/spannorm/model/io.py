@@ -20,6 +20,23 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model_config.json"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()
+"""The mode of a file written with ``open``: safetensors creates its files 0600, which other users of a shared
+model folder could not read."""
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the file mode an ordinary ``open`` would give (not 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -35,7 +52,7 @@ def save_model(model: DecoderLM, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda p: save_tensors(state, p, {"format": "pt"}))
     text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True)
     _atomic_write_bytes(directory / CONFIG_NAME, lambda p: p.write_text(text))
     write_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))

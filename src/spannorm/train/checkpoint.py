@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
 from spannorm.config import ConfigError
 from spannorm.model.checksums import MANIFEST_NAME, CorruptCheckpoint, read_json_file, verify_folder, write_manifest
-from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_model
+from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_model, save_tensors
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
@@ -79,7 +78,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(tensors, tmp, {"format": "pt"})
         os.replace(tmp, path)
     finally:
         if tmp.exists():
