@@ -36,13 +36,12 @@ CONFIG_HELPER = "config finiteness / one override parser (config helper's branch
 GENERATION_HELPER = "generate validation (generation helper's branch)"
 BENCH_HELPER = "bench --out handling (config helper's branch owns cli/bench.py)"
 NEEDS: dict[str, str] = {
-    "train-span-alpha-inf": CONFIG_HELPER, "train-span-beta-nan": CONFIG_HELPER,
+    "train-span-alpha-inf": CONFIG_HELPER,
     "train-embed-scale-inf": CONFIG_HELPER, "train-balance-coef-inf": CONFIG_HELPER,
     "train-z-loss-coef-nan": CONFIG_HELPER, "train-seed-2-63": CONFIG_HELPER,
     "train-batch-size-1e8": CONFIG_HELPER, "train-cache-dir-is-file": "data path (data helper's branch)",
     "check-weight-decay-inf": CONFIG_HELPER, "check-set-malformed-yaml": CONFIG_HELPER,
-    "check-set-bad-type": CONFIG_HELPER, "profile-set-malformed-yaml": CONFIG_HELPER,
-    "profile-set-bad-type": CONFIG_HELPER, "check-lr-nan": CONFIG_HELPER, "check-band-inf": CONFIG_HELPER,
+    "profile-set-malformed-yaml": CONFIG_HELPER, "check-band-inf": CONFIG_HELPER,
     "generate-temperature-inf": GENERATION_HELPER, "generate-prompt-not-utf8": GENERATION_HELPER,
     "bench-out-is-dir-overwrite": BENCH_HELPER,
 }
