@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
+from spannorm.experiments.plan import Cell, StudyPlan, load_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
 from spannorm.model.placements import BLOCKS
 from spannorm.train.layout import METRICS_NAME
@@ -131,13 +129,16 @@ def load_sweep(path: str | Path) -> Sweep:
     if not plan_file.is_file() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
                                 "(written by `spannorm sweep`)")
-    plan = parse_plan(yaml.safe_load(plan_file.read_text()), str(plan_file))
+    plan = load_plan(plan_file)  # a YAML or plan error names the file
     runs = []
     for record in load_index(path).values():
         run_dir = path / RUNS_DIR / record["run_id"]
         val, train = _read_curves(run_dir)
         stats_path = run_dir / LAYER_STATS_NAME
-        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        try:
+            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            stats = None  # a damaged layer_stats.json: the run is reported without its per-layer plots
         runs.append(RunResult(record, val, train, stats))
     return Sweep(path, plan, runs)
 

@@ -36,11 +36,14 @@ from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
 from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+from spannorm.experiments.plan_checks import check_sweep_folder, read_index
+from spannorm.experiments.worker_guard import guard_worker
 from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
 from spannorm.train.config import RunConfig, load_config_file, resolve_config
 from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
+from spannorm.train.run_lock import hold_run_folder
 
 RUNS_DIR = "runs"
 RUN_INFO_NAME = "run.json"
@@ -164,10 +167,12 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
             cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
-            with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
-                    contextlib.redirect_stderr(log):
-                train(cfg, path, resume=resume, overwrite=not resume)
+            with hold_run_folder(path):  # one process per run folder (two sweeps on one folder: one trains it)
+                _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
+                with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+                        contextlib.redirect_stderr(log):
+                    # unattended: a damaged latest checkpoint falls back to the newest intact one (noted in the log)
+                    train(cfg, path, resume=resume, overwrite=not resume, use_intact=resume)
             summary = read_summary(path)
             if summary is None:
                 raise RuntimeError(f"the trainer returned without writing {path / SUMMARY_NAME}")
@@ -199,12 +204,10 @@ def _cost(spec: RunSpec, plan: StudyPlan) -> float:
 
 
 def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none)."""
-    path = Path(out_dir) / "index.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return {r["run_id"]: r for r in data.get("runs", [])}
+    """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none); a corrupt index is
+    :class:`ConfigError` naming the file."""
+    data = read_index(out_dir)
+    return {} if data is None else {r["run_id"]: r for r in data["runs"]}
 
 
 def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
@@ -222,6 +225,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
+    check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
     for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
         check_run_settings(spec, runs_root / spec.run_id)
         checked.add(spec.run_id)
@@ -275,7 +279,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             outcome.skipped.append(spec.run_id)
 
     pool = None if workers == 0 else ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=guard_worker, initargs=(os.getpid(),))  # workers die with this process
     attempted: set[str] = set()
     try:
         while True:

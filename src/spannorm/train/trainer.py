@@ -214,7 +214,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None,
-                 init_from: InitFrom | None = None):
+                 init_from: InitFrom | None = None, use_intact: bool = False):
         cfg.validate()
         self.init_from = init_from
         callbacks = check_callbacks(callbacks, reserved=TRAINER_STATE_KEYS)
@@ -224,7 +224,8 @@ class Trainer:
         # Under torchrun rank 0 goes first (it may fill the token cache or train a tokenizer that the others
         # then read), and every process raises the same ConfigError when any one fails.
         with self.parallel.rank_zero_first():
-            self.run_folder, self.resume_from, self.overwrite = self._build_run_folder(out_dir, resume, overwrite)
+            self.run_folder, self.resume_from, self.overwrite = self._build_run_folder(out_dir, resume, overwrite,
+                                                                                           use_intact)
             cfg, self.tokenizer, self.splits = self._build_data(cfg)
             self.cfg = self._build_model_config(cfg)
             self.saved_run_config = self._check_resume()
@@ -247,7 +248,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ build steps
     @staticmethod
-    def _build_run_folder(out_dir: str | Path, resume: bool, overwrite: bool) -> tuple[RunFolder, Path | None, bool]:
+    def _build_run_folder(out_dir: str | Path, resume: bool, overwrite: bool,
+                          use_intact: bool = False) -> tuple[RunFolder, Path | None, bool]:
         """The run folder, the checkpoint to resume from (None: a fresh run) and whether to replace what the
         folder holds. Only checks: nothing is written before :meth:`run`."""
         run = RunFolder(Path(out_dir))
@@ -257,7 +259,8 @@ class Trainer:
         if existing and not resume and not overwrite:
             raise ConfigError(f"out_dir={str(run.root)!r} already holds {_describe_run(run)}; "
                               "allowed: --resume to continue it, --overwrite to replace it, or another --out")
-        resume_from = ckpt_io.latest_checkpoint(run.root) if (resume and existing) else None
+        # A damaged latest checkpoint is refused, naming the file, or with use_intact the newest intact one is used.
+        resume_from = ckpt_io.resume_checkpoint(run.root, use_intact=use_intact) if (resume and existing) else None
         return run, resume_from, overwrite and not resume
 
     @staticmethod
@@ -362,7 +365,9 @@ class Trainer:
         run = self.run_folder
         if self.overwrite:
             for path in run.outputs():
-                if path.is_dir():
+                if path.name == ckpt_io.CHECKPOINTS_DIR:
+                    ckpt_io.remove_checkpoints(run.root)  # only what save_checkpoint wrote
+                elif path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
