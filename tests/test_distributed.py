@@ -1,7 +1,8 @@
 """Data-parallel training under torchrun on CPU (gloo, 2 processes): DDP and FSDP2 losses match one process
 with the same global batch, rank 0 alone writes, checkpoints keep the single-process format and resume at
-another world size, and every process stops at the same step (divergence on one rank, a stop request on one
-rank).
+another world size, every process stops at the same step (divergence on one rank, a stop request on one
+rank), and evaluation split across the processes (the trainer's and ``spannorm eval``'s) gives the
+single-process result.
 
 The torchrun commands are the ones in docs/training.md ("Distributed training"), shortened to a tiny model by
 extra overrides, exactly as tests/test_train_docs.py shortens the other commands of that page."""
@@ -34,12 +35,16 @@ from spannorm.train.distributed import (
     optimizer_state_by_name,
     resolve_parallel,
 )
+from spannorm.train.evaluation import rank_share
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"
 STEPS = 6
 RTOL = 1e-5
 """Relative tolerance between a 2-process and a 1-process fp32 run (measured: below 2e-7, docs/training.md)."""
+EVAL_RTOL = 1e-6
+"""Relative tolerance between a 2-process and a 1-process fp32 evaluation of the same weights (the same
+windows, scored in smaller batches, the sums added in another order)."""
 
 
 def fast_overrides(base: Path) -> list[str]:
@@ -265,6 +270,126 @@ def test_every_process_stops_at_the_same_step(tmp_path):
     assert ckpt_io.latest_checkpoint(tmp_path / "stopped").name == "step_00000002"  # FSDP gathered it
     assert len(read_metrics(tmp_path / "poisoned")) == 3
     assert ranks[0]["sampler_world_size_and_rows"] == [2, 2]  # each process trains on 2 of the 4 sequences
+
+
+# ---------------------------------------------------------------------- evaluation split across processes
+EVAL_SCRIPT = r'''
+import json, os, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from spannorm.launch import train
+from spannorm.model.transformer import DecoderLM
+from spannorm.train.config import resolve_config
+from spannorm.train.distributed import DataParallel
+from spannorm.train.evaluation import evaluate
+
+base, overrides = sys.argv[1], sys.argv[2:]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+class SingleProcessReference:
+    """On every evaluation, the 2-process result next to one process's evaluation of the same weights (FSDP:
+    gathered onto rank 0 into a plain model); and the rows of every batch this process scored."""
+    def __init__(self):
+        self.pairs, self.eval_rows = [], []
+    def on_train_start(self, trainer):
+        def count(module, args, out):
+            if not module.training:
+                self.eval_rows.append(args[0].shape[0])
+        trainer.model.register_forward_hook(count)
+    def on_evaluation(self, trainer, step, record):
+        model, _ = trainer.parallel.full_state(trainer.model, trainer.optimizer)  # every process gathers
+        if trainer.is_main:
+            plain = DecoderLM(trainer.cfg.model)
+            plain.load_state_dict(model.state_dict())
+            cfg = trainer.cfg
+            single = evaluate(plain, trainer.splits.val, cfg.model.context_length, cfg.train.batch_size,
+                              max_batches=cfg.train.eval_batches, bytes_per_token=trainer.splits.val_bytes_per_token)
+            self.pairs.append({"distributed": [record["val_loss"], record["val_tokens"]],
+                               "single": [single.loss, single.tokens]})
+
+results = {}
+for mode in ("ddp", "fsdp"):
+    reference = SingleProcessReference()
+    cfg = resolve_config(None, None, overrides + [f"train.parallel={mode}"])
+    train(cfg, os.path.join(base, mode), callbacks=[reference])
+    results[mode] = {"pairs": reference.pairs, "eval_rows": reference.eval_rows}
+
+# An uneven split: 7 windows in batches of 3 (2 per process): 4 and 3 windows, 2 forwards each under FSDP2.
+torch.manual_seed(0)
+model = DecoderLM(resolve_config(None, None, overrides).model)
+tokens = np.random.default_rng(0).integers(0, 256, size=7 * 32 + 1).astype(np.uint16)
+single = evaluate(model, tokens, 32, 3)
+for block in model.blocks:
+    fully_shard(block)
+fully_shard(model)
+split = evaluate(model, tokens, 32, 3, parallel=DataParallel("fsdp", rank, 2))
+results["uneven"] = {"single": [single.loss, single.tokens], "distributed": [split.loss, split.tokens]}
+with open(os.path.join(base, f"eval_rank{rank}.json"), "w") as handle:
+    json.dump(results, handle)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_evaluation_split_across_processes_equals_one_process(tmp_path):
+    """The trainer's periodic evaluation under DDP and FSDP2 (each process scores half the windows, in
+    batches of batch_size / 2) equals one process's evaluation of the same weights, and so does an uneven
+    split in which one process has a window fewer (it keeps in step with FSDP2's gathers)."""
+    script = tmp_path / "split_eval.py"
+    script.write_text(EVAL_SCRIPT)
+    overrides = [o[2:] for o in fast_overrides(tmp_path)] + ["train.steps=4", "train.eval_batches=3",
+                                                             "train.checkpoint_every=0"]
+    run_torchrun(["torchrun", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), *overrides],
+                 tmp_path)
+    ranks = [json.loads((tmp_path / f"eval_rank{r}.json").read_text()) for r in (0, 1)]
+    for mode in ("ddp", "fsdp"):
+        pairs = ranks[0][mode]["pairs"]
+        assert len(pairs) == 2  # after steps 3 (eval_every) and 4 (the last)
+        for pair in pairs:
+            assert pair["distributed"][1] == pair["single"][1] == 3 * 4 * 32  # every window, counted once
+            assert pair["distributed"][0] == pytest.approx(pair["single"][0], rel=EVAL_RTOL)
+        for results in ranks:  # 12 windows: 6 per process, in 3 batches of 2 rows (not 4), per evaluation
+            assert results[mode]["eval_rows"] == [2, 2, 2] * 2
+    for results in ranks:
+        uneven = results["uneven"]
+        assert uneven["distributed"][1] == uneven["single"][1] == 7 * 32
+        assert uneven["distributed"][0] == pytest.approx(uneven["single"][0], rel=EVAL_RTOL)
+
+
+@pytest.mark.slow
+def test_spannorm_eval_under_torchrun_prints_the_single_process_result(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *fast_overrides(tmp_path), "--train.steps=2"]) == 0
+    capsys.readouterr()
+    for split, batch in (("val", "3"), ("all", "8")):
+        args = ["eval", str(run), "--json", "--split", split, "--batch-size", batch]
+        assert main(args) == 0
+        single = json.loads(capsys.readouterr().out)
+        result = run_torchrun(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "spannorm", *args], tmp_path)
+        printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        assert len(printed) == 1  # rank 0 alone prints
+        split_run = printed[0]
+        assert (single["processes"], split_run["processes"]) == (1, 2)
+        assert split_run["tokens"] == single["tokens"] > 0
+        for key in ("loss", "perplexity", "bits_per_byte"):
+            assert split_run[key] == pytest.approx(single[key], rel=EVAL_RTOL), key
+
+
+def test_rank_shares_cover_every_window_once_in_the_same_number_of_batches():
+    for n_windows, batch_size, world_size in ((8, 4, 2), (7, 3, 2), (1, 4, 2), (0, 4, 2), (10, 16, 4), (9, 5, 1)):
+        shares = [rank_share(n_windows, batch_size, rank, world_size) for rank in range(world_size)]
+        covered = [i for share, _, _ in shares for i in range(n_windows)[share]]
+        assert covered == list(range(n_windows))  # contiguous, in order, each window once
+        local_batch, rounds = shares[0][1], shares[0][2]
+        assert all(s[1:] == (local_batch, rounds) for s in shares)  # every process runs as many forwards
+        assert local_batch == -(-batch_size // world_size)
+        sizes = [share.stop - share.start for share, _, _ in shares]
+        assert max(sizes) - min(sizes) <= 1 and rounds == -(-max(sizes) // local_batch)
+    assert rank_share(9, 5, 0, 1) == (slice(0, 9), 5, 2)  # one process: the single-process batches
+    assert rank_share(7, 3, 1, 2) == (slice(4, 7), 2, 2)
 
 
 # ---------------------------------------------------------------------- without processes

@@ -240,15 +240,28 @@ class WindowSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+def eval_window_starts(tokens: shards.TokenStream, context_length: int, batch_size: int,
+                       max_batches: int | None = None) -> np.ndarray:
+    """The start offsets of the fixed, non-overlapping validation windows, evenly spaced over the split:
+    ``max_batches · batch_size`` of them, or every window when ``max_batches`` is None."""
+    n_windows = (len(tokens) - 1) // context_length
+    wanted = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
+    if wanted < 1:
+        return np.zeros(0, dtype=np.int64)
+    picks = np.linspace(0, n_windows - 1, wanted).round().astype(np.int64)
+    return np.unique(picks) * context_length
+
+
+def window_batch(tokens: shards.TokenStream, starts: np.ndarray,
+                 context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows starting at ``starts`` as (inputs, targets), each of shape (len(starts), context_length)."""
+    return _to_batch(tokens, starts, context_length)
+
+
 def eval_batches(tokens: shards.TokenStream, context_length: int, batch_size: int, max_batches: int | None = None):
     """Fixed, non-overlapping validation windows, evenly spaced over the split; yields (inputs, targets).
 
     ``max_batches`` None covers the whole split."""
-    n_windows = (len(tokens) - 1) // context_length
-    wanted = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
-    if wanted < 1:
-        return
-    picks = np.linspace(0, n_windows - 1, wanted).round().astype(np.int64)
-    starts = np.unique(picks) * context_length
+    starts = eval_window_starts(tokens, context_length, batch_size, max_batches)
     for i in range(0, len(starts), batch_size):
         yield _to_batch(tokens, starts[i:i + batch_size], context_length)

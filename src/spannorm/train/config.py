@@ -140,6 +140,9 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    tf32: bool = True
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation); false: full fp32. Ignored on CPU."""
     activation_checkpointing: int = 0
     """Recompute every k-th block's activations (blocks 0, k, 2k, ...) in backward instead of keeping them:
     0 none, 1 every block. Same loss and gradients; less memory for about one more forward of those blocks."""

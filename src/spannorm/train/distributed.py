@@ -162,6 +162,10 @@ class SingleProcess:
         """Each tensor averaged over the processes (None stays None)."""
         return values
 
+    def sum_over_ranks(self, *values: float) -> tuple[float, ...]:
+        """Each number summed over the processes, in float64 (the numbers themselves in one process)."""
+        return values
+
     def any_rank(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on at least one."""
         return flag
@@ -254,6 +258,11 @@ class DataParallel(SingleProcess):
             out.append(flat[offset:offset + n].reshape(value.shape))
             offset += n
         return tuple(out)
+
+    def sum_over_ranks(self, *values: float) -> tuple[float, ...]:
+        sums = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return tuple(sums.tolist())
 
     def any_rank(self, flag: bool) -> bool:
         mark = torch.tensor([1.0 if flag else 0.0], device=self.device)

@@ -303,7 +303,11 @@ class Trainer:
         return saved
 
     def _build_device(self) -> torch.device:
-        return self.parallel.place(resolve_device(self.cfg.train.device))
+        device = self.parallel.place(resolve_device(self.cfg.train.device))
+        if device.type == "cuda":  # process-wide settings, set either way so that tf32=false means fp32
+            torch.backends.cuda.matmul.allow_tf32 = self.cfg.train.tf32
+            torch.backends.cudnn.allow_tf32 = self.cfg.train.tf32
+        return device
 
     def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The model (seeded with ``train.seed``, or the ``train.init_from`` weights) and the module the
@@ -406,7 +410,7 @@ class Trainer:
         cfg = self.cfg
         return evaluate(self.forward_model, self.splits.val, cfg.model.context_length, cfg.train.batch_size,
                         max_batches=cfg.train.eval_batches, bytes_per_token=self.splits.val_bytes_per_token,
-                        device=self.device, precision=cfg.train.precision)
+                        device=self.device, precision=cfg.train.precision, parallel=self.parallel)
 
     def should_evaluate(self, step: int) -> bool:
         """Evaluate after step ``step``: every ``train.eval_every`` steps and at the last."""
