@@ -18,8 +18,10 @@ from spannorm.inference import generate
 from spannorm.launch import train
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
+from spannorm.train import trainer as trainer_module
 from spannorm.train.callbacks import SpikeScore
 from spannorm.train.config import RunConfig, resolve_config
+from spannorm.train.distributed import SingleProcess
 from spannorm.train.progress import Progress
 from spannorm.train.schedule import lr_at
 from spannorm.train.trainer import Trainer, training_objective
@@ -369,3 +371,25 @@ def test_a_validation_loss_above_the_best_is_logged_and_warned(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "warning: step 6: val_loss" in out and "nats above the run's best" in out
     assert out.count("warning:") == 1
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_follows_the_switch_on_cuda_and_is_left_alone_on_cpu(tmp_path, monkeypatch, tf32):
+    """``train.tf32`` (on by default) sets TF32 for fp32 matmuls and convolutions on a CUDA device, both ways,
+    and changes nothing on the CPU. The device is faked: ``_build_device`` is called on a stand-in trainer."""
+    assert RunConfig().train.tf32 is True
+    modules = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [module.allow_tf32 for module in modules]
+    try:
+        for module in modules:
+            module.allow_tf32 = not tf32
+        cfg = tiny_cfg(tmp_path, f"train.tf32={str(tf32).lower()}")
+        stand_in = type("StandIn", (), {"cfg": cfg, "parallel": SingleProcess()})()
+        assert Trainer._build_device(stand_in) == torch.device("cpu")
+        assert [module.allow_tf32 for module in modules] == [not tf32, not tf32]
+        monkeypatch.setattr(trainer_module, "resolve_device", lambda name: torch.device("cuda"))
+        assert Trainer._build_device(stand_in) == torch.device("cuda")
+        assert [module.allow_tf32 for module in modules] == [tf32, tf32]
+    finally:
+        for module, value in zip(modules, before):
+            module.allow_tf32 = value
