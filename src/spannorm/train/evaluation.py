@@ -85,8 +85,8 @@ def evaluate(model: torch.nn.Module, tokens: TokenStream, context_length: int, b
                 count += n
     finally:
         model.train(was_training)
-    total, count = parallel.sum_over_ranks(total, count)
-    count = int(count)
+    total, summed_count = parallel.sum_over_ranks(total, count)
+    count = int(summed_count)
     if count == 0:
         raise ValueError(f"no evaluation window of {context_length + 1} tokens in {len(tokens)} tokens")
     loss = total / count
