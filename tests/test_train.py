@@ -393,3 +393,15 @@ def test_tf32_follows_the_switch_on_cuda_and_is_left_alone_on_cpu(tmp_path, monk
     finally:
         for module, value in zip(modules, before):
             module.allow_tf32 = value
+
+
+def test_a_field_the_checkpoint_predates_is_not_reported_as_a_changed_setting():
+    from spannorm.train.config import RunConfig
+    from spannorm.train.trainer import _changed_settings
+
+    new = RunConfig().to_dict()
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}
+    del old["train"]["tf32"]  # a run config written before train.tf32 existed
+    assert _changed_settings(old, new) == []
+    old["train"]["steps"] = 5
+    assert _changed_settings(old, new) == [f"train.steps 5 -> {new['train']['steps']}"]

@@ -128,10 +128,14 @@ def _normalize_model_dict(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The data/optim/train settings that differ between a checkpoint's run config and the new one. A field
+    the checkpoint does not record (it predates the field) counts as its default, so it is not a change."""
+    defaults = RunConfig().to_dict()
     changes = []
     for section in ("data", "optim", "train"):
         for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
-            va, vb = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            va = old.get(section, {}).get(key, defaults.get(section, {}).get(key))
+            vb = new.get(section, {}).get(key)
             if va != vb:
                 changes.append(f"{section}.{key} {va!r} -> {vb!r}")
     return changes
