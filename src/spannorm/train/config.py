@@ -133,6 +133,11 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for the ``mfu`` of metrics.jsonl; null: the device table (CUDA), or the measured
+    peak when ``measure_peak`` is on, else ``mfu`` is null (``achieved_tflops`` is always logged)."""
+    measure_peak: bool = False
+    """Measure the peak by a calibration matmul at the start (about 0.5 s; for CPUs, which have no table)."""
     eval_every: int = 100
     """Evaluate on the validation split every this many steps, and at the end; 0: only at the end."""
     eval_batches: int = 20
@@ -177,6 +182,8 @@ class TrainConfig:
         for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
+        if self.peak_tflops is not None:
+            _check_number(f"{prefix}.peak_tflops", self.peak_tflops, low=0.0, low_inclusive=False)
         _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)
         _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
         _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)

@@ -41,8 +41,12 @@ from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
-from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, ValidationRegression,
-                                      callback_states, check_callbacks, load_callback_states)
+from spannorm.bench.calibrate import MEASURED, measured_peak_tflops
+from spannorm.bench.devices import device_name, matmul_precision, peak_tflops
+from spannorm.model.counting import flops_per_token
+from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, Throughput,
+                                      ValidationRegression, callback_states, check_callbacks,
+                                      load_callback_states)
 from spannorm.train.config import RunConfig
 from spannorm.train.distributed import SingleProcess
 from spannorm.train.evaluation import EvalResult, autocast_context, evaluate
@@ -294,8 +298,24 @@ class Trainer:
         train = self.cfg.train
         self.progress = ProgressDisplay(train.progress, train.steps, train.log_every, enabled=self.is_main)
         self.metrics = MetricsWriter()
-        return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, ValidationRegression(),
-                *callbacks, self.metrics]
+        throughput = Throughput(flops_per_token(self.cfg.model), self.world_size, train.steps, train.log_every,
+                                *self._mfu_peak())
+        return [SpikeScores(train.spike_window, train.spike_sigmas), throughput, self.progress,
+                ValidationRegression(), *callbacks, self.metrics]
+
+    def _mfu_peak(self) -> tuple[float | None, str | None]:
+        """The peak TFLOP/s per device that ``mfu`` divides by, and its source (see :class:`Throughput`)."""
+        train = self.cfg.train
+        precision = matmul_precision(self.device, train.precision)
+        if train.peak_tflops is not None:
+            return train.peak_tflops, "train.peak_tflops"
+        if self.device.type == "cuda":
+            peak = peak_tflops(device_name(self.device), precision)
+            if peak is not None:
+                return peak, "device table"
+        if train.measure_peak:
+            return measured_peak_tflops(self.device, precision), MEASURED
+        return None, None
 
     # ------------------------------------------------------------------ state
     def _restore(self, ckpt: Path) -> None:
