@@ -83,6 +83,10 @@ def calibrate(device: torch.device | str, dtype: str, *, repeats: int = 3) -> Ca
     return best
 
 
+_CACHE: dict[tuple[str, str, int], Calibration] = {}
+"""Calibrations by ``(device, dtype, threads)``, for the life of the process."""
+
+
 def measured_peak_tflops(device: torch.device | str, dtype: str) -> float:
     """The calibrated peak TFLOP/s of ``device`` in ``dtype`` at the current thread count, measured on first
     use and cached in memory for the process."""
