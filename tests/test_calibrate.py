@@ -92,3 +92,14 @@ def test_a_training_run_logs_tflops_and_mfu(tmp_path, extra, source):
             assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 0.25)
         else:
             assert r["mfu"] == pytest.approx(r["achieved_tflops"] / cal.measured_peak_tflops("cpu", "fp32"))
+
+
+def test_bf16_on_a_cpu_without_bf16_units_gets_a_warning(monkeypatch):
+    from spannorm.bench import devices
+
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: False)
+    note = devices.bf16_cpu_note(torch.device("cpu"), "bf16")
+    assert note.startswith("warning: train.precision=bf16 on a CPU without bf16 matrix units")
+    assert devices.bf16_cpu_note(torch.device("cpu"), "fp32") is None
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)
+    assert devices.bf16_cpu_note(torch.device("cpu"), "bf16") is None

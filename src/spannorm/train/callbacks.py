@@ -17,7 +17,7 @@ The trainer calls each callback's hooks in list order:
 :attr:`Callback.state_key`, and given back on resume, so that it resumes exactly. A checkpoint without that key
 (written before the callback existed) leaves the callback fresh.
 
-Every run has, in this order: :class:`SpikeScores`, :class:`Throughput`, :class:`ProgressDisplay`,
+Every run has, in this order: :class:`SpikeScores`, :class:`ProgressDisplay`, :class:`Throughput`,
 :class:`ValidationRegression`, then the caller's callbacks, then :class:`MetricsWriter` (so that the record it writes holds what every other
 callback added).
 """
@@ -179,13 +179,18 @@ class Throughput(Callback):
 
     ``mfu`` divides by ``peak_tflops``: the user's ``train.peak_tflops``, else the device table's dense peak
     (CUDA), else a calibration matmul measured once at the start when ``train.measure_peak`` is on (CPU, about
-    0.5 s); with none of these ``mfu`` is null. ``peak_source`` says which one was used."""
+    1 s); with none of these ``mfu`` is null. ``peak_source`` says which one was used. ``note``, when given,
+    is printed at the start (a speed warning, such as bf16 on a CPU without bf16 units)."""
 
     def __init__(self, flops_per_token: int, world_size: int, total_steps: int, log_every: int,
-                 peak_tflops: float | None, peak_source: str | None):
+                 peak_tflops: float | None, peak_source: str | None, note: str | None = None):
         self.flops_per_token, self.world_size = flops_per_token, world_size
         self.total_steps, self.log_every = total_steps, log_every
-        self.peak_tflops, self.peak_source = peak_tflops, peak_source
+        self.peak_tflops, self.peak_source, self.note = peak_tflops, peak_source, note
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self.note:
+            trainer.progress.message(self.note)
 
     def should_log(self, step: int) -> bool:
         return not self.log_every or step % self.log_every == 0 or step == self.total_steps

@@ -137,7 +137,7 @@ class TrainConfig:
     """Peak TFLOP/s per device for the ``mfu`` of metrics.jsonl; null: the device table (CUDA), or the measured
     peak when ``measure_peak`` is on, else ``mfu`` is null (``achieved_tflops`` is always logged)."""
     measure_peak: bool = False
-    """Measure the peak by a calibration matmul at the start (about 0.5 s; for CPUs, which have no table)."""
+    """Measure the peak by a calibration matmul at the start (about a second; for CPUs, which have no table)."""
     eval_every: int = 100
     """Evaluate on the validation split every this many steps, and at the end; 0: only at the end."""
     eval_batches: int = 20

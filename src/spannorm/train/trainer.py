@@ -42,7 +42,7 @@ from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.bench.calibrate import MEASURED, measured_peak_tflops
-from spannorm.bench.devices import device_name, matmul_precision, peak_tflops
+from spannorm.bench.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
 from spannorm.model.counting import flops_per_token
 from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, Throughput,
                                       ValidationRegression, callback_states, check_callbacks,
@@ -299,8 +299,8 @@ class Trainer:
         self.progress = ProgressDisplay(train.progress, train.steps, train.log_every, enabled=self.is_main)
         self.metrics = MetricsWriter()
         throughput = Throughput(flops_per_token(self.cfg.model), self.world_size, train.steps, train.log_every,
-                                *self._mfu_peak())
-        return [SpikeScores(train.spike_window, train.spike_sigmas), throughput, self.progress,
+                                *self._mfu_peak(), note=bf16_cpu_note(self.device, train.precision))
+        return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, throughput,
                 ValidationRegression(), *callbacks, self.metrics]
 
     def _mfu_peak(self) -> tuple[float | None, str | None]:
