@@ -20,6 +20,8 @@ tokens/s = 768 tokens per step / median step time.
 
 Usage: python benchmarks/nanogpt_side_by_side.py --nanogpt PATH [--data PATH/tinyshakespeare.txt]
            [--steps 2000] [--out benchmarks/results/nanogpt_side_by_side.json] [--keep]
+       python benchmarks/nanogpt_side_by_side.py --from-folder FOLDER [--out ...]
+           (report from a kept or still-running folder: both runs up to the last step each has logged)
 """
 
 from __future__ import annotations
@@ -88,23 +90,48 @@ def parse_nanogpt(log: str) -> dict:
 
 def parse_spannorm(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run / "summary.json").read_text())
+    summary_path = run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     step_s = [BATCH * CONTEXT / r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")]
     median_s = statistics.median(step_s)
     return {"median_step_s": median_s, "tokens_per_s": BATCH * CONTEXT / median_s, "steps_timed": len(step_s),
             "val_losses": [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
-            "final_val_loss": summary["final_val_loss"], "summary_tokens_per_s": summary["tokens_per_s"]}
+            "final_val_loss": summary.get("final_val_loss"), "summary_tokens_per_s": summary.get("tokens_per_s"),
+            "last_step": records[-1]["step"] if records else 0}
+
+
+def report_from_folder(work: Path) -> dict:
+    """Both runs' figures from a run folder as far as each got (an unfinished run has no final loss: compare
+    the validation losses at the steps both reached)."""
+    nano, ours = parse_nanogpt((work / "nanogpt.log").read_text()), parse_spannorm(work / "spannorm-out")
+    nano["last_step"] = nano["steps_timed"]
+    common = sorted(set(dict(nano["val_losses"])) & set(dict(ours["val_losses"])))
+    return {"nanogpt": nano, "spannorm": ours, "tokens_per_s_ratio": ours["tokens_per_s"] / nano["tokens_per_s"],
+            "val_loss_at_common_steps": [(s, dict(nano["val_losses"])[s], dict(ours["val_losses"])[s])
+                                         for s in common]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nanogpt", type=Path, required=True, help="nanoGPT checkout or git directory")
+    parser.add_argument("--nanogpt", type=Path, help="nanoGPT checkout or git directory")
+    parser.add_argument("--from-folder", type=Path, help="only report from this (kept or running) folder")
     parser.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "tinyshakespeare.txt")
     parser.add_argument("--steps", type=int, default=2000, help="iterations of both runs (default 2000)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    if args.from_folder is not None:
+        report = {"benchmark": "nanogpt_side_by_side", "from_folder": str(args.from_folder),
+                  "load_average": os.getloadavg(), **report_from_folder(args.from_folder)}
+        print(json.dumps(report, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
+    if args.nanogpt is None:
+        print("error: --nanogpt is required (a nanoGPT checkout or git directory)", file=sys.stderr)
+        return 2
     for path, what in ((args.nanogpt, "--nanogpt"), (args.data, "--data")):
         if not path.exists():
             print(f"error: {what}={path} does not exist", file=sys.stderr)
