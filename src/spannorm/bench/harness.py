@@ -413,7 +413,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| `{r['name']}` | {r['params']:,} | {1e3 * st['median']:.1f} | "
                      f"{1e3 * st['p25']:.1f}–{1e3 * st['p75']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['achieved_tflops']:.3f} | {mfu} | {r['resident_state_bytes'] / 2**20:.1f} |")
-    sources = sorted({f"{r['matmul_precision']}: {r['peak_tflops']:.3f} TFLOP/s ({r['peak_tflops_source']})"
+    sources = sorted({f"{r['matmul_precision']}: {r['peak_tflops']:.3f} TFLOP/s, {r['peak_tflops_source']}"
                       for r in report["results"] if r.get("peak_tflops") is not None})
     if sources:
         lines += ["", "MFU peak: " + "; ".join(sources)]
