@@ -107,5 +107,5 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["CALIBRATION_DTYPES", "Calibration", "MEASURED", "cached_calibrations", "calibrate",
-           "measured_peak_tflops"]
+__all__ = ["CALIBRATION_DTYPES", "GROW_BELOW_S", "LAYOUTS", "MEASURED", "SIZES", "Calibration",
+           "cached_calibrations", "calibrate", "measured_peak_tflops"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager, Protocol
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,7 @@ is 2 to 4x slower than the math kernel, on an AVX2 EPYC and on a Xeon with AMX a
 are within noise, so fp32 keeps PyTorch's choice (and its digits)."""
 
 
-def sdpa_backend(q: torch.Tensor) -> ContextManager:
+def sdpa_backend(q: torch.Tensor) -> AbstractContextManager:
     """The context that runs SDPA on ``q`` in the kernel of :data:`SDPA_BACKENDS`, or SDPA's own choice."""
     backend = SDPA_BACKENDS.get((q.device.type, q.dtype))
     return nullcontext() if backend is None else sdpa_kernel(backend)

@@ -9,8 +9,8 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
 
 - ``config.yaml``: the resolved :class:`~spannorm.train.config.RunConfig`;
 - ``metrics.jsonl``: one JSON object per optimizer step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
-  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load, and ``val_loss``/``val_ppl``/
-  ``val_bpb``/``val_above_best`` on evaluation steps);
+  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops`` and ``mfu``
+  on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
 - ``tensorboard/``: TensorBoard event files;
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
@@ -35,15 +35,15 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from spannorm.bench.calibrate import MEASURED, measured_peak_tflops
+from spannorm.bench.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
 from spannorm.config import ConfigError, ModelConfig
 from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.interop.init_from import check_init_target, init_model_from
+from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
-from spannorm.bench.calibrate import MEASURED, measured_peak_tflops
-from spannorm.bench.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
-from spannorm.model.counting import flops_per_token
 from spannorm.train.callbacks import (MetricsWriter, ProgressDisplay, SpikeScores, Throughput,
                                       ValidationRegression, callback_states, check_callbacks,
                                       load_callback_states)
