@@ -18,8 +18,8 @@ The trainer calls each callback's hooks in list order:
 (written before the callback existed) leaves the callback fresh.
 
 Every run has, in this order: :class:`SpikeScores`, :class:`ProgressDisplay`, :class:`Throughput`,
-:class:`ValidationRegression`, then the caller's callbacks, then :class:`MetricsWriter` (so that the record it writes holds what every other
-callback added).
+:class:`ValidationRegression`, then the caller's callbacks, then :class:`MetricsWriter` (so that the record it
+writes holds what every other callback added).
 """
 
 from __future__ import annotations
