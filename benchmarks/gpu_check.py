@@ -7,7 +7,7 @@
 2. **Speed of ``spannorm train`` itself** (not a separate loop): the ``gpt2-small`` preset (the GPT-2-124M
    shape) in bf16, compiled, for ``pre``, ``span`` and an MoE of 8 experts, top-2, at the same active size.
    Tokens/s is the median of the per-step figures in ``metrics.jsonl`` after the warm-up steps; MFU divides
-   ``flops_per_token`` times that by the device's dense bf16 peak (``spannorm.bench.devices``), against
+   ``flops_per_token`` times that by the device's dense bf16 peak (``spannorm.hardware.devices``), against
    llm.c's about 470k tokens/s per H100 for GPT-2 124M as the reference line.
 3. **DDP and FSDP2** on all visible GPUs (``torchrun``, the tiny preset, a few steps).
 
@@ -33,8 +33,8 @@ import torch
 import torch._dynamo
 import yaml
 
-from spannorm.bench.devices import device_name, peak_tflops
 from spannorm.config import PLACEMENTS, ModelConfig, MoEConfig
+from spannorm.hardware.devices import device_name, peak_tflops
 from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 

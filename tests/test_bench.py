@@ -1,5 +1,6 @@
-"""``spannorm bench`` and its harness: the JSON report's fields and values, MFU from the device table (n/a on
-CPU without --peak-tflops), ratios, the Hugging Face reference's size, and one-line errors on bad input."""
+"""``spannorm bench`` and its harness: the JSON report's fields and values, MFU from the device table (CUDA)
+or from a measured calibration peak (CPU), ratios, the Hugging Face reference's size, and one-line errors on bad
+input."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import math
 import pytest
 import torch
 
-from spannorm.bench.devices import lookup_device_peak, matmul_precision, peak_tflops
 from spannorm.bench.harness import (
     BenchCase,
     BenchSettings,
@@ -23,6 +23,8 @@ from spannorm.bench.harness import (
 )
 from spannorm.bench.reference import transformers_available
 from spannorm.cli.main import main
+from spannorm.hardware.calibrate import MEASURED, measured_peak_tflops
+from spannorm.hardware.devices import lookup_device_peak, matmul_precision, peak_tflops
 from spannorm.model.counting import flops_per_token, param_counts
 
 TINY = ["--size", "tiny", "--d-model", "32", "--n-layers", "1", "--seq-len", "16", "--batch-size", "2",
@@ -59,8 +61,10 @@ def test_report_has_every_case_with_positive_measurements(cli_report):
         # parameters + AdamW's two moments, fp32 (+ the rotary tables)
         assert r["resident_state_bytes"] >= 3 * 4 * r["params"]
         assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
-        # CPU without --peak-tflops: no peak, so MFU is n/a (null), never a made-up figure
-        assert r["peak_tflops"] is None and r["mfu"] is None and r["matmul_precision"] == "fp32"
+        # CPU without --peak-tflops: MFU against the peak measured by the calibration matmul, labelled so
+        assert r["matmul_precision"] == "fp32" and r["peak_tflops_source"] == MEASURED
+        assert r["peak_tflops"] == measured_peak_tflops("cpu", "fp32") > 0
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["peak_tflops"])
     hw = cli_report["hardware"]
     assert hw["device"] == "cpu" and hw["torch"] == torch.__version__ and hw["torch_threads"] == 1
     assert cli_report["meta"]["command"].startswith("spannorm bench --placements pre,span --ffn dense,moe")
@@ -128,11 +132,12 @@ def test_device_table_gives_dense_peaks_for_fake_device_names():
         peak_tflops("NVIDIA H100 80GB HBM3", "fp8")
 
 
-def test_mfu_peak_comes_from_the_table_on_cuda_and_is_na_on_cpu_without_a_user_figure():
+def test_mfu_peak_comes_from_the_table_on_cuda_and_is_measured_on_cpu_without_a_user_figure():
     assert resolve_peak_tflops("cuda", "NVIDIA H100 80GB HBM3", "bf16", None) == (pytest.approx(989.4),
                                                                                  "device table")
     assert resolve_peak_tflops("cuda", "Unknown GPU", "bf16", None) == (None, None)
-    assert resolve_peak_tflops("cpu", "Intel Xeon", "fp32", None) == (None, None)
+    assert resolve_peak_tflops("cpu", "Intel Xeon", "fp32", None) == (measured_peak_tflops("cpu", "fp32"),
+                                                                     MEASURED)
     assert resolve_peak_tflops("cpu", "Intel Xeon", "fp32", 2.5) == (2.5, "user (--peak-tflops)")
     assert matmul_precision(torch.device("cpu"), "fp32") == "fp32"
     assert matmul_precision(torch.device("cpu"), "bf16") == "bf16"
@@ -199,6 +204,9 @@ def test_markdown_rendering_lists_every_case_and_ratio(cli_report):
     text = format_markdown(cli_report)
     for r in cli_report["results"]:
         assert f"| `{r['name']}` | {r['params']:,} | {1e3 * r['step_time_s']['median']:.1f} |" in text
-    assert text.count("| n/a |") == len(cli_report["results"])
+    for r in cli_report["results"]:
+        assert f"| {100 * r['mfu']:.1f}% |" in text
+    assert text.count("| n/a |") == 0
+    assert f"MFU peak: fp32: {measured_peak_tflops('cpu', 'fp32'):.3f} TFLOP/s, {MEASURED}" in text
     for q in cli_report["ratios"]:
         assert f"| {q['label']} | {q['value']:.3f} |" in text

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from spannorm.bench.devices import device_name, matmul_precision, peak_tflops, process_peak_rss_bytes
 from spannorm.bench.reference import HFLlamaLM, transformers_available
 from spannorm.config import ModelConfig
 from spannorm.configuration import fail
+from spannorm.hardware.calibrate import MEASURED, measured_peak_tflops
+from spannorm.hardware.devices import device_name, matmul_precision, peak_tflops, process_peak_rss_bytes
 from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 
@@ -61,7 +62,8 @@ class BenchSettings:
     device: str = "cpu"
     seed: int = 0
     peak_tflops: float | None = None
-    """Peak TFLOP/s to divide by for MFU; None: from the device table (none for CPUs: MFU is n/a)."""
+    """Peak TFLOP/s to divide by for MFU; None: from the device table on CUDA, measured by a calibration
+    matmul on CPUs (:mod:`spannorm.hardware.calibrate`)."""
     lr: float = 1e-4
     allow_tf32: bool = False
     """On CUDA, let fp32 matmuls use TF32 tensor cores (MFU then divides by the TF32 peak)."""
@@ -255,13 +257,16 @@ def summarize_times(times: list[float]) -> dict[str, float]:
 def resolve_peak_tflops(device_type: str, device_label: str, precision: str,
                         user_peak: float | None) -> tuple[float | None, str | None]:
     """The peak TFLOP/s that MFU divides by, and where it came from: the user's figure when given; else, on
-    CUDA, the device table's dense peak for ``precision`` (None for a device not in the table); on CPU, None
-    (MFU is then n/a: there is no honest default peak for a CPU)."""
+    CUDA, the device table's dense peak for ``precision`` (None for a device not in the table); on a CPU, the
+    peak measured by a calibration matmul in ``precision`` at the current thread count
+    (:func:`~spannorm.hardware.calibrate.measured_peak_tflops`, cached per process)."""
     if user_peak is not None:
         return user_peak, "user (--peak-tflops)"
     if device_type == "cuda":
         peak = peak_tflops(device_label, precision)
         return peak, ("device table" if peak is not None else None)
+    if device_type == "cpu":
+        return measured_peak_tflops("cpu", precision), MEASURED
     return None, None
 
 
@@ -406,6 +411,9 @@ def format_report(report: BenchReport) -> str:
         lines.append(f"{r['name']:<34}{r['params']:>11,}{1e3 * st['median']:>10.1f}{iqr:>16}"
                      f"{r['tokens_per_s']:>11,.0f}{r['achieved_tflops']:>9.3f}{mfu:>8}"
                      f"{r['peak_memory_bytes'] / 2**20:>10.0f}{r['resident_state_bytes'] / 2**20:>10.1f}")
+    sources = sorted({f"{r['matmul_precision']}: {r['peak_tflops']:.3f} TFLOP/s, {r['peak_tflops_source']}"
+                      for r in report.results if r["peak_tflops"] is not None})
+    lines.append("MFU peak: " + ("; ".join(sources) if sources else "none known (MFU n/a)"))
     if report.ratios:
         lines += ["", f"{'ratio':<72}{'value':>8}{'paired median':>15}{'fastest':>9}{'per-round range':>18}"]
         for q in report.ratios:
@@ -425,6 +433,10 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| `{r['name']}` | {r['params']:,} | {1e3 * st['median']:.1f} | "
                      f"{1e3 * st['p25']:.1f}–{1e3 * st['p75']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['achieved_tflops']:.3f} | {mfu} | {r['resident_state_bytes'] / 2**20:.1f} |")
+    sources = sorted({f"{r['matmul_precision']}: {r['peak_tflops']:.3f} TFLOP/s, {r['peak_tflops_source']}"
+                      for r in report["results"] if r.get("peak_tflops") is not None})
+    if sources:
+        lines += ["", "MFU peak: " + "; ".join(sources)]
     if report["ratios"]:
         lines += ["", "| ratio | ratio of medians | paired (per-round) median | fastest steps | per-round range |",
                   "|---|---:|---:|---:|---:|"]

@@ -47,8 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "fp32 and bf16 autocast, beside a Hugging Face LlamaForCausalLM of the same size (when "
                     "transformers is installed). Cases are timed in interleaved rounds in one process, so "
                     "that load from other processes falls on all of them alike. MFU divides by the device's "
-                    "dense peak from a built-in table (CUDA), or by --peak-tflops; on CPU without "
-                    "--peak-tflops it is n/a.")
+                    "dense peak from a built-in table (CUDA), or by --peak-tflops; on a CPU, against "
+                    "a peak measured by a calibration matmul per dtype and thread count (labelled measured).")
     p.add_argument("--placements", default="pre,span", help="comma-separated placements (default: pre,span)")
     p.add_argument("--ffn", default="dense", help="comma-separated FFN kinds: dense, moe (default: dense)")
     p.add_argument("--modes", default="eager",
@@ -74,7 +74,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU, overriding the device table (needed for MFU on CPU)")
+                   help="peak TFLOP/s for MFU, overriding the device table (CUDA) or the measured peak (CPU)")
     p.add_argument("--tf32", action="store_true", help="CUDA: let fp32 matmuls use TF32 (MFU vs the TF32 peak)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

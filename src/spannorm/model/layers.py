@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spannorm.config import ModelConfig
 
@@ -213,6 +215,19 @@ def sdpa_handles_gqa(q: torch.Tensor) -> bool:
     return True
 
 
+SDPA_BACKENDS: dict[tuple[str, torch.dtype], SDPBackend] = {("cpu", torch.bfloat16): SDPBackend.MATH}
+"""The attention kernel per (device type, dtype) where PyTorch's own choice is slower; elsewhere SDPA picks.
+Measured (fwd + bwd, ``benchmarks/bench_attention.py``, docs/benchmarks.md): on CPUs the bf16 flash kernel
+is 2 to 4x slower than the math kernel, on an AVX2 EPYC and on a Xeon with AMX alike; in fp32 flash and math
+are within noise, so fp32 keeps PyTorch's choice (and its digits)."""
+
+
+def sdpa_backend(q: torch.Tensor) -> AbstractContextManager:
+    """The context that runs SDPA on ``q`` in the kernel of :data:`SDPA_BACKENDS`, or SDPA's own choice."""
+    backend = SDPA_BACKENDS.get((q.device.type, q.dtype))
+    return nullcontext() if backend is None else sdpa_kernel(backend)
+
+
 class AttentionCache(Protocol):
     """What :class:`CausalSelfAttention` asks of a key/value cache installed on it (one per layer)."""
 
@@ -273,11 +288,12 @@ class CausalSelfAttention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
             gqa = False
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {}))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
-                                               **({"enable_gqa": True} if gqa else {}))
+        extra = {"enable_gqa": True} if gqa else {}
+        with sdpa_backend(q):
+            if cache is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, **extra)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

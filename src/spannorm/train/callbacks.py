@@ -17,9 +17,9 @@ The trainer calls each callback's hooks in list order:
 :attr:`Callback.state_key`, and given back on resume, so that it resumes exactly. A checkpoint without that key
 (written before the callback existed) leaves the callback fresh.
 
-Every run has, in this order: :class:`SpikeScores`, :class:`ProgressDisplay`, :class:`ValidationRegression`,
-then the caller's callbacks, then :class:`MetricsWriter` (so that the record it writes holds what every other
-callback added).
+Every run has, in this order: :class:`SpikeScores`, :class:`ProgressDisplay`, :class:`Throughput`,
+:class:`ValidationRegression`, then the caller's callbacks, then :class:`MetricsWriter` (so that the record it
+writes holds what every other callback added).
 """
 
 from __future__ import annotations
@@ -171,6 +171,39 @@ class SpikeScores(Callback):
         self.grad_norm.history.extend(state["grad_norm"])
 
 
+# ---------------------------------------------------------------------- achieved TFLOP/s and MFU
+class Throughput(Callback):
+    """Adds ``achieved_tflops`` (per device) and ``mfu`` to the record of every logging step (every
+    ``log_every`` steps and the last; every step when ``log_every`` is 0), from the step's ``tokens_per_s`` and
+    the analytic training FLOPs per token (:func:`~spannorm.model.counting.flops_per_token`). Plain arithmetic
+    on numbers the step already has on the host: no device sync is added.
+
+    ``mfu`` divides by ``peak_tflops``: the user's ``train.peak_tflops``, else the device table's dense peak
+    (CUDA), else a calibration matmul measured once at the start when ``train.measure_peak`` is on (CPU, about
+    1 s); with none of these ``mfu`` is null. ``peak_source`` says which one was used. ``note``, when given,
+    is printed at the start (a speed warning, such as bf16 on a CPU without bf16 units)."""
+
+    def __init__(self, flops_per_token: int, world_size: int, total_steps: int, log_every: int,
+                 peak_tflops: float | None, peak_source: str | None, note: str | None = None):
+        self.flops_per_token, self.world_size = flops_per_token, world_size
+        self.total_steps, self.log_every = total_steps, log_every
+        self.peak_tflops, self.peak_source, self.note = peak_tflops, peak_source, note
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self.note:
+            trainer.progress.message(self.note)
+
+    def should_log(self, step: int) -> bool:
+        return not self.log_every or step % self.log_every == 0 or step == self.total_steps
+
+    def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
+        if not self.should_log(step) or "tokens_per_s" not in record:
+            return
+        tflops = self.flops_per_token * record["tokens_per_s"] / self.world_size / 1e12
+        record["achieved_tflops"] = tflops
+        record["mfu"] = None if self.peak_tflops is None else tflops / self.peak_tflops
+
+
 # ---------------------------------------------------------------------- the validation-regression warning
 VAL_REGRESSION_NATS = 0.1
 """A validation loss this far (nats) above the run's best so far gets a warning line: a run can fall back
@@ -234,7 +267,8 @@ class ProgressDisplay(Callback):
 
 # ---------------------------------------------------------------------- metrics.jsonl and TensorBoard
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-                    "tokens_per_s": "train/tokens_per_s", "loss_z": "train/loss_spike_z", "val_loss": "val/loss",
+                    "tokens_per_s": "train/tokens_per_s", "achieved_tflops": "train/achieved_tflops",
+                    "mfu": "train/mfu", "loss_z": "train/loss_spike_z", "val_loss": "val/loss",
                     "val_ppl": "val/perplexity", "val_bpb": "val/bpb", "balance_loss": "moe/balance_loss",
                     "z_loss": "moe/z_loss"}
 """Record key -> TensorBoard tag of the scalars :class:`MetricsWriter` sends to TensorBoard (finite values
@@ -296,5 +330,5 @@ class MetricsWriter(Callback):
 
 
 __all__ = ["Callback", "HOOKS", "MetricsWriter", "ProgressDisplay", "SpikeScore", "SpikeScores",
-           "TENSORBOARD_TAGS", "VAL_REGRESSION_NATS", "ValidationRegression", "callback_states",
+           "TENSORBOARD_TAGS", "Throughput", "VAL_REGRESSION_NATS", "ValidationRegression", "callback_states",
            "check_callbacks", "has_state", "load_callback_states", "state_key"]

@@ -149,6 +149,11 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """Compute the loss this many tokens at a time, so that the logits are never all held (in fp32 or for
     backward); same FLOPs, equal loss up to summation order. 0: all logits at once."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for the ``mfu`` of metrics.jsonl; null: the device table (CUDA), or the measured
+    peak when ``measure_peak`` is on, else ``mfu`` is null (``achieved_tflops`` is always logged)."""
+    measure_peak: bool = False
+    """Measure the peak by a calibration matmul at the start (about a second; for CPUs, which have no table)."""
     eval_every: int = 100
     """Evaluate on the validation split every this many steps, and at the end; 0: only at the end."""
     eval_batches: int = 20
@@ -187,6 +192,8 @@ class TrainConfig:
                      "activation_checkpointing", "loss_chunk_tokens"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
         _check_positive_int(f"{prefix}.eval_batches", self.eval_batches)
+        if self.peak_tflops is not None:
+            _check_number(f"{prefix}.peak_tflops", self.peak_tflops, low=0.0, low_inclusive=False)
         _check_positive_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints)
         _check_positive_int(f"{prefix}.spike_window", self.spike_window, minimum=2)
         _check_number(f"{prefix}.spike_sigmas", self.spike_sigmas, low=0.0, low_inclusive=False)

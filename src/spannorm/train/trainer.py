@@ -9,8 +9,8 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
 
 - ``config.yaml``: the resolved :class:`~spannorm.train.config.RunConfig`;
 - ``metrics.jsonl``: one JSON object per optimizer step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
-  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load, and ``val_loss``/``val_ppl``/
-  ``val_bpb``/``val_above_best`` on evaluation steps);
+  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops`` and ``mfu``
+  on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
 - ``tensorboard/``: TensorBoard event files;
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
@@ -38,12 +38,16 @@ import torch
 from spannorm.config import ConfigError, ModelConfig
 from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
+from spannorm.hardware.calibrate import MEASURED, measured_peak_tflops
+from spannorm.hardware.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
+from spannorm.model.counting import flops_per_token
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (
     MetricsWriter,
     ProgressDisplay,
     SpikeScores,
+    Throughput,
     ValidationRegression,
     callback_states,
     check_callbacks,
@@ -332,8 +336,24 @@ class Trainer:
         train = self.cfg.train
         self.progress = ProgressDisplay(train.progress, train.steps, train.log_every, enabled=self.is_main)
         self.metrics = MetricsWriter()
-        return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, ValidationRegression(),
-                *callbacks, self.metrics]
+        throughput = Throughput(flops_per_token(self.cfg.model), self.world_size, train.steps, train.log_every,
+                                *self._mfu_peak(), note=bf16_cpu_note(self.device, train.precision))
+        return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, throughput,
+                ValidationRegression(), *callbacks, self.metrics]
+
+    def _mfu_peak(self) -> tuple[float | None, str | None]:
+        """The peak TFLOP/s per device that ``mfu`` divides by, and its source (see :class:`Throughput`)."""
+        train = self.cfg.train
+        precision = matmul_precision(self.device, train.precision)
+        if train.peak_tflops is not None:
+            return train.peak_tflops, "train.peak_tflops"
+        if self.device.type == "cuda":
+            peak = peak_tflops(device_name(self.device), precision)
+            if peak is not None:
+                return peak, "device table"
+        if train.measure_peak:
+            return measured_peak_tflops(self.device, precision), MEASURED
+        return None, None
 
     # ------------------------------------------------------------------ state
     def _restore(self, ckpt: Path) -> None:

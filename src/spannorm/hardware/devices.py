@@ -80,6 +80,20 @@ def matmul_precision(device: torch.device, dtype: str) -> str:
     return "fp32"
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX, as oneDNN reports it). Without them
+    bf16 products are emulated: measured 5 to 10x slower than fp32 on an AVX2 EPYC (docs/benchmarks.md)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_cpu_note(device: torch.device, precision: str) -> str | None:
+    """A warning line for bf16 training on a CPU without bf16 units; None where there is nothing to say."""
+    if device.type != "cpu" or precision != "bf16" or cpu_has_bf16_units():
+        return None
+    return ("warning: train.precision=bf16 on a CPU without bf16 matrix units (AVX512-BF16/AMX): its bf16 "
+            "matmuls are emulated and several times slower than fp32; --train.precision=fp32 is faster here")
+
+
 def device_name(device: torch.device) -> str:
     """A human name for the device: the CUDA device name, or the CPU model with its core count."""
     if device.type == "cuda":
