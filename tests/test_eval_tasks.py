@@ -206,6 +206,9 @@ def test_the_exported_folder_scores_the_same_under_lm_eval_model_hf(which, reque
                    home=tmp_path / "hf")
     assert ours.returncode == 0, ours.stderr[-2000:]
     our_acc = json.loads(ours.stdout.strip().splitlines()[-1])["tasks"]["local_mc"]["acc,none"]
+    docs = (SRC.parent / "docs" / "evaluation.md").read_text()
+    assert "lm_eval --model hf --model_args pretrained=span-hf,trust_remote_code=True \\\n    --tasks local_mc " \
+           "--include_path my_tasks/ --device cpu --batch_size 3" in docs
     done = run_cli("--model", "hf", "--model_args", f"pretrained={hf_dir},trust_remote_code=True", "--tasks", names,
                    "--include_path", str(tasks), "--device", "cpu", "--batch_size", "3", "--output_path",
                    str(tmp_path / "out"), home=tmp_path / "hf", module="lm_eval")
