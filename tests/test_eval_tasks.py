@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from spannorm.cli.eval_tasks import format_scores
 from spannorm.cli.main import main
@@ -168,6 +171,18 @@ def test_a_missing_extra_and_a_foreign_folder_are_one_line_exit_2(model_dir, tmp
     assert main(["eval", str(model_dir), "--tasks", "x", "--limit", "inf"]) == 2
     assert "--limit=inf is invalid" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--tasks", "x", "--data.path=/tmp"]) == 2
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_one_line_exit_2(model_dir, tmp_path, capsys):
+    folder = tmp_path / "mismatch"
+    shutil.copytree(model_dir, folder)
+    HFTokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0")).save(
+        str(folder / "tokenizer.json"))
+    before = snapshot(folder)
+    assert main(["eval", str(folder), "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its tokenizer has 300 tokens, its model a vocabulary of 256" in err
+    assert snapshot(folder) == before
 
 
 def test_scores_print_as_metric_value_and_stderr():

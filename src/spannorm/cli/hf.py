@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
-from spannorm.interop.errors import InteropError
+from spannorm.interop.errors import InteropError, require_transformers
 
 PARITY_TOLERANCE = 1e-4
 """max |logit difference| in fp32 that ``--check`` accepts."""
@@ -109,8 +109,8 @@ def run_import(args: argparse.Namespace) -> int:
     write_directory(args.out, fill, args.overwrite)
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
-          f"{cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, {n_params:,} parameters")
+    print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, "
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, {n_params:,} parameters")
     return 0
 
 
@@ -123,6 +123,8 @@ def run_export(args: argparse.Namespace) -> int:
     from spannorm.model.io import load_model
 
     check_writable(args.out, args.overwrite)
+    if args.check:  # before anything is written: --check without the 'hf' extra is refused up front
+        require_transformers()
     model_dir = resolve_checkpoint_dir(args.model_dir)
     model = load_model(model_dir)
     reasons = llama_incompatibilities(model.cfg)
