@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
@@ -107,10 +108,12 @@ def timing(repeats: int) -> None:
         n = sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "hf"
-            export_s = _median_seconds(lambda: write(model, out, overwrite=True), repeats)
-            load_s = _median_seconds(lambda: transformers.AutoModelForCausalLM.from_pretrained(
-                str(out), trust_remote_code=remote), repeats)
-            import_s = _median_seconds(lambda: import_hf(out), repeats)
+            # functools.partial binds this iteration's model, folder and flags (a lambda would read the loop's
+            # variables when called).
+            export_s = _median_seconds(functools.partial(write, model, out, overwrite=True), repeats)
+            load_s = _median_seconds(functools.partial(transformers.AutoModelForCausalLM.from_pretrained,
+                                                       str(out), trust_remote_code=remote), repeats)
+            import_s = _median_seconds(functools.partial(import_hf, out), repeats)
         kind = "remote code" if remote else "LlamaForCausalLM"
         print(f"| {placement} ({kind}) | {n / 1e6:.0f}M | {export_s:.2f} s | {load_s:.2f} s | {import_s:.2f} s |")
 

@@ -13,8 +13,8 @@ import torch
 
 from helpers import TEXT
 from spannorm.cli.main import main
+from spannorm.inference import load_for_inference
 from spannorm.train import checkpoint as ckpt_io
-from spannorm.train.checkpoint import load_for_inference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

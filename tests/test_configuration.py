@@ -109,7 +109,8 @@ def test_non_finite_floats_are_refused_with_one_line(key, value, tmp_path):
     text = f"{section}:\n" + "".join("  " * (i + 1) + f"{name}:\n" for i, name in enumerate(rest[:-1]))
     file = tmp_path / "cfg.yaml"
     file.write_text(text + "  " * len(rest) + f"{rest[-1]}: .{value.lower().lstrip('-')[:3]}\n")  # YAML .inf/.nan
-    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=(inf|nan) is invalid: must be a finite number$"):
+    message = rf"^{key.replace('.', '[.]')}=(inf|nan) is invalid: must be a finite number$"
+    with pytest.raises(ConfigError, match=message):
         resolve_config(None, file, [])
 
 
@@ -124,7 +125,8 @@ def test_non_finite_model_floats_are_refused_in_python_too(name):
 
 
 def test_coerce_refuses_non_finite_floats_and_accepts_finite_ones():
-    assert coerce("x", "1e-3", float) == 1e-3 and coerce("x", 2, float) == 2.0 and coerce("x", "null", float | None) is None
+    assert coerce("x", "1e-3", float) == 1e-3 and coerce("x", 2, float) == 2.0
+    assert coerce("x", "null", float | None) is None
     for bad in (math.inf, "nan", "-Infinity"):
         with pytest.raises(ConfigError, match="must be a finite number"):
             coerce("x", bad, float)

@@ -1,18 +1,21 @@
 """The KV cache and generation of :mod:`spannorm.inference`: cached logits and tokens equal uncached ones for
-every placement, dense and MoE; padding, top-p, stop tokens and strings, n samples, the moved import paths."""
+every placement, dense and MoE; padding, top-p, stop tokens and strings, n samples, one import path."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+import spannorm.inference
 from spannorm.config import PLACEMENTS, ModelConfig, MoEConfig
 from spannorm.inference import Sampling, generate, generate_batch, kv_cache
 from spannorm.inference.generation import filter_logits
 from spannorm.model import SpanNormLM
 from spannorm.model.layers import CausalSelfAttention
+from spannorm.train import checkpoint as ckpt_io
 
 
 @pytest.fixture(autouse=True)
@@ -135,13 +138,12 @@ def test_invalid_sampling_is_refused(bad):
         Sampling(**bad)
 
 
-def test_the_old_import_paths_still_work():
-    # Imported here: the import paths themselves are what this test checks.
-    from spannorm.inference import load_for_inference
-    from spannorm.train import generation as old_generation
-    from spannorm.train.checkpoint import load_for_inference as old_load
-
-    assert old_generation.generate is generate and old_load is load_for_inference
+def test_inference_has_one_import_path():
+    # The old paths (spannorm.train.generation, spannorm.train.checkpoint.load_for_inference) were removed:
+    # train sits below inference, so it cannot hand out inference's functions.
+    assert importlib.util.find_spec("spannorm.train.generation") is None
+    assert not hasattr(ckpt_io, "load_for_inference")
+    assert spannorm.inference.generate is generate and callable(spannorm.inference.load_for_inference)
 
 
 def test_the_docs_python_snippet_runs(capsys):

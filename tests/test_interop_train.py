@@ -71,6 +71,7 @@ def test_resume_does_not_need_the_source_any_more(source_model, tmp_path):
     train(resolve_config(None, None, settings, run_config_layer), tmp_path / "run")
     (tmp_path / "pre" / "model.safetensors").rename(tmp_path / "moved.safetensors")
     (tmp_path / "pre" / "model_config.json").unlink()
+    (tmp_path / "pre" / "checksums.json").unlink()  # save_model writes it beside the weights
     (tmp_path / "pre").rmdir()
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--train.steps=3"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -10,8 +10,7 @@ import torch
 
 from spannorm.config import ModelConfig, MoEConfig
 from spannorm.model import moe as moe_module
-from spannorm.model.moe import (GROUPED_MM_VERDICTS, Experts, expert_counts, grouped_mm_self_test,
-                                grouped_mm_supported)
+from spannorm.model.moe import GROUPED_MM_VERDICTS, Experts, expert_counts, grouped_mm_self_test, grouped_mm_supported
 from spannorm.model.transformer import DecoderLM
 
 HAS_GROUPED = hasattr(torch, "_grouped_mm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from helpers import TEXT
 from spannorm.config import ModelConfig, MoEConfig
+from spannorm.inference import generate
 from spannorm.launch import train
 from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
@@ -94,6 +96,15 @@ def test_weight_decay_applies_to_matrices_only(tmp_path):
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     n_params = sum(1 for _ in trainer.model.parameters())
     assert len(decay["params"]) + len(no_decay["params"]) == n_params and no_decay["params"]
+
+
+def test_a_trainer_given_no_init_from_reader_refuses_train_init_from(tmp_path):
+    # spannorm.launch.train hands in the reader (interop sits above train); a Trainer built directly has none.
+    cfg = tiny_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "model")))
+    with pytest.raises(ValueError, match="no init_from reader"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_moe_objective_adds_aux_losses_with_coefficients_and_logs_load(tmp_path):
@@ -318,8 +329,6 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
 
 
 def test_top_k_sampling_only_draws_among_the_k_most_likely_tokens():
-    from spannorm.train.generation import generate
-
     torch.manual_seed(0)
     model = SpanNormLM(ModelConfig(d_model=32, n_layers=1, n_heads=2, context_length=16))
     prompt = [65, 66, 67]

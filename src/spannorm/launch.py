@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from spannorm.config import ConfigError
 from spannorm.diagnostics.callback import DiagnosticsCallback
+from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.train.config import RunConfig
 from spannorm.train.distributed import (
     DataParallel,
@@ -25,7 +26,10 @@ from spannorm.train.distributed import (
     launch_env,
     resolve_parallel,
 )
-from spannorm.train.trainer import RunSummary, Trainer, resolve_device
+from spannorm.train.trainer import InitFrom, RunSummary, Trainer, resolve_device
+
+INIT_FROM = InitFrom(check=check_init_target, build=init_model_from)
+"""The reader of ``train.init_from`` checkpoints (Hugging Face or spannorm) that every run is given."""
 
 
 def config_callbacks(cfg: RunConfig) -> list[Any]:
@@ -36,20 +40,22 @@ def config_callbacks(cfg: RunConfig) -> list[Any]:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          callbacks: Iterable[Any] = ()) -> RunSummary:
+          callbacks: Iterable[Any] = (), use_intact: bool = False) -> RunSummary:
     """Train ``cfg`` into ``out_dir`` and return the :class:`~spannorm.train.trainer.RunSummary` (also on
     divergence, with ``diverged=True``). Raises :class:`ConfigError` for bad input, before writing anything.
 
     ``callbacks`` (:mod:`spannorm.train.callbacks`) run in the given order, followed by those the config turns
-    on (:func:`config_callbacks`). Under torchrun every process calls it; see :func:`train_distributed`."""
+    on (:func:`config_callbacks`). Under torchrun every process calls it; see :func:`train_distributed`.
+    ``use_intact``: resume from the newest intact checkpoint when the latest one is damaged."""
     if launch_env() is not None:
-        return train_distributed(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
+        return train_distributed(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks,
+                                 use_intact=use_intact)
     return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite,
-                   callbacks=[*callbacks, *config_callbacks(cfg)]).run()
+                   callbacks=[*callbacks, *config_callbacks(cfg)], init_from=INIT_FROM, use_intact=use_intact).run()
 
 
 def train_distributed(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                      callbacks: Iterable[Any] = ()) -> RunSummary:
+                      callbacks: Iterable[Any] = (), use_intact: bool = False) -> RunSummary:
     """Run the :class:`~spannorm.train.trainer.Trainer` in this process of a torchrun launch and return the
     :class:`~spannorm.train.trainer.RunSummary` (the same in every process; rank 0 writes the files).
 
@@ -62,7 +68,8 @@ def train_distributed(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     callbacks = [*callbacks, *config_callbacks(cfg)]
     mode = resolve_parallel(cfg.train.parallel, env.world_size)
     if mode == "none":
-        return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
+        return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks,
+                       init_from=INIT_FROM, use_intact=use_intact).run()
     check_batch_divides(cfg.train.batch_size, env.world_size)
     if mode == "fsdp":
         fully_shard_function()
@@ -77,7 +84,8 @@ def train_distributed(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     if made_group:
         dist.init_process_group(backend_for(device), device_id=parallel.device if device.type == "cuda" else None)
     try:
-        trainer = Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks, parallel=parallel)
+        trainer = Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, callbacks=callbacks, parallel=parallel,
+                          init_from=INIT_FROM, use_intact=use_intact)
         summary = trainer.run()
         parallel.barrier()  # every process returns once rank 0 has written the summary
         return summary

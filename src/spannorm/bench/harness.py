@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -338,13 +339,11 @@ def compute_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def hardware_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
-    import platform
-
     info = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform()}
     if transformers_available():
-        import transformers
+        import transformers  # optional dependency: the 'hf' extra
 
         info["transformers"] = transformers.__version__
     return info

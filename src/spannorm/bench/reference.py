@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,11 @@ def transformers_available() -> bool:
 
 def hf_llama_config(cfg: ModelConfig):
     """A ``transformers.LlamaConfig`` matching ``cfg`` (RMSNorm, no biases, dense SwiGLU FFN)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # optional dependency: the 'hf' extra
 
     if cfg.moe is not None or cfg.norm != "rms" or cfg.bias:
         raise ValueError("the Llama reference exists only for dense, bias-free RMSNorm models")
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps,
@@ -47,7 +48,7 @@ class HFLlamaLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import LlamaForCausalLM
+        from transformers import LlamaForCausalLM  # optional dependency: the 'hf' extra
 
         hf_cfg = hf_llama_config(cfg)
         hf_cfg._attn_implementation = attn_implementation

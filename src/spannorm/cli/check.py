@@ -57,6 +57,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config field for placement targets, e.g. --set scale_out_proj=false (parsed as "
                         "spannorm train's --model.KEY=VALUE)")
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="import package.module:factory from DIR (repeatable); without it, only modules already "
+                        "importable are found (the current folder is not searched)")
     p.add_argument("--no-suggest", action="store_true", help="skip the Δt/α stability criterion")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
@@ -79,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads} is invalid: must be >= 1")
         torch.set_num_threads(args.threads)
-    if os.getcwd() not in sys.path:  # let package.module:factory name a module in the current folder
-        sys.path.insert(0, os.getcwd())
+    for folder in args.path:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--path {folder!r} is not a folder; allowed: the folder that holds your module")
+    # A user's module is imported only from where the user says: the working folder (which `python -m` puts
+    # first on sys.path) is dropped, and each --path folder is put first.
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+    for folder in reversed(args.path):
+        sys.path.insert(0, str(Path(folder).resolve()))
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[check] {msg}", file=sys.stderr, flush=True))
     try:
         result = run_check(args.targets, settings, log)

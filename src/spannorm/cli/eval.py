@@ -12,7 +12,11 @@ import torch
 from spannorm.cli.eval_tasks import add_task_arguments, run_tasks
 from spannorm.cli.main import UsageError
 from spannorm.cli.train import collect_overrides
-from spannorm.data.shards import ShardedTokens
+from spannorm.data.dataset import load_splits
+from spannorm.data.shards import ShardedTokens, TokenStream
+from spannorm.inference import load_for_inference
+from spannorm.train.config import DataConfig, RunConfig, apply_overrides
+from spannorm.train.evaluation import evaluate
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -43,11 +47,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return run_tasks(args)
-    from spannorm.data.dataset import load_splits
-    from spannorm.train.checkpoint import load_for_inference
-    from spannorm.train.config import DataConfig, RunConfig, apply_overrides
-    from spannorm.train.evaluation import evaluate
-
     if args.batch_size < 1 or args.max_batches < 0:
         raise UsageError(f"--batch-size={args.batch_size} --max-batches={args.max_batches} are invalid: "
                          "allowed: a batch size >= 1 and max-batches >= 0 (0: the whole split)")
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     data = apply_overrides({"data": dataclasses.asdict(base)}, overrides)
     data_cfg = RunConfig.from_dict(data).data
     _, splits = load_splits(data_cfg, tokenizer=tokenizer)
+    tokens: TokenStream
     if args.split == "all":
         tokens = ShardedTokens([part for part in (splits.train, splits.val) if len(part)])
         n_bytes = splits.train_bytes + splits.val_bytes

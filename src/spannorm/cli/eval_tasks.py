@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.inference import load_for_inference, run_device
 
 EXTRA_HINT = "pip install 'spannorm[eval]' (lm-eval)"
 
@@ -31,9 +32,6 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    # Start-up time: every command module is imported to build the parser; torch loads only when run.
-    from spannorm.inference import load_for_inference, run_device
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UsageError(f"--tasks={args.tasks!r} is invalid: allowed a comma-separated list of task names")
@@ -51,7 +49,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     model, _, tokenizer, ckpt = load_for_inference(args.checkpoint, device=device)
-    try:  # optional dependency: the 'eval' extra
+    try:
+        # optional dependency: the 'eval' extra (lm_eval_adapter imports lm_eval at its top)
         from spannorm.inference import lm_eval_adapter
     except ImportError as err:
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed ({err.name or err}); "

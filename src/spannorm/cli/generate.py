@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.inference import Sampling, generate_batch, load_for_inference, run_device
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -95,9 +96,6 @@ def encode_prompts(prompts: list[str], tokenizer) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Start-up time: every command module is imported to build the parser; torch loads only when run.
-    from spannorm.inference import Sampling, generate_batch, load_for_inference, run_device
-
     check_args(args)
     prompts = read_prompts(args)
     device, note = run_device(args.checkpoint, args.device)

@@ -10,6 +10,19 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.interop.errors import InteropError, require_transformers
+from spannorm.interop.hf_export import export_model, llama_incompatibilities
+from spannorm.interop.hf_import import (
+    HF_CONFIG,
+    SOURCE_HF_CONFIG,
+    copy_tokenizer_files,
+    import_hf,
+    is_remote_code_export,
+    read_hf_config,
+)
+from spannorm.interop.init_from import resolve_checkpoint_dir
+from spannorm.interop.output_dir import check_writable, write_directory
+from spannorm.interop.parity import max_logit_difference
+from spannorm.model.io import load_model, save_model
 
 PARITY_TOLERANCE = 1e-4
 """max |logit difference| in fp32 that ``--check`` accepts."""
@@ -76,18 +89,6 @@ def _user_errors(fn):
 
 @_user_errors
 def run_import(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_import import (
-        HF_CONFIG,
-        SOURCE_HF_CONFIG,
-        copy_tokenizer_files,
-        import_hf,
-        is_remote_code_export,
-        read_hf_config,
-    )
-    from spannorm.interop.output_dir import check_writable, write_directory
-    from spannorm.interop.parity import max_logit_difference
-    from spannorm.model.io import save_model
-
     check_writable(args.out, args.overwrite)
     if args.context_length is not None and args.context_length < 1:
         raise UsageError(f"--context-length={args.context_length} is invalid: must be a positive integer")
@@ -110,18 +111,13 @@ def run_import(args: argparse.Namespace) -> int:
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     print(f"imported {args.hf_dir} -> {args.out}: placement {cfg.placement}, {cfg.n_layers} layers, "
-          f"d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, {n_params:,} parameters")
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, "
+          f"{n_params:,} parameters")
     return 0
 
 
 @_user_errors
 def run_export(args: argparse.Namespace) -> int:
-    from spannorm.interop.hf_export import export_model, llama_incompatibilities
-    from spannorm.interop.init_from import resolve_checkpoint_dir
-    from spannorm.interop.output_dir import check_writable
-    from spannorm.interop.parity import max_logit_difference
-    from spannorm.model.io import load_model
-
     check_writable(args.out, args.overwrite)
     if args.check:  # before anything is written: --check without the 'hf' extra is refused up front
         require_transformers()

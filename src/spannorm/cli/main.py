@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 import spannorm
+import spannorm.cli as cli_pkg
 from spannorm.config import ConfigError
 
 
@@ -20,16 +21,22 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors (a bad choice, a value that is not a number, a missing argument) on one line,
+    like every other user error, instead of the usage block and the error; subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="spannorm",
         description="Train, measure and compare deep Transformers whose normalization placement "
                     "(SpanNorm, PreNorm, PostNorm, Peri-LN, DeepNorm, ...) is a declarative choice.",
     )
     parser.add_argument("--version", action="version", version=f"spannorm {spannorm.__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    import spannorm.cli as cli_pkg
-
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name == "main":
             continue

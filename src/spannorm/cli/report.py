@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.experiments.report import build_report
+from spannorm.experiments.results import load_results
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -19,23 +22,40 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("sweeps", nargs="+", help="sweep directories (each with plan.yaml and index.json)")
     p.add_argument("--out", default=None, help="report directory (default: FIRST_SWEEP/report)")
     p.add_argument("--title", default="Study report", help="the report's title")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(run=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from spannorm.experiments.report import build_report
-    from spannorm.experiments.results import load_results
+REPORT_FILES = ("report.md", "results.csv", "results.json")
 
+
+def check_report_out(out: Path, overwrite: bool) -> None:
+    """Refuse (before anything is read or written) an --out that is a file, is not writable, or already
+    holds a report while ``overwrite`` is off."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; allowed: a folder")
+    existing = [name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise UsageError(f"--out {str(out)!r} already holds a report ({existing[0]}); allowed: --overwrite to "
+                         "replace it, or another --out")
+    nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {str(out)!r} is not writable ({str(nearest)!r} is read-only); allowed: a "
+                         "writable folder")
+
+
+def run(args: argparse.Namespace) -> int:
     for path in args.sweeps:
         folder = Path(path)
         if not (folder / "plan.yaml").is_file() or not (folder / "index.json").is_file():
             raise UsageError(f"{path!r} is not a sweep directory: it needs plan.yaml and index.json "
                              "(written by `spannorm sweep PLAN --out DIR`)")
+    out = Path(args.out) if args.out else Path(args.sweeps[0]) / "report"
+    check_report_out(out, args.overwrite)
     results = load_results(args.sweeps)
     if not results.runs:
         raise UsageError(f"no finished run in {', '.join(args.sweeps)}: run `spannorm sweep` first")
-    out = Path(args.out) if args.out else Path(args.sweeps[0]) / "report"
     report = build_report(results, out, title=args.title)
     print(f"[report] {report}")
     return 0

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.experiments.plan import load_plan
+from spannorm.experiments.plan_checks import check_sweep_folder
+from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
 from spannorm.interop.init_from import run_config_layer
+from spannorm.train.config import resolve_config
+from spannorm.train.run_lock import hold_run_folder
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -34,9 +38,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
-    from spannorm.train.config import resolve_config
-
     if args.workers < 0:
         raise UsageError(f"--workers={args.workers} is invalid: must be >= 0")
     if args.threads < 0:
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out={args.out!r} is invalid: it exists and is not a directory")
     plan = load_plan(args.plan)
     # Resolve every run's config now, so a bad override fails before anything is written.
-    specs = plan.expand(load_index(out) if out.is_dir() else {})
+    index = load_index(out) if out.is_dir() else {}
+    check_sweep_folder(plan, out, index)  # a sweep folder belongs to one plan: nothing replaced
+    specs = plan.expand(index)
     for spec in specs:
         resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
         check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
@@ -59,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.run_id:<40} {spec.stage:<7} {status}")
         print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
         return 0
-    outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
-                        plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
-                        order=args.order)
+    with hold_run_folder(out):  # one sweep per folder at a time
+        outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
+                            plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
+                            order=args.order)
     print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
           f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
 from spannorm.interop.init_from import run_config_layer
+from spannorm.launch import train
 from spannorm.train.config import preset_names, resolve_config
+from spannorm.train.distributed import is_main_process
+from spannorm.train.layout import RunFolder
+from spannorm.train.run_lock import LOCK_NAME, hold_run_folder
 
 EXIT_DIVERGED = 3
 """Exit status of a run that stopped on a non-finite loss or gradient (bad input is 2)."""
@@ -58,6 +63,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint (its config.yaml is the base "
                         "config unless --preset/--config are given)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--use-intact", action="store_true",
+                   help="with --resume: when the latest checkpoint is damaged, continue from the newest intact one "
+                        "(without it, a damaged checkpoint is refused and the intact one named)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from these weights (train.init_from): a spannorm model/checkpoint/run folder or a "
                         "Hugging Face Llama/Mistral/Qwen2 folder; see docs/interop.md")
@@ -66,13 +74,13 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here for start-up time: the training stack imports torch, which `spannorm --help` never needs.
-    from spannorm.launch import train
-    from spannorm.train.distributed import is_main_process
-    from spannorm.train.layout import RunFolder
-
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other; allowed: one of them")
+    if args.use_intact and not args.resume:
+        raise UsageError("--use-intact applies to --resume only; allowed: --resume --use-intact")
+    if args.resume and not (args.out.is_dir() and any(p.name != LOCK_NAME for p in args.out.iterdir())):
+        raise UsageError(f"--resume: {str(args.out)!r} holds no run to continue; allowed: drop --resume to start "
+                         "a new run there, or name the run folder")
     overrides = collect_overrides(getattr(args, "overrides", None))
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
@@ -80,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.preset and not config_file and RunFolder(args.out).config.is_file():
         config_file = RunFolder(args.out).config
     cfg = resolve_config(args.preset, config_file, overrides, init_from_layer=run_config_layer)
-    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    lock = hold_run_folder(args.out) if is_main_process() else contextlib.nullcontext()
+    with lock:  # one process per run folder; a refused start leaves the folder as it was
+        summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, use_intact=args.use_intact)
     if is_main_process():  # under torchrun, rank 0 speaks for every process
         print(json.dumps(summary.to_dict()))
     if summary.diverged:

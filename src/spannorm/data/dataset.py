@@ -45,8 +45,8 @@ def resolve_cache_dir(cache_dir: str | None) -> Path:
 class TokenSplits:
     """The tokenized corpus: memory-mapped train and validation token arrays and their byte counts."""
 
-    train: np.ndarray | shards.ShardedTokens
-    val: np.ndarray | shards.ShardedTokens
+    train: shards.TokenStream
+    val: shards.TokenStream
     train_bytes: int
     val_bytes: int
     source: str
@@ -54,7 +54,7 @@ class TokenSplits:
     ``embedded:stdlib``."""
     corpus_hash: str
 
-    def split(self, name: str) -> np.ndarray:
+    def split(self, name: str) -> shards.TokenStream:
         if name not in SPLITS:
             raise ValueError(f"split {name!r} is not one of {SPLITS}")
         return self.train if name == "train" else self.val
@@ -197,7 +197,7 @@ def check_long_enough(splits: TokenSplits, context_length: int, field_name: str 
                 "a smaller model.context_length or another data.val_fraction")
 
 
-def _to_batch(tokens: np.ndarray | shards.ShardedTokens, starts: np.ndarray,
+def _to_batch(tokens: shards.TokenStream, starts: np.ndarray,
               context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     windows = np.stack([np.asarray(tokens[s:s + context_length + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(windows)
@@ -210,7 +210,7 @@ class WindowSampler:
     Rank ``r`` of ``world_size`` data-parallel workers draws from its own stream (seeded with (seed, r)),
     so adding ranks never changes rank 0's windows."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+    def __init__(self, tokens: shards.TokenStream, context_length: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -240,7 +240,7 @@ class WindowSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def eval_batches(tokens: np.ndarray, context_length: int, batch_size: int, max_batches: int | None = None):
+def eval_batches(tokens: shards.TokenStream, context_length: int, batch_size: int, max_batches: int | None = None):
     """Fixed, non-overlapping validation windows, evenly spaced over the split; yields (inputs, targets).
 
     ``max_batches`` None covers the whole split."""

@@ -30,13 +30,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from tokenizers import Tokenizer as _HF
 
 from spannorm.config import ConfigError
 from spannorm.data import shards
-from spannorm.data.sources import (BAD_RECORD_POLICIES, DOCUMENT_SPLITS, HFSource, Piece, ReadStats, iter_hf_pieces,
-                                   iter_pieces, list_sources, source_kind)
-from spannorm.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, eos_id, fingerprint,
-                                     train_bpe_from_iterator)
+from spannorm.data.sources import (
+    BAD_RECORD_POLICIES,
+    DOCUMENT_SPLITS,
+    HFSource,
+    Piece,
+    ReadStats,
+    iter_hf_pieces,
+    iter_pieces,
+    list_sources,
+    source_kind,
+)
+from spannorm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, eos_id, fingerprint, train_bpe_from_iterator
 
 STATE_DIR = ".prepare"
 TOKENIZER_FILE = "tokenizer.json"
@@ -116,7 +125,7 @@ def _sample_texts(files: list[Source], opts: PrepareOptions) -> Iterator[str]:
     spread over the corpus when its size is known, else the first ones)."""
     sizes = [_source_bytes(f) for f in files]
     budget = opts.bpe_sample_mb * 1e6
-    known = None if None in sizes else sum(sizes)
+    known = None if None in sizes else sum(size for size in sizes if size is not None)
     rate = 1.0 if opts.bpe_sample_mb <= 0 or known is None else min(1.0, budget / max(1, known))
     keep, taken = True, 0
     for piece in _iter_all_pieces(files, opts, ReadStats()):
@@ -129,7 +138,8 @@ def _sample_texts(files: list[Source], opts: PrepareOptions) -> Iterator[str]:
             yield piece.text.decode("utf-8", errors="replace")
 
 
-def build_tokenizer(opts: PrepareOptions, files: list[Source], out: Path, log: Callable[[str], None]) -> Tokenizer:
+def build_tokenizer(opts: PrepareOptions, files: list[Source], out: Path,
+                    log: Callable[[str], None]) -> ByteTokenizer | HFTokenizer:
     """The byte tokenizer, a ``tokenizer.json`` from disk, or BPE trained from the sources (reused from
     ``out/tokenizer.json`` when a resumed prepare already trained it)."""
     if opts.tokenizer == "byte":
@@ -160,8 +170,6 @@ def _init_worker(tokenizer_json: str | None, separator: int, dtype: str, out: st
     if tokenizer_json is None:
         tok: Tokenizer = ByteTokenizer()
     else:
-        from tokenizers import Tokenizer as _HF  # optional dependency, needed for tokenizer.json only
-
         tok = HFTokenizer(_HF.from_str(tokenizer_json), "")
     _WORKER.update(tokenizer=tok, separator=separator, dtype=np.dtype(dtype), out=Path(out))
 
@@ -382,7 +390,7 @@ def describe_token_files(folder: str | Path, tokenizer: str, out: str | Path | N
     if dtype not in shards.TOKEN_DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is invalid; allowed: {', '.join(shards.TOKEN_DTYPES)}")
     files = {split: folder / f"{split}.bin" for split in shards.SPLITS}
-    for split, path in files.items():
+    for path in files.values():
         if not path.is_file():
             raise ConfigError(f"--tokens={str(folder)!r} has no {path.name}; allowed: a folder with train.bin and "
                               "val.bin (flat token-id arrays, as nanoGPT's prepare.py writes)")

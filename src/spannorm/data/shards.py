@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype) -> dict[str, Any]:
     """Write one shard atomically; return its index entry (file name, tokens, bytes, sha256)."""
     array = np.ascontiguousarray(tokens, dtype=np.dtype(dtype).newbyteorder("<"))
-    data = memoryview(array).cast("B")
+    data = array.data.cast("B")  # array.data: a memoryview of the array
     atomic_write_bytes(path, data)
     return {"file": path.name, "tokens": int(array.size), "bytes": int(array.nbytes),
             "sha256": hashlib.sha256(data).hexdigest()}
@@ -71,11 +71,11 @@ class ShardedTokens:
     """Several memory-mapped shards read as one token stream: ``len`` and contiguous slices, which is all
     :class:`~spannorm.data.dataset.WindowSampler` and ``eval_batches`` use. A slice may span shards."""
 
-    def __init__(self, shards: list[np.ndarray]):
+    def __init__(self, shards: Sequence[TokenStream]):
         if not shards:
             raise ValueError("a token stream needs at least one shard")
         self.shards = shards
-        self.dtype = shards[0].dtype
+        self.dtype: np.dtype = shards[0].dtype
         self.offsets = np.cumsum([0] + [len(s) for s in shards])
 
     def __len__(self) -> int:
@@ -105,7 +105,11 @@ class ShardedTokens:
         return whole if dtype is None else whole.astype(dtype)
 
 
-def token_stream(shards: list[np.ndarray]) -> np.ndarray | ShardedTokens:
+TokenStream = np.ndarray | ShardedTokens
+"""The tokens of a split: one array (a memmap) or several shards read as one."""
+
+
+def token_stream(shards: Sequence[np.ndarray]) -> TokenStream:
     """One shard is returned as it is (a memmap); several become a :class:`ShardedTokens`."""
     if len(shards) == 1:
         return shards[0]

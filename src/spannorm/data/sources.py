@@ -20,7 +20,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, cast
 
 from spannorm.config import ConfigError
 
@@ -88,7 +88,7 @@ def open_binary(path: Path) -> IO[bytes]:
     """The decompressed bytes of a source file, as a stream."""
     _, compression = _suffixes(path)
     if compression == ".gz":
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))  # a GzipFile, which typeshed does not call IO[bytes]
     if compression == ".zst":
         try:
             import zstandard  # optional dependency: .zst sources only

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
+from tokenizers import Tokenizer as _HF
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from spannorm.config import ConfigError
 
@@ -57,8 +59,6 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _HF
-
         path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(f"data.tokenizer={str(path)!r} is invalid: no such file; "
@@ -109,9 +109,6 @@ def train_bpe_from_iterator(texts: Iterable[str], vocab_size: int,
                             special_tokens: tuple[str, ...] = ()) -> HFTokenizer:
     """Train a byte-level BPE tokenizer from an iterator of texts (streamed: memory grows with the number of
     distinct words, not with the corpus); ``special_tokens`` take the first ids."""
-    from tokenizers import Tokenizer as _HF  # optional dependency, needed for BPE only
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -123,8 +120,6 @@ def train_bpe_from_iterator(texts: Iterable[str], vocab_size: int,
 
 def bpe_tokenizer(corpus: bytes, corpus_hash: str, vocab_size: int, cache_dir: Path) -> HFTokenizer:
     """The BPE tokenizer of a corpus, trained once and cached as ``cache_dir/tokenizers/bpe{V}-{hash}.json``."""
-    from tokenizers import Tokenizer as _HF
-
     tokenizer_id = f"bpe{vocab_size}-{corpus_hash[:16]}"
     path = cache_dir / "tokenizers" / f"{tokenizer_id}.json"
     if path.is_file():
@@ -145,6 +140,7 @@ def eos_id(tokenizer: Tokenizer, eos_token: str | None = None) -> int | None:
     id of ``eos_token``, or of the first of :data:`EOS_CANDIDATES` in its vocabulary (None if none is)."""
     if isinstance(tokenizer, ByteTokenizer):
         return ByteTokenizer.eos_id
+    assert isinstance(tokenizer, HFTokenizer)  # the two kinds of tokenizer there are
     candidates = (eos_token,) if eos_token else EOS_CANDIDATES
     for token in candidates:
         found = tokenizer.tokenizer.token_to_id(token)
@@ -157,6 +153,7 @@ def fingerprint(tokenizer: Tokenizer) -> str:
     """What identifies a tokenizer across files: ``byte``, or the SHA-256 of its serialized JSON."""
     if isinstance(tokenizer, ByteTokenizer):
         return "byte"
+    assert isinstance(tokenizer, HFTokenizer)  # the two kinds of tokenizer there are
     return "json-sha256:" + hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:16]
 
 

@@ -171,7 +171,9 @@ def resolve_targets(names: list[str], settings: CheckSettings) -> list[Target]:
                 raise CheckError(f"model overrides ({', '.join(settings.model_overrides)}) apply to placements, "
                                  f"not to the user block {target.name!r}")
             try:
-                target.build(settings, min(settings.depths)).check_shapes(min(settings.seq_len, 8))
+                model = target.build(settings, min(settings.depths))
+                assert isinstance(model, CustomBlockLM)  # a target without a placement is a user block
+                model.check_shapes(min(settings.seq_len, 8))
             except BlockFactoryError as err:
                 raise CheckError(f"{target.name}: {err}") from None
     return targets

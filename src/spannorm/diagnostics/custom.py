@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,12 @@ def load_block_factory(spec: str) -> BlockFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise BlockFactoryError(f"cannot import {module_name!r} for block factory {spec!r}: {err}") from None
-    factory = module
+        raise BlockFactoryError(f"cannot import {module_name!r} for block factory {spec!r}: {err}; allowed: a "
+                                "module on sys.path, or one in the folder given with --path DIR") from None
+    except Exception as err:  # noqa: BLE001 - the user's module failing as it is imported is one line, not a traceback
+        raise BlockFactoryError(f"importing {module_name!r} for block factory {spec!r} failed: "
+                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
@@ -71,7 +76,11 @@ class CustomBlockLM(nn.Module):
         self.hook_embed = ResidualHook()
         blocks = []
         for layer in range(n_layers):
-            block = factory(d_model, n_heads, layer, n_layers)
+            try:
+                block = factory(d_model, n_heads, layer, n_layers)
+            except Exception as err:  # noqa: BLE001 - any failure of user code is reported the same way
+                raise BlockFactoryError(f"the factory raised for layer {layer}: {type(err).__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
             if not isinstance(block, nn.Module):
                 raise BlockFactoryError(f"the factory returned {type(block).__name__} for layer {layer}, "
                                         "not an nn.Module")

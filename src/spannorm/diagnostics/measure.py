@@ -21,7 +21,9 @@ Usage::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from spannorm.diagnostics import stats
 from spannorm.diagnostics.recorder import ResidualRecorder
 from spannorm.model.layers import CausalSelfAttention, RMSNorm
 from spannorm.model.moe import Experts
+from spannorm.model.placements import Block
 from spannorm.theory.bounds import peri_bound_ratios, peri_step_bound
 from spannorm.theory.meanfield import IDENTITY_PATH_NORMS
 
@@ -183,7 +186,7 @@ class Measurement:
         if self.attn_logit_max_overall is not None:
             out["attn_logit_max"] = self.attn_logit_max_overall
         if self.identity_factors:
-            out["identity_product"] = self.identity_product
+            out["identity_product"] = math.prod(self.identity_factors)  # = self.identity_product
         if self.peri_bound_ratio:
             out["peri_bound_ratio_max"] = max(self.peri_bound_ratio.values())
         return out
@@ -223,6 +226,7 @@ def expert_hidden_max(experts: Experts, x_sorted: torch.Tensor, counts: torch.Te
             gate, up = xe @ w_gate.float(), xe @ w_up.float()
             for h in (gate, up, F.silu(gate) * up):
                 value = _max_abs(h)
+                assert value is not None  # xe has tokens, so h is not empty
                 best = value if best is None else torch.maximum(best, value)
     return best
 
@@ -328,7 +332,7 @@ def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads
     whose forward returns an object with ``loss``. With ``grads``, the loss is differentiated (without
     touching ``.grad``) for the activation- and parameter-gradient profiles."""
     model = _unwrap(model)
-    blocks = list(model.blocks)
+    blocks = list(cast(Iterable[nn.Module], model.blocks))  # nn.Module.__getattr__ is typed Tensor | Module
     norm_input_rms: dict[str, float] = {}
     attn_inputs: dict[int, list[tuple[CausalSelfAttention, torch.Tensor]]] = {}
     known_identity = True
@@ -337,7 +341,7 @@ def measure(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, grads
         placement = getattr(block, "placement", None)
         if placement is None:
             known_identity = False
-        for position, _ in IDENTITY_PATH_NORMS.get(placement, ()):
+        for position, _ in (IDENTITY_PATH_NORMS.get(placement, ()) if placement is not None else ()):
             key = f"block{layer}.{position}"
             handles.append(getattr(block, f"{position}_norm").register_forward_pre_hook(
                 lambda _m, args, key=key: norm_input_rms.__setitem__(key, stats.rms(args[0].detach()))))
@@ -405,7 +409,8 @@ def _identity_path(m: Measurement, blocks: list[nn.Module], acts: dict[str, torc
                    stream: list[torch.Tensor], norm_input_rms: dict[str, float]) -> None:
     for layer, block in enumerate(blocks):
         alpha = float(getattr(block, "alpha", 1.0))
-        for position, source in IDENTITY_PATH_NORMS.get(block.placement, ()):
+        # every block has a placement here (see measure); nn.Module.__getattr__ is typed Tensor | Module
+        for position, source in IDENTITY_PATH_NORMS.get(cast(str, block.placement), ()):
             key = f"block{layer}.{position}"
             skip = stream[layer] if source == "in" else acts[f"block{layer}.mid"]
             m.identity_factor_names.append(key)
@@ -418,7 +423,8 @@ def _peri_bound(m: Measurement, blocks: list[nn.Module], acts: dict[str, torch.T
         if getattr(block, "placement", None) != "peri":
             continue
         x_in, mid, x_out = stream[layer], acts[f"block{layer}.mid"], stream[layer + 1]
+        peri = cast(Block, block)  # the peri placement's block
         m.peri_bound_ratio[f"block{layer}.attn"] = peri_bound_ratios(
-            mid - x_in, peri_step_bound(block.attn_out_norm, block.delta_t))
+            mid - x_in, peri_step_bound(peri.attn_out_norm, peri.delta_t))
         m.peri_bound_ratio[f"block{layer}.ffn"] = peri_bound_ratios(
-            x_out - mid, peri_step_bound(block.ffn_out_norm, block.delta_t))
+            x_out - mid, peri_step_bound(peri.ffn_out_norm, peri.delta_t))

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import spannorm
@@ -233,8 +234,6 @@ def report_markdown(run: CheckRun, plots: dict[str, list[str]]) -> str:
 # ------------------------------------------------------------------------------------------------ plots
 def _auto_log_y(ax) -> None:
     """Log y when the plotted values span more than ×20 (all positive), linear otherwise."""
-    import numpy as np
-
     values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines] or [np.zeros(0)])
     values = values[np.isfinite(values)]
     if values.size and values.min() > 0 and values.max() / values.min() > 20:
@@ -243,10 +242,12 @@ def _auto_log_y(ax) -> None:
 
 def plot_target(result: TargetResult, out_dir: Path) -> list[str]:
     """Three PNGs for one target; returns their file names."""
+    # The Agg backend must be chosen before pyplot is imported.
+    # Start-up time: matplotlib takes about a second to import, and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time, as above
 
     name = slug(result.target)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -125,14 +125,15 @@ def gradient_verdict(results: list[DepthResult], band: float) -> Verdict:
     detail = f"‖∂L/∂x_0‖/‖∂L/∂x_(L-1)‖ at init: {listed}"
     if any(g is None for g in ratios):
         return Verdict("gradient", "ok", "n/a", "no gradients were measured.")
-    if any(not math.isfinite(g) or g <= 0 for g in ratios):
+    measured = [g for g in ratios if g is not None]  # all of them (checked above)
+    if any(not math.isfinite(g) or g <= 0 for g in measured):
         return Verdict("gradient", "unstable", "non-finite", detail + ".")
-    last = ratios[-1]
+    last = measured[-1]
     outside = not (1 / band <= last <= band)
-    logs = [math.log(g) for g in ratios]
-    dep = depth_dependence(depths, ratios)
-    if not outside and all(1 / band <= g <= band for g in ratios):
-        if max(logs) - min(logs) <= math.log(DEPTH_INDEPENDENT_SPREAD) and len(ratios) > 1:
+    logs = [math.log(g) for g in measured]
+    dep = depth_dependence(depths, measured)
+    if not outside and all(1 / band <= g <= band for g in measured):
+        if max(logs) - min(logs) <= math.log(DEPTH_INDEPENDENT_SPREAD) and len(measured) > 1:
             return Verdict("gradient", "ok", "depth-independent", detail + ".")
         return Verdict("gradient", "ok", "within band", detail + f" (band ×{_fmt(band)}).")
     if dep is None:
@@ -157,6 +158,7 @@ def identity_verdict(results: list[DepthResult], band: float) -> Verdict | None:
     cells, statuses = [], []
     for r in results:
         measured = r.init.identity_product
+        assert measured is not None  # checked above
         predicted = r.prediction.identity_product if r.prediction is not None else None
         cells.append(f"{_fmt(measured)} (theory {_fmt(predicted)}, L={r.n_layers})")
         statuses.append("warn" if measured < 1 / band else "ok")

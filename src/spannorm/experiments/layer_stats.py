@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from spannorm.data.dataset import eval_batches, load_splits
 from spannorm.diagnostics.recorder import ResidualRecorder
 from spannorm.model import DecoderLM
+from spannorm.model.io import load_model
 
 STREAM_STATS = ("rms", "mean_abs", "variance", "max_abs", "grad_norm")
 
@@ -24,8 +26,6 @@ STREAM_STATS = ("rms", "mean_abs", "variance", "max_abs", "grad_norm")
 def fixed_val_batch(data_cfg: Any, context_length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``batch_size`` of the evenly spaced validation windows: the same batch for every run that
     shares the data config and context length."""
-    from spannorm.data.dataset import eval_batches, load_splits
-
     _, splits = load_splits(data_cfg)
     batch = next(iter(eval_batches(splits.split("val"), context_length, batch_size, max_batches=1)), None)
     if batch is None:
@@ -70,8 +70,6 @@ def measure_layer_stats(model: DecoderLM, inputs: torch.Tensor, targets: torch.T
 def measure_model_dir(model_dir: str | Path, data_cfg: Any, batch_size: int) -> dict[str, Any]:
     """Load a saved model (``model.safetensors`` + ``model_config.json``) and measure it on the fixed
     validation batch of ``data_cfg``."""
-    from spannorm.model.io import load_model
-
     model = load_model(model_dir)
     inputs, targets = fixed_val_batch(data_cfg, model.cfg.context_length, batch_size)
     stats = measure_layer_stats(model, inputs, targets)

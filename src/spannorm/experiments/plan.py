@@ -47,6 +47,7 @@ import yaml
 
 from spannorm.config import ConfigError, Placement
 from spannorm.configuration import build, fail, parse_override
+from spannorm.experiments.plan_checks import check_plan, exact_lr_tag
 
 Protocol = Literal["full", "lr_search"]
 PROTOCOLS = typing.get_args(Protocol)
@@ -55,10 +56,9 @@ FINISHED = ("done", "diverged")
 
 
 def format_lr(lr: float) -> str:
-    """A learning rate as it appears in run ids: 0.003 -> ``3e-3``, 0.0015 -> ``1.5e-3``."""
-    mantissa, exponent = f"{lr:e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
+    """A learning rate as it appears in run ids: 0.003 -> ``3e-3``, 0.0015 -> ``1.5e-3``; exact, so two
+    learning rates never share an id (see :func:`~spannorm.experiments.plan_checks.exact_lr_tag`)."""
+    return exact_lr_tag(lr)
 
 
 @dataclass(frozen=True)
@@ -413,12 +413,14 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     if protocol.shared_lr is not None and protocol.shared_lr not in grid.lrs:
         fail("plan.protocol.shared_lr", protocol.shared_lr, "must be one of grid.lrs")
     base_overrides = tuple(_flatten("", plan.base.config)) + tuple(plan.base.overrides)
-    return StudyPlan(name=plan.name or "sweep", placements=variants, depths=grid.depths,
+    study = StudyPlan(name=plan.name or "sweep", placements=variants, depths=grid.depths,
                      ffn={name: tuple(o) for name, o in grid.ffn.items()}, lrs=grid.lrs, seeds=grid.seeds,
                      preset=plan.base.preset, base_overrides=base_overrides, protocol=protocol.kind,
                      search_seeds=search_seeds, search_depths=protocol.search_depths,
                      shared_lr=protocol.shared_lr, shared_runs=protocol.shared_runs, measure=plan.measure,
                      description=plan.description or "")
+    check_plan(study, source)  # no grid-owned key set outside the grid, no two runs under one id
+    return study
 
 
 def load_plan(path: str | Path) -> StudyPlan:

@@ -159,10 +159,12 @@ def _all_lrs(results: StudyResults) -> list[float]:
 
 # ---------------------------------------------------------------------- plots
 def _pyplot():
+    # The Agg backend must be chosen before pyplot is imported.
+    # Start-up time: matplotlib takes about a second to import, and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time, as above
 
     return plt
 
@@ -179,7 +181,7 @@ def _colors(names: list[str]) -> dict[str, Any]:
 
 def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
     plt = _pyplot()
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # start-up time: see _pyplot
 
     colors = _colors(results.placements)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
@@ -197,7 +199,9 @@ def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
                     if values:
                         mean = sum(values) / len(values)
                         std = group.final_std if metric == "final" else group.best_std
-                        xs.append(depth), ys.append(mean), es.append(std or 0.0)
+                        xs.append(depth)
+                        ys.append(mean)
+                        es.append(std or 0.0)
                     if group.n_diverged:
                         div.append(depth)
                 if xs:
@@ -236,7 +240,7 @@ def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> None
     for placement in results.placements:
         cell = results.cell(placement, depth, ffn)
         lr = results.best_lr(cell) if cell else None
-        if lr is None:
+        if cell is None or lr is None:
             continue
         runs = [r for r in results.runs_at(cell, lr) if not r.diverged]
         if not runs:
@@ -263,7 +267,7 @@ def mean_layer_stats(results: StudyResults, placement: str, depth: int, ffn: str
     """Per-layer stats averaged over the seeds of the cell's best LR (runs without stats are left out)."""
     cell = results.cell(placement, depth, ffn)
     lr = results.best_lr(cell) if cell else None
-    if lr is None:
+    if cell is None or lr is None:
         return None
     stats = [r.layer_stats for r in results.runs_at(cell, lr) if r.layer_stats and not r.diverged]
     if not stats:
@@ -310,7 +314,7 @@ def plot_layers(results: StudyResults, ffn: str, depth: int, path: Path) -> bool
 
 def kan_placements(results: StudyResults) -> list[str]:
     """``pre``, ``peri`` and every ``peri`` variant (e.g. ``peri-dt0.1``) present in the results."""
-    names = [p for p in ("pre", "peri") if p in results.placements]
+    names: list[str] = [p for p in ("pre", "peri") if p in results.placements]
     names += [p for p in results.placements if p not in ("pre", "peri") and results.base_placement(p) == "peri"]
     return names
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spannorm.experiments.plan import Cell, StudyPlan, parse_plan, rank_key
+from spannorm.experiments.plan import Cell, StudyPlan, load_plan, rank_key
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
 from spannorm.model.placements import BLOCKS
 from spannorm.train.layout import METRICS_NAME
@@ -93,7 +93,8 @@ class GroupStats:
 
 
 def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    val, train = [], []
+    val: list[tuple[int, float]] = []
+    train: list[tuple[int, float]] = []
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return val, train
@@ -123,20 +124,21 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read ``path/plan.yaml``, ``path/index.json`` and each listed run's metrics and layer stats."""
-    import yaml
-
     path = Path(path)
     plan_file, index_file = path / "plan.yaml", path / "index.json"
     if not plan_file.is_file() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
                                 "(written by `spannorm sweep`)")
-    plan = parse_plan(yaml.safe_load(plan_file.read_text()), str(plan_file))
+    plan = load_plan(plan_file)  # a YAML or plan error names the file
     runs = []
     for record in load_index(path).values():
         run_dir = path / RUNS_DIR / record["run_id"]
         val, train = _read_curves(run_dir)
         stats_path = run_dir / LAYER_STATS_NAME
-        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        try:
+            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            stats = None  # a damaged layer_stats.json: the run is reported without its per-layer plots
         runs.append(RunResult(record, val, train, stats))
     return Sweep(path, plan, runs)
 
@@ -242,6 +244,7 @@ class StudyResults:
     def welch(self, placement: str, depth: int, ffn: str, which: str = "best") -> dict[str, Any] | None:
         """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
         the best baseline's, at ``which`` LR. None when either side has fewer than two finished runs."""
+        # Start-up time: scipy.stats takes seconds to import; only the Welch test needs it.
         from scipy import stats
 
         cell = self.cell(placement, depth, ffn)

@@ -30,11 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
+from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+from spannorm.experiments.plan_checks import check_sweep_folder, read_index
+from spannorm.experiments.worker_guard import guard_worker
 from spannorm.interop.init_from import run_config_layer
+from spannorm.launch import train
+from spannorm.train.checkpoint import latest_checkpoint
+from spannorm.train.config import RunConfig, load_config_file, resolve_config
 from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
+from spannorm.train.run_lock import hold_run_folder
 
 RUNS_DIR = "runs"
 RUN_INFO_NAME = "run.json"
@@ -95,19 +104,7 @@ def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any
 
 def _latest_model_dir(run_dir: Path) -> Path | None:
     """The newest directory under ``run_dir/checkpoints`` that holds a saved model."""
-    try:
-        from spannorm.train.checkpoint import latest_checkpoint
-    except ImportError:  # a trainer without that helper: fall back to the newest saved model
-        latest_checkpoint = None
-    if latest_checkpoint is not None:
-        return latest_checkpoint(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    found = [p.parent for p in root.rglob("model.safetensors") if not p.parent.name.startswith(".")]
-    if not found:
-        return None
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    return latest_checkpoint(run_dir)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -144,9 +141,6 @@ def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
 def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
     """Measure the per-layer moments of a finished run from its last checkpoint, on the fixed validation
     batch; write ``layer_stats.json``. None when the run has no checkpoint."""
-    from spannorm.experiments.layer_stats import measure_model_dir
-    from spannorm.train.config import RunConfig, load_config_file
-
     model_dir = _latest_model_dir(run_dir)
     if model_dir is None:
         return None
@@ -166,22 +160,19 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     path = Path(run_dir)
     started = time.time()
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     try:
         summary = read_summary(path)
         if summary is None:
-            from spannorm.launch import train
-            from spannorm.train.config import resolve_config
-
             cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
-            with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
-                    contextlib.redirect_stderr(log):
-                train(cfg, path, resume=resume, overwrite=not resume)
+            with hold_run_folder(path):  # one process per run folder (two sweeps on one folder: one trains it)
+                _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
+                with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+                        contextlib.redirect_stderr(log):
+                    # unattended: a damaged latest checkpoint falls back to the newest intact one (noted in the log)
+                    train(cfg, path, resume=resume, overwrite=not resume, use_intact=resume)
             summary = read_summary(path)
             if summary is None:
                 raise RuntimeError(f"the trainer returned without writing {path / SUMMARY_NAME}")
@@ -213,12 +204,10 @@ def _cost(spec: RunSpec, plan: StudyPlan) -> float:
 
 
 def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none)."""
-    path = Path(out_dir) / "index.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return {r["run_id"]: r for r in data.get("runs", [])}
+    """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none); a corrupt index is
+    :class:`ConfigError` naming the file."""
+    data = read_index(out_dir)
+    return {} if data is None else {r["run_id"]: r for r in data["runs"]}
 
 
 def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
@@ -236,6 +225,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
+    check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
     for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
         check_run_settings(spec, runs_root / spec.run_id)
         checked.add(spec.run_id)
@@ -289,7 +279,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             outcome.skipped.append(spec.run_id)
 
     pool = None if workers == 0 else ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=guard_worker, initargs=(os.getpid(),))  # workers die with this process
     attempted: set[str] = set()
     try:
         while True:

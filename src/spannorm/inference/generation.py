@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from spannorm.inference.kv_cache import KVCache, kv_cache
+from spannorm.model.transformer import DecoderLM
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ class _Stops:
         if completion.tokens[-1] in self.tokens:
             return "token"
         if self.strings:
+            assert self.decode is not None  # __init__ refuses stop strings without a decode function
             tail = self.decode(completion.tokens[-self.window:])
             if any(s in tail for s in self.strings):
                 return "string"
@@ -124,7 +125,7 @@ class _Stops:
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    sampling: Sampling = Sampling(), *, n: int = 1, seed: int = 0,
                    stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
                    decode: Callable[[list[int]], str] | None = None, use_cache: bool = True,
@@ -140,7 +141,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     if n < 1 or max_new_tokens < 0:
         raise ValueError(f"n={n}, max_new_tokens={max_new_tokens} are invalid: allowed n >= 1, max_new_tokens >= 0")
     stops = _Stops(stop_tokens, stop_strings, decode)
-    rows = []
+    rows: list[_Row] = []
     for p, prompt in enumerate(prompts):
         for s in range(n):
             r = len(rows)
@@ -184,7 +185,7 @@ def _append(rows: list[_Row], tokens: list[int], stops: _Stops, max_new_tokens: 
     return going
 
 
-def _run_uncached(model: nn.Module, rows: list[_Row], max_new_tokens: int, sampling: Sampling,
+def _run_uncached(model: DecoderLM, rows: list[_Row], max_new_tokens: int, sampling: Sampling,
                   stops: _Stops) -> None:
     """Rows of equal length, stepped together; every step re-runs the last ``context_length`` tokens."""
     device = next(model.parameters()).device
@@ -196,7 +197,7 @@ def _run_uncached(model: nn.Module, rows: list[_Row], max_new_tokens: int, sampl
         rows = [rows[i] for i in going]
 
 
-def _prefill(model: nn.Module, rows: list[_Row], cache: KVCache) -> torch.Tensor:
+def _prefill(model: DecoderLM, rows: list[_Row], cache: KVCache) -> torch.Tensor:
     """Feed each row's last ``capacity`` tokens, left-padded to the longest; the logits after each row."""
     windows = [row.ids[-cache.capacity:] for row in rows]
     width = max(len(w) for w in windows)
@@ -208,7 +209,7 @@ def _prefill(model: nn.Module, rows: list[_Row], cache: KVCache) -> torch.Tensor
     return cache.feed(ids.to(cache.device), valid.to(cache.device)).logits[:, -1, :]
 
 
-def _run_cached(model: nn.Module, rows: list[_Row], max_new_tokens: int, sampling: Sampling,
+def _run_cached(model: DecoderLM, rows: list[_Row], max_new_tokens: int, sampling: Sampling,
                 stops: _Stops) -> None:
     """Prefill every row at once, then decode one token per step; rebuild the cache when it is full."""
     device = next(model.parameters()).device
@@ -229,7 +230,7 @@ def _run_cached(model: nn.Module, rows: list[_Row], max_new_tokens: int, samplin
                 logits = cache.feed(last).logits[:, -1, :]
 
 
-def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+def generate(model: DecoderLM, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None, *, top_p: float = 1.0,
              use_cache: bool = True) -> list[int]:
     """Continue one prompt by ``max_new_tokens`` tokens; returns only the new tokens. ``temperature`` 0 is

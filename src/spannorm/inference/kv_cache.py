@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from spannorm.model.layers import CausalSelfAttention
+from spannorm.model.transformer import DecoderLM
 
 
 class LayerKVCache:
@@ -44,16 +44,17 @@ class LayerKVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.owner.length, self.owner.length + k.shape[2]
-        if self.k is None:
+        keys, values = self.k, self.v
+        if keys is None or values is None:
             B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, self.owner.capacity, D)
-            self.v = v.new_empty(B, H, self.owner.capacity, D)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+            keys = self.k = k.new_empty(B, H, self.owner.capacity, D)
+            values = self.v = v.new_empty(B, H, self.owner.capacity, D)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        if self.k is not None:
+        if self.k is not None and self.v is not None:
             self.k, self.v = self.k[rows], self.v[rows]
 
 
@@ -62,7 +63,7 @@ class KVCache:
     (``length``), which cached tokens are real (``valid``, False on left padding) and each row's next
     position. ``capacity`` (at most the model's context length) bounds ``length``."""
 
-    def __init__(self, model: nn.Module, batch_size: int, capacity: int | None = None):
+    def __init__(self, model: DecoderLM, batch_size: int, capacity: int | None = None):
         context = model.cfg.context_length
         capacity = context if capacity is None else capacity
         if not 1 <= capacity <= context:
@@ -123,7 +124,7 @@ class KVCache:
 
 
 @contextmanager
-def kv_cache(model: nn.Module, batch_size: int, capacity: int | None = None) -> Iterator[KVCache]:
+def kv_cache(model: DecoderLM, batch_size: int, capacity: int | None = None) -> Iterator[KVCache]:
     """Install a fresh :class:`KVCache` on every attention module of ``model`` for the ``with`` block."""
     attentions = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
     if any(a.kv_cache is not None for a in attentions):

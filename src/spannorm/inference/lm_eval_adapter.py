@@ -24,16 +24,16 @@ from typing import Any
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
-from torch import nn
 
 from spannorm.inference.generation import Sampling, generate_batch
 from spannorm.inference.scoring import continuation_window, rolling_windows, score_windows
+from spannorm.model.transformer import DecoderLM
 
 
 class SpannormLM(LM):
     """lm-evaluation-harness's view of one of our models and its tokenizer."""
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 16, max_gen_toks: int = 256):
+    def __init__(self, model: DecoderLM, tokenizer, batch_size: int = 16, max_gen_toks: int = 256):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
@@ -102,7 +102,7 @@ def unknown_tasks(tasks: Sequence[str], manager: TaskManager) -> list[str]:
     return [t for t in tasks if t not in known and not (t.endswith((".yaml", ".yml")) and Path(t).is_file())]
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], manager: TaskManager, *,
+def evaluate_tasks(model: DecoderLM, tokenizer, tasks: Sequence[str], manager: TaskManager, *,
                    batch_size: int = 16, num_fewshot: int | None = None, limit: int | float | None = None,
                    seed: int = 0) -> dict[str, Any]:
     """Run ``tasks`` through ``lm_eval.simple_evaluate`` with :class:`SpannormLM`; its results dict."""

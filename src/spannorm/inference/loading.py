@@ -8,28 +8,44 @@ import os
 import torch
 
 from spannorm.config import ConfigError
-from spannorm.data.tokenizer import ByteTokenizer, load_tokenizer_json
+from spannorm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer_json
+from spannorm.model.checksums import CorruptCheckpoint
 from spannorm.model.io import load_model
 from spannorm.train.checkpoint import RUN_CONFIG_NAME, TOKENIZER_NAME, read_json, resolve_checkpoint
 from spannorm.train.config import RunConfig
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *, use_intact: bool = False):
     """The model, its run config (None for a bare model folder), its tokenizer and the checkpoint folder,
     from a run folder (its latest checkpoint), a checkpoint folder, or a model folder written by
     ``save_model``.
 
     Raises :class:`spannorm.config.ConfigError` when ``path`` holds none of these, or when the tokenizer
-    has more tokens than the model's vocabulary."""
-    ckpt = resolve_checkpoint(path)
+    has more tokens than the model's vocabulary, and :class:`CorruptCheckpoint` (a ConfigError) naming the file
+    when one of them is damaged (``use_intact``: fall back to the run's newest intact checkpoint)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} is invalid: no CUDA device is available; allowed: cpu")
+    ckpt = resolve_checkpoint(path, use_intact=use_intact)
     if ckpt is None:
         raise ConfigError(f"checkpoint {str(path)!r} is invalid: no checkpoint found there; allowed: a run "
                           "folder, one of its checkpoints/step_* folders, or a folder with model.safetensors "
                           "and model_config.json")
     model = load_model(ckpt, map_location=device).to(device)
-    run_cfg = RunConfig.from_dict(read_json(ckpt / RUN_CONFIG_NAME)) if (ckpt / RUN_CONFIG_NAME).is_file() else None
+    run_cfg = None
+    if (ckpt / RUN_CONFIG_NAME).is_file():
+        try:
+            run_cfg = RunConfig.from_dict(read_json(ckpt / RUN_CONFIG_NAME))
+        except CorruptCheckpoint:
+            raise
+        except (ConfigError, TypeError, ValueError, KeyError) as err:
+            raise CorruptCheckpoint(ckpt / RUN_CONFIG_NAME, str(err).splitlines()[0]) from None
+    tokenizer: Tokenizer
     if (ckpt / TOKENIZER_NAME).is_file():
-        tokenizer = load_tokenizer_json(ckpt / TOKENIZER_NAME)
+        try:
+            tokenizer = load_tokenizer_json(ckpt / TOKENIZER_NAME)
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a plain Exception for a bad file
+            raise CorruptCheckpoint(ckpt / TOKENIZER_NAME, str(err).splitlines()[0] if str(err) else
+                                    type(err).__name__) from None
     elif model.cfg.vocab_size == 256 and (run_cfg is None or run_cfg.data.tokenizer == "byte"):
         tokenizer = ByteTokenizer()
     else:

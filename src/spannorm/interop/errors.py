@@ -11,7 +11,7 @@ class InteropError(ValueError):
 def require_transformers():
     """Import ``transformers`` on demand; it is the optional ``hf`` extra, needed only to run HF models."""
     try:
-        import transformers
+        import transformers  # optional dependency: the 'hf' extra
     except ImportError:
         raise InteropError("this step runs the model in Hugging Face transformers, which is not installed; "
                            "install the optional extra: pip install 'spannorm[hf]'") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig
 from spannorm.interop import hf_names
@@ -106,7 +107,7 @@ def hf_model_type(config: dict[str, Any], where: str = HF_CONFIG) -> str:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES.values():
         raise InteropError(f"{where}: model_type {model_type!r} is not supported; allowed architectures: {allowed}")
-    return model_type
+    return str(model_type)  # one of SUPPORTED_ARCHITECTURES' values
 
 
 ROPE_KEYS = {"linear": ("factor",),
@@ -214,7 +215,8 @@ def model_config_from_hf(config: dict[str, Any], *, bias: bool = False, context_
             vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads"), d_ff=d_ff, context_length=context_length,
             placement="pre", norm="rms", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             bias=bias, embed_scale=1.0, final_norm=True, delta_t=1.0, init="fixed", init_std=init_std)
     except ConfigError as err:
         raise InteropError(f"{where} maps to an invalid spannorm config: {err}") from None
@@ -279,7 +281,6 @@ def import_hf(directory: str | os.PathLike, *, context_length: int | None = None
 
 def load_tokenizer(directory: str | os.PathLike):
     """The ``tokenizers.Tokenizer`` stored as ``tokenizer.json`` in an HF checkpoint or spannorm model directory."""
-    from tokenizers import Tokenizer
 
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():

@@ -140,7 +140,8 @@ def _check_shapes(source: ModelConfig, target: ModelConfig) -> None:
     source_moe = None if source.moe is None else source.moe.__dict__
     target_moe = None if target.moe is None else target.moe.__dict__
     if (source_moe is None) != (target_moe is None) or (
-            source_moe and any(source_moe[k] != target_moe[k] for k in ("n_experts", "d_expert", "shared_expert"))):
+            source_moe and target_moe
+            and any(source_moe[k] != target_moe[k] for k in ("n_experts", "d_expert", "shared_expert"))):
         raise ConfigError(f"model.moe={target_moe!r} is invalid: the checkpoint has moe={source_moe!r}, and "
                           "initializing from it needs the same experts")
     if source.sliding_window is not None and target.sliding_window != source.sliding_window:

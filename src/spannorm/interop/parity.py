@@ -18,7 +18,8 @@ def load_hf_model(hf_dir: str | os.PathLike, trust_remote_code: bool = False):
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code).float().eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
+        return model.float().eval()
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

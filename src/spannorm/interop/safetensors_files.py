@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from spannorm.interop.errors import InteropError
+from spannorm.model.io import save_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,7 +76,7 @@ def write_shards(state: dict[str, torch.Tensor], directory: Path, max_shard_byte
     sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
     total = sum(sizes.values())
     if total <= max_shard_bytes:
-        save_file(state, str(directory / SINGLE_FILE), metadata=metadata)
+        save_tensors(state, directory / SINGLE_FILE, metadata)
         return [SINGLE_FILE]
     shards: list[list[str]] = [[]]
     used = 0
@@ -92,7 +92,7 @@ def write_shards(state: dict[str, torch.Tensor], directory: Path, max_shard_byte
     written = []
     for i, names in enumerate(shards, start=1):
         file_name = f"model-{i:0{width}d}-of-{n:0{width}d}.safetensors"
-        save_file({k: state[k] for k in names}, str(directory / file_name), metadata=metadata)
+        save_tensors({k: state[k] for k in names}, directory / file_name, metadata)
         weight_map.update({k: file_name for k in names})
         written.append(file_name)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -100,9 +100,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
       ``beta_fast`` (32) and ``beta_slow`` (1) rotations within L, with cos and sin scaled by
       ``attention_factor`` (default 0.1·ln(factor) + 1, or the ratio of the mscale terms when given)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    kind = None if scaling is None else scaling["rope_type"]
-    if kind is None:
+    if scaling is None or scaling["rope_type"] is None:
         return inv_freq, 1.0
+    kind = scaling["rope_type"]
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor, 1.0
@@ -149,6 +149,10 @@ class RotaryEmbedding(nn.Module):
     x·cos + rotate_half(x)·sin. It is computed as x·cos + roll(x, head_dim/2)·sin_signed, where ``sin_signed``
     is sin with its first half negated: the same products (negation is exact), in three ops instead of six.
     ``too_long_advice`` ends the error for a sequence longer than the table."""
+
+    cos: torch.Tensor  # buffers (max_len, head_dim), made in __init__
+    sin: torch.Tensor
+    sin_signed: torch.Tensor
 
     def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None,
                  too_long_advice: str = "raise model.context_length"):
@@ -212,10 +216,15 @@ def sdpa_handles_gqa(q: torch.Tensor) -> bool:
 class AttentionCache(Protocol):
     """What :class:`CausalSelfAttention` asks of a key/value cache installed on it (one per layer)."""
 
-    positions: torch.Tensor
-    """(batch, T) absolute position of each token of the current forward, for RoPE."""
-    mask: torch.Tensor | None
-    """(batch, 1, T, cached + T) boolean, True where a query may attend to a key; None: every key."""
+    @property
+    def positions(self) -> torch.Tensor:
+        """(batch, T) absolute position of each token of the current forward, for RoPE."""
+        ...
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(batch, 1, T, cached + T) boolean, True where a query may attend to a key; None: every key."""
+        ...
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values (batch, kv_heads, T, head_dim); return every key and value so far."""

@@ -54,6 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 loss_sum += ((lse - logits.gather(1, tgt.unsqueeze(1)).squeeze(1)) * valid).sum()
                 if not need_grad:
                     continue
+                assert grad_flat is not None and grad_weight is not None  # made above when need_grad
                 # d(mean loss)/d(logits) = (softmax - one_hot) / n_valid, zero on ignored rows; in place on
                 # the chunk's logits, which are not needed any more.
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()
@@ -63,6 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_flat[start:start + chunk] = (g @ w).to(flat.dtype)
                 grad_weight += (g.T @ x).float()
         if need_grad:
+            assert grad_weight is not None  # made above when need_grad
             ctx.save_for_backward(grad_flat, grad_weight.to(weight.dtype))
         return loss_sum / n_valid
 

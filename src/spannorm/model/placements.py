@@ -119,6 +119,13 @@ class Block(nn.Module):
     span_variant: ClassVar[bool] = False
     """A reading of SpanNorm (the study tests these against the best baseline)."""
 
+    # The norms of ``norm_positions``, made in ``__init__``: a block has those its positions name.
+    attn_in_norm: nn.Module
+    attn_out_norm: nn.Module
+    ffn_in_norm: nn.Module
+    ffn_out_norm: nn.Module
+    block_out_norm: nn.Module
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index, self.n_layers = layer_index, cfg.n_layers
@@ -195,7 +202,7 @@ class SpanBlock(Block):
     """SpanNorm (our default reading): a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = Nₒ(α·x + β·(a + f))."""
 
     placement = "span"
-    norm_positions = ("attn_in", "ffn_in", "block_out")
+    norm_positions: ClassVar[tuple[str, ...]] = ("attn_in", "ffn_in", "block_out")
     normalizes_output = True
     identity_path_norms = (("block_out", "in"),)
     knob = SPAN_ALPHA

@@ -24,7 +24,9 @@ from spannorm.model.placements import deepnorm_constants, span_constants
 def norm_output_bound(norm: nn.Module) -> float:
     """√d·‖γ‖∞ + ‖β‖₂: the largest per-token Euclidean norm the output of ``norm`` (RMSNorm or LayerNorm) can
     have, for any input."""
-    gain = norm.weight.detach().float()
+    weight = norm.weight
+    assert isinstance(weight, torch.Tensor)  # RMSNorm and LayerNorm have a gain vector
+    gain = weight.detach().float()
     bias = getattr(norm, "bias", None)
     bias_norm = bias.detach().float().norm().item() if bias is not None else 0.0
     return math.sqrt(gain.numel()) * gain.abs().max().item() + bias_norm

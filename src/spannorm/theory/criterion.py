@@ -102,6 +102,7 @@ def suggest_scaling(cfg: ModelConfig, band: float = 4.0, seq_len: int = 64, step
                                    spec.config_field if spec is not None else None, configured, None, current)
     if knob is None:
         return suggestion
+    assert current is not None  # configured_value knows every knob a placement declares
     # damped end (small Δt, large α) and undamped end of the search, in log space
     if knob == "delta_t":
         damped, undamped = 1e-3, max(1.0, current)

@@ -89,6 +89,7 @@ def _expfit(x: np.ndarray, y: np.ndarray) -> tuple[list[float], np.ndarray] | No
     r, log_a = np.polyfit(x, np.log(sign * y), 1)
     params = np.array([sign * math.exp(log_a), r])
     try:
+        # Start-up time: scipy.optimize takes about a second to import, and every command loads this module.
         from scipy.optimize import curve_fit
 
         with warnings.catch_warnings():

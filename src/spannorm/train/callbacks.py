@@ -258,15 +258,14 @@ class MetricsWriter(Callback):
             return
         metrics = trainer.run_folder.metrics
         if trainer.resume_from is not None and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
+            kept = ckpt_io.metrics_lines_up_to(metrics, trainer.step)  # a line cut by a kill is dropped
             ckpt_io.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
         elif metrics.exists():
             metrics.unlink()
         self._file = metrics.open("a")
         if trainer.cfg.train.tensorboard:
-            # Imported here for start-up time: TensorBoard's import takes ~0.7 s, and train.tensorboard=false
-            # never needs it.
+            # train.tensorboard=false never needs it.
+            # Start-up time: TensorBoard's import takes ~0.7 s.
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(trainer.run_folder.tensorboard),

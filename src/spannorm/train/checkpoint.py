@@ -9,26 +9,36 @@ A checkpoint is a folder ``RUN/checkpoints/step_00000100/`` (the names are those
 - ``trainer_state.json`` (step, token count, RNG states, the data sampler's position, and the state of every
   callback that has one, such as the spike-score history);
 - ``run_config.json`` (the resolved :class:`~spannorm.train.config.RunConfig`);
-- ``tokenizer.json`` when the tokenizer is not the byte tokenizer.
+- ``tokenizer.json`` when the tokenizer is not the byte tokenizer;
+- ``checksums.json``, written last: the size and SHA-256 of every file above
+  (:mod:`spannorm.model.checksums`), checked whenever the checkpoint is loaded.
 
 Every file is written to a temporary name and renamed, inside a temporary folder that is itself renamed to
 ``step_XXXXXXXX`` once complete; only then is ``RUN/checkpoints/latest`` (the name of the newest checkpoint)
 replaced. A kill at any moment therefore leaves the previous complete checkpoint loadable.
+
+A step folder is written once per run configuration: a folder of the same step left by an earlier writer is
+kept only when it is intact and was written under the same run config; otherwise it is replaced (a resume
+with changed settings never names a checkpoint of other settings). A damaged checkpoint is refused with the
+file named and the newest intact checkpoint of the run offered (:func:`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, save_model
+from spannorm.config import ConfigError
+from spannorm.model.checksums import MANIFEST_NAME, CorruptCheckpoint, read_json_file, verify_folder, write_manifest
+from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_model, save_tensors
 from spannorm.train.layout import (
     CHECKPOINTS_DIR,
     LATEST_NAME,
@@ -40,6 +50,9 @@ from spannorm.train.layout import (
     TOKENIZER_NAME,
     step_dir_name,
 )
+
+JSON_FILES = (STATE_NAME, RUN_CONFIG_NAME, OPTIMIZER_META_NAME, TOKENIZER_NAME)
+"""The JSON files of a checkpoint folder, each parsed by :func:`verify_checkpoint`."""
 
 write_hook: Callable[[str, Path], None] | None = None
 """Test hook, called as ``write_hook(phase, path)`` while a checkpoint is being written (phases:
@@ -69,7 +82,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(tensors, tmp, {"format": "pt"})
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -153,7 +166,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    if not (final.is_dir() and is_complete(final)):
+    if not _reusable(final, step, run_config):
         tmp = root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -166,16 +179,37 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                 atomic_write_text(tmp / TOKENIZER_NAME, tokenizer_json)
             atomic_write_text(tmp / RUN_CONFIG_NAME, json.dumps(run_config, indent=2))
             atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=2))
+            write_manifest(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST_NAME
+                                 and not p.name.startswith(".")])
             _hook("files_written", tmp)
-            if final.exists():  # an incomplete leftover of the same step: never the one `latest` names
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists():  # written by another writer or under other settings: never the one `latest` names
+                old = root / f".{final.name}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     _hook("before_latest", final)
     atomic_write_text(root / LATEST_NAME, final.name + "\n")
     prune_checkpoints(run_dir, keep)
     return final
+
+
+def _reusable(final: Path, step: int, run_config: dict[str, Any]) -> bool:
+    """True when ``final`` is an intact checkpoint of ``step`` written under ``run_config`` (a resume that
+    retraces the steps a killed writer had already saved); anything else there is replaced."""
+    if not (final.is_dir() and is_complete(final) and (final / MANIFEST_NAME).is_file()):
+        return False
+    try:
+        verify_checkpoint(final)
+        saved_config = read_json_file(final / RUN_CONFIG_NAME)
+        saved_step = read_json_file(final / STATE_NAME).get("step")
+    except ConfigError:
+        return False
+    return saved_step == step and saved_config == json.loads(json.dumps(run_config))
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
@@ -186,10 +220,30 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         if latest is None or old.resolve() != latest.resolve():
             shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".step_*.tmp-*"):
+    for leftover in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid != str(os.getpid()):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Delete what :func:`save_checkpoint` wrote under ``RUN/checkpoints`` (``step_*`` folders holding a
+    checkpoint, ``latest``, leftovers of killed writers), and the folder itself once empty: a ``--overwrite``
+    never deletes files of the user's that only sit in a folder named ``checkpoints``."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        ours = (STEP_DIR_PATTERN.match(path.name) and path.is_dir() and (path / STATE_NAME).is_file()) \
+            or path.name.startswith((".step_",)) or (path.name == LATEST_NAME and path.is_file())
+        if not ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 # ---------------------------------------------------------------------- reading
@@ -205,36 +259,94 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
-    """A run folder (its latest checkpoint), a checkpoint folder, or a model folder; None if none of these."""
-    path = Path(path)
-    if (path / CHECKPOINTS_DIR).is_dir():
-        return latest_checkpoint(path)
-    if (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file():
-        return path
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise :class:`CorruptCheckpoint` naming the first damaged file of a checkpoint or model folder
+    (checksums, JSON files, tensor names and shapes)."""
+    verify_folder(ckpt, JSON_FILES)
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike, *, before: Path | None = None) -> Path | None:
+    """The newest checkpoint of a run that passes :func:`verify_checkpoint` (other than ``before``)."""
+    for candidate in reversed(list_checkpoints(run_dir)):
+        if before is not None and candidate.resolve() == before.resolve():
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except ConfigError:
+            continue
+        return candidate
     return None
 
 
+def checked_checkpoint(ckpt: Path, run_dir: Path | None, *, use_intact: bool = False,
+                       flag: str | None = None) -> Path:
+    """``ckpt`` when it is intact. When it is damaged: the newest intact checkpoint of ``run_dir`` if
+    ``use_intact`` (a note on stderr says so), else :class:`CorruptCheckpoint` naming the damaged file and
+    offering that intact checkpoint."""
+    try:
+        verify_checkpoint(ckpt)
+        return ckpt
+    except CorruptCheckpoint as err:
+        intact = newest_intact_checkpoint(run_dir, before=ckpt) if run_dir is not None else None
+        if intact is None:
+            raise CorruptCheckpoint(err.path, err.reason + "; no intact checkpoint was found beside it") from None
+        if use_intact:
+            print(f"spannorm: note: {err}; using the newest intact checkpoint {intact}", file=sys.stderr)
+            return intact
+        allowed = f"{flag} to use it, or name that folder" if flag else "name that folder instead"
+        raise CorruptCheckpoint(err.path, f"{err.reason}; the newest intact checkpoint is {str(intact)!r}; "
+                                          f"allowed: {allowed}") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, use_intact: bool = False) -> Path | None:
+    """A run folder (its latest checkpoint), a checkpoint folder, or a model folder; None if none of these.
+    A damaged one raises :class:`CorruptCheckpoint` (see :func:`checked_checkpoint`)."""
+    path = Path(path)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        latest = latest_checkpoint(path)
+        return None if latest is None else checked_checkpoint(latest, path, use_intact=use_intact)
+    if (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file():
+        in_run = path.parent.name == CHECKPOINTS_DIR and STEP_DIR_PATTERN.match(path.name)
+        return checked_checkpoint(path, path.parent.parent if in_run else None, use_intact=use_intact)
+    return None
+
+
+def resume_checkpoint(run_dir: str | os.PathLike, *, use_intact: bool = False) -> Path | None:
+    """The checkpoint a ``--resume`` continues from: the latest one, checked (see :func:`checked_checkpoint`,
+    whose ``use_intact`` is ``--use-intact``); None when the run has none."""
+    latest = latest_checkpoint(run_dir)
+    return None if latest is None else checked_checkpoint(latest, Path(run_dir), use_intact=use_intact,
+                                                          flag="--use-intact")
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    """A JSON object from a checkpoint file; :class:`CorruptCheckpoint` naming the file when it is not one."""
+    return read_json_file(path)
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load weights (strictly) and optimizer state from a checkpoint folder; return its trainer state."""
-    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME), device=str(device)), strict=True)
+    model.load_state_dict(load_weights(ckpt / WEIGHTS_NAME, device), strict=True)
     if optimizer is not None:
-        tensors = load_file(str(ckpt / OPTIMIZER_TENSORS_NAME), device="cpu")
+        tensors = load_weights(ckpt / OPTIMIZER_TENSORS_NAME, "cpu")
         meta = read_json(ckpt / OPTIMIZER_META_NAME)
-        optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+        try:
+            optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CorruptCheckpoint(ckpt / OPTIMIZER_META_NAME, f"does not fit the optimizer ({err})") from None
     return read_json(ckpt / STATE_NAME)
 
 
-# ---------------------------------------------------------------------- moved
-def __getattr__(name: str):
-    # ``load_for_inference`` moved to spannorm.inference.loading; this keeps the old import path working.
-    # Imported on use because spannorm.inference sits a layer above train (it imports this module).
-    if name == "load_for_inference":
-        from spannorm.inference.loading import load_for_inference
-        return load_for_inference
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def metrics_lines_up_to(path: Path, step: int) -> list[str]:
+    """The records of ``metrics.jsonl`` up to ``step`` (a killed run may have logged steps it never saved);
+    a line cut by a kill, or otherwise unreadable, is dropped rather than failing the resume."""
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+            kept.append(line)
+    return kept

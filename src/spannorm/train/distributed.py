@@ -19,14 +19,16 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from spannorm.config import ConfigError
 from spannorm.data.dataset import WindowSampler
+from spannorm.data.shards import TokenStream
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.config import PARALLEL_MODES
 
@@ -74,6 +76,7 @@ def resolve_parallel(parallel: str, world_size: int) -> str:
 def fully_shard_function():
     """``torch.distributed.fsdp.fully_shard`` (FSDP2); :class:`ConfigError` on a torch without it."""
     try:
+        # Optional: torch < 2.6 has no FSDP2 (the ConfigError below); start-up time: it takes seconds to import.
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6
         raise ConfigError(f"train.parallel='fsdp' is invalid with torch {torch.__version__}: FSDP2 needs "
@@ -99,7 +102,7 @@ class RankSliceSampler(WindowSampler):
     rows ``[rank·b/N, (rank+1)·b/N)``. The generator state is the same in every process and for every N, so
     a checkpoint's sampler state resumes at any world size; with N = 1 this is exactly :class:`WindowSampler`."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+    def __init__(self, tokens: TokenStream, context_length: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -145,14 +148,14 @@ class SingleProcess:
 
     def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
         """The module the training step calls (``model`` itself stays the plain model)."""
-        return torch.compile(model) if compile else model
+        return cast(torch.nn.Module, torch.compile(model)) if compile else model  # typed as returning a callable
 
     def gradient_sync(self, forward_model: torch.nn.Module, enabled: bool):
         """A context for one micro-step's forward and backward; ``enabled=False`` skips the gradient
         all-reduce (accumulation micro-steps)."""
         return contextlib.nullcontext()
 
-    def train_sampler(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int) -> WindowSampler:
+    def train_sampler(self, tokens: TokenStream, context_length: int, batch_size: int, seed: int) -> WindowSampler:
         return RankSliceSampler(tokens, context_length, batch_size, seed, rank=self.rank, world_size=self.world_size)
 
     def mean_over_ranks(self, *values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -210,29 +213,28 @@ class DataParallel(SingleProcess):
 
     def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
         if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (rotary tables) are constants: no broadcast before every forward.
-            no_buffer_sync = ({"forward_sync_buffers": False}
+            no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False}
                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                               else {"broadcast_buffers": False})  # torch < 2.13
             wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
         else:
             fully_shard = fully_shard_function()
-            for block in model.blocks:
+            for block in cast(Iterable[torch.nn.Module], model.blocks):  # __getattr__ is typed Tensor | Module
                 fully_shard(block)
             fully_shard(model)  # the root group: embedding, final norm, head
             wrapped = model
-        return torch.compile(wrapped) if compile else wrapped
+        return cast(torch.nn.Module, torch.compile(wrapped)) if compile else wrapped  # typed as a callable
 
     def gradient_sync(self, forward_model: torch.nn.Module, enabled: bool):
         if self.mode == "ddp" and not enabled:
-            ddp = getattr(forward_model, "_orig_mod", forward_model)  # under torch.compile
+            ddp = cast(DistributedDataParallel, getattr(forward_model, "_orig_mod", forward_model))  # under compile
             return ddp.no_sync()
         return contextlib.nullcontext()
 
     def mean_over_ranks(self, *values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        # Start-up time: torch.distributed.tensor takes about a second to import; only FSDP runs need it.
         from torch.distributed.tensor import DTensor
 
         values = tuple(v.full_tensor() if isinstance(v, DTensor) else v for v in values)  # FSDP2's grad norm
@@ -242,7 +244,8 @@ class DataParallel(SingleProcess):
         flat = torch.cat([v.detach().float().reshape(-1) for v in present]).to(self.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
-        out, offset = [], 0
+        out: list[torch.Tensor | None] = []
+        offset = 0
         for value in values:
             if value is None:
                 out.append(None)
@@ -265,6 +268,7 @@ class DataParallel(SingleProcess):
     def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         if self.mode == "ddp":  # replicated: rank 0's own model and optimizer are the full state
             return (model, optimizer) if self.is_main else (None, None)
+        # Start-up time: torch.distributed.checkpoint takes seconds to import; only FSDP runs need it.
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -282,7 +286,7 @@ class DataParallel(SingleProcess):
                         device: torch.device) -> dict[str, Any]:
         if self.mode == "ddp":  # every process loads the same files into its replica
             return super().load_checkpoint(ckpt, model, optimizer, device)
-        from safetensors.torch import load_file
+        # Start-up time: torch.distributed.checkpoint takes seconds to import; only FSDP runs need it.
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -290,7 +294,7 @@ class DataParallel(SingleProcess):
         )
 
         options = StateDictOptions(full_state_dict=True, strict=True)  # every process holds the full dicts
-        weights = load_file(str(ckpt / ckpt_io.WEIGHTS_NAME), device="cpu")
+        weights: dict[str, Any] = load_file(str(ckpt / ckpt_io.WEIGHTS_NAME), device="cpu")
         set_model_state_dict(model, weights, options=options)
         by_index = ckpt_io.optimizer_from_files(load_file(str(ckpt / ckpt_io.OPTIMIZER_TENSORS_NAME), device="cpu"),
                                                 ckpt_io.read_json(ckpt / ckpt_io.OPTIMIZER_META_NAME))

@@ -6,10 +6,10 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spannorm.data.dataset import eval_batches
+from spannorm.data.shards import TokenStream
 
 
 @dataclass
@@ -38,7 +38,7 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, batch_size: int,
+def evaluate(model: torch.nn.Module, tokens: TokenStream, context_length: int, batch_size: int,
              max_batches: int | None = None, bytes_per_token: float = 1.0, device: torch.device | str = "cpu",
              precision: str = "fp32") -> EvalResult:
     """Loss over fixed, evenly spaced, non-overlapping windows of ``tokens`` (all of them when

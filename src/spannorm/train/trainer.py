@@ -31,14 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from spannorm.config import ConfigError, ModelConfig
 from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
-from spannorm.interop.init_from import check_init_target, init_model_from
 from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (
@@ -191,6 +190,18 @@ def ctrl_c_requests_stop(trainer: Trainer) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """How the trainer reads ``train.init_from`` (a checkpoint of another library or another run). The train
+    layer cannot read one itself: :func:`spannorm.launch.train` hands in :mod:`spannorm.interop.init_from`'s.
+
+    ``check(path, model_cfg, tokenizer_vocab_size=...)`` raises :class:`ConfigError` (reading configs only)
+    unless ``build(path, model_cfg)`` can make the model to start from."""
+
+    check: Callable[..., None]
+    build: Callable[[str, ModelConfig], DecoderLM]
+
+
 class Trainer:
     """One training run. Build with the resolved config and the run folder, then call :meth:`run`.
 
@@ -198,11 +209,14 @@ class Trainer:
     checked by the first five, before the model is built and before anything is written into ``out_dir``;
     they raise :class:`ConfigError`. ``callbacks`` (:mod:`spannorm.train.callbacks`) run after the spike scores,
     the progress display and the validation-regression warning, and before the metrics writer. The trainer
-    builds no optional callback itself: :func:`spannorm.launch.train` adds the diagnostics one."""
+    builds no optional callback itself: :func:`spannorm.launch.train` adds the diagnostics one, and hands in
+    ``init_from``, the reader of ``train.init_from`` checkpoints (needed only when the config names one)."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None):
+                 callbacks: Iterable[Any] = (), parallel: SingleProcess | None = None,
+                 init_from: InitFrom | None = None, use_intact: bool = False):
         cfg.validate()
+        self.init_from = init_from
         callbacks = check_callbacks(callbacks, reserved=TRAINER_STATE_KEYS)
         self.parallel = parallel if parallel is not None else SingleProcess()
         self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
@@ -210,7 +224,8 @@ class Trainer:
         # Under torchrun rank 0 goes first (it may fill the token cache or train a tokenizer that the others
         # then read), and every process raises the same ConfigError when any one fails.
         with self.parallel.rank_zero_first():
-            self.run_folder, self.resume_from, self.overwrite = self._build_run_folder(out_dir, resume, overwrite)
+            self.run_folder, self.resume_from, self.overwrite = self._build_run_folder(out_dir, resume, overwrite,
+                                                                                           use_intact)
             cfg, self.tokenizer, self.splits = self._build_data(cfg)
             self.cfg = self._build_model_config(cfg)
             self.saved_run_config = self._check_resume()
@@ -233,7 +248,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ build steps
     @staticmethod
-    def _build_run_folder(out_dir: str | Path, resume: bool, overwrite: bool) -> tuple[RunFolder, Path | None, bool]:
+    def _build_run_folder(out_dir: str | Path, resume: bool, overwrite: bool,
+                          use_intact: bool = False) -> tuple[RunFolder, Path | None, bool]:
         """The run folder, the checkpoint to resume from (None: a fresh run) and whether to replace what the
         folder holds. Only checks: nothing is written before :meth:`run`."""
         run = RunFolder(Path(out_dir))
@@ -243,7 +259,8 @@ class Trainer:
         if existing and not resume and not overwrite:
             raise ConfigError(f"out_dir={str(run.root)!r} already holds {_describe_run(run)}; "
                               "allowed: --resume to continue it, --overwrite to replace it, or another --out")
-        resume_from = ckpt_io.latest_checkpoint(run.root) if (resume and existing) else None
+        # A damaged latest checkpoint is refused, naming the file, or with use_intact the newest intact one is used.
+        resume_from = ckpt_io.resume_checkpoint(run.root, use_intact=use_intact) if (resume and existing) else None
         return run, resume_from, overwrite and not resume
 
     @staticmethod
@@ -262,7 +279,10 @@ class Trainer:
         which fixes it (then the tokenizer must fit in it)."""
         if cfg.train.init_from is not None:
             if self.resume_from is None:
-                check_init_target(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
+                if self.init_from is None:
+                    raise ValueError("train.init_from is set but the Trainer was given no init_from reader; "
+                                     "train with spannorm.launch.train, which hands one in")
+                self.init_from.check(cfg.train.init_from, cfg.model, tokenizer_vocab_size=self.tokenizer.vocab_size)
             return cfg
         if cfg.model.vocab_size != self.tokenizer.vocab_size:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
@@ -291,7 +311,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         if cfg.train.init_from is not None and self.resume_from is None:
-            model = init_model_from(cfg.train.init_from, cfg.model).to(self.device)
+            assert self.init_from is not None  # checked by _build_model_config
+            model = self.init_from.build(cfg.train.init_from, cfg.model).to(self.device)
         else:
             model = DecoderLM(cfg.model).to(self.device)
         model.train()
@@ -344,7 +365,9 @@ class Trainer:
         run = self.run_folder
         if self.overwrite:
             for path in run.outputs():
-                if path.is_dir():
+                if path.name == ckpt_io.CHECKPOINTS_DIR:
+                    ckpt_io.remove_checkpoints(run.root)  # only what save_checkpoint wrote
+                elif path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()

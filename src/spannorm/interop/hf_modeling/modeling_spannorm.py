@@ -59,9 +59,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple
     """Inverse frequencies θ^(-2i/d) in float64, rescaled by ``scaling`` (linear, llama3 or yarn), and the
     magnitude that multiplies cos and sin (yarn's attention factor; 1 otherwise)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = None if scaling is None else scaling["rope_type"]
-    if kind is None:
+    if scaling is None or scaling["rope_type"] is None:
         return inv_freq, 1.0
+    kind = scaling["rope_type"]
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor, 1.0
@@ -221,6 +221,12 @@ class Block(nn.Module):
 
     norm_positions: tuple[str, ...] = ()
     qkv_norm = False
+    # The norms of norm_positions, made in __init__ (each subclass has the ones its positions name).
+    attn_in_norm: nn.Module
+    attn_out_norm: nn.Module
+    ffn_in_norm: nn.Module
+    ffn_out_norm: nn.Module
+    block_out_norm: nn.Module
 
     def __init__(self, config: SpanNormConfig, layer_idx: int):
         super().__init__()
@@ -265,7 +271,7 @@ class PeriBlock(Block):
 class SpanBlock(Block):
     """a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = Nₒ(α·x + β·(a + f))."""
 
-    norm_positions = ("attn_in", "ffn_in", "block_out")
+    norm_positions: tuple[str, ...] = ("attn_in", "ffn_in", "block_out")
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
@@ -338,14 +344,15 @@ class SpanNormPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Only for weights a checkpoint lacks (an exported folder has them all)."""
+        bias = getattr(module, "bias", None)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(module, (RMSNorm, LayerNorm)):
             nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(module, Experts):
             for w in (module.w_gate, module.w_up, module.w_down):
                 nn.init.normal_(w, std=0.02)
@@ -369,7 +376,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
     def get_output_embeddings(self) -> nn.Module | None:
