@@ -138,6 +138,16 @@ def test_local_tasks_score_what_a_hand_computation_gives(model_dir, tmp_path):
     assert report["local_gen"]["exact_match,none"] == pytest.approx(expected["local_gen"])
 
 
+def test_the_docs_task_yaml_is_the_tested_one(model_dir, tmp_path):
+    yaml = pytest.importorskip("yaml", reason="comes with the optional extra 'eval'")
+    model, _, _, _ = load_for_inference(model_dir)
+    write_tasks(tmp_path / "tasks", model)
+    docs = (SRC.parent / "docs" / "evaluation.md").read_text()
+    [block] = [b.split("\n", 1)[1] for b in docs.split("```")[1::2] if b.startswith("yaml\ntask: local_mc")]
+    documented = yaml.safe_load(block.replace("/abs/path/to/mc.jsonl", str(tmp_path / "tasks" / "mc.jsonl")))
+    assert documented == yaml.safe_load((tmp_path / "tasks" / "local_mc.yaml").read_text())
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
