@@ -269,6 +269,11 @@ CASES: list[tuple[str, str, str | None]] = [
     ("eval-unknown-split", "eval {w}/model --split test", "split"),
     ("eval-device-bogus", "eval {w}/model --device tpu", "device"),
     ("eval-missing-data", "eval {w}/model --data.path={w}/no_such_corpus.txt", "no_such_corpus"),
+    ("eval-tasks-empty", "eval {w}/model --tasks ' , '", "--tasks"),
+    ("eval-tasks-include-path-missing", "eval {w}/model --tasks t --include-path {w}/no_such_tasks", "include-path"),
+    ("eval-tasks-fewshot-negative", "eval {w}/model --tasks t --num-fewshot -1", "num-fewshot"),
+    ("eval-tasks-limit-zero", "eval {w}/model --tasks t --limit 0", "limit"),
+    ("eval-tasks-with-override", "eval {w}/model --tasks t --data.path={w}/a_file.txt", "not allowed with --tasks"),
     # generate
     ("generate-missing", "generate {w}/no_such_run", "no_such_run"),
     ("generate-corrupt", "generate {w}/corrupt_run", "step_00000002"),
@@ -280,6 +285,11 @@ CASES: list[tuple[str, str, str | None]] = [
     ("generate-max-new-negative", "generate {w}/model --max-new-tokens -1", "max-new-tokens"),
     ("generate-empty-prompt", "generate {w}/model --prompt ''", "prompt"),
     ("generate-seed-not-int", "generate {w}/model --seed x", "seed"),
+    ("generate-top-p-zero", "generate {w}/model --top-p 0", "top-p"),
+    ("generate-top-p-above-1", "generate {w}/model --top-p 1.5", "top-p"),
+    ("generate-num-samples-zero", "generate {w}/model -n 0", "num-samples"),
+    ("generate-stop-token-out-of-vocab", "generate {w}/model --stop-token 999", "stop-token"),
+    ("generate-batch-size-zero", "generate {w}/model --batch-size 0", "batch-size"),
     # check
     ("check-unknown-target", "check sideways --out {w}/chk", "sideways"),
     ("check-missing-module", "check no_such_module:factory --out {w}/chk", "no_such_module"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,15 @@ def test_require_llama_still_refuses_and_writes_nothing(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "hf"), "--require-llama"]) == 2
     assert "hybrid normalizes Q, K and V per head" in _error_line(capsys)
     assert not (tmp_path / "hf").exists()
+
+
+def test_check_without_transformers_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    save_model(_tiny(placement="span"), tmp_path / "sn")
+    export_hf_remote_code(_tiny(placement="span"), tmp_path / "hf")
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra 'hf' were not installed
+    assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "out"), "--check"]) == 2
+    assert "pip install 'spannorm[hf]'" in _error_line(capsys)
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--check"]) == 2
+    assert "pip install 'spannorm[hf]'" in _error_line(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "back").exists()

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from spannorm import ConfigError, ModelConfig, SpanNormLM  # noqa: E402
 from spannorm.cli.main import main  # noqa: E402
 from spannorm.interop import InteropError, export_hf, export_model, import_hf  # noqa: E402
+from spannorm.interop.hf_export import export_hf_remote_code  # noqa: E402
 from spannorm.interop.init_from import check_init_target  # noqa: E402
 from spannorm.train.config import RunConfig  # noqa: E402
 
@@ -177,8 +178,6 @@ def test_init_from_a_windowed_checkpoint_refuses_a_longer_context(mistral, tmp_p
 def test_remote_code_export_applies_the_window(mistral, tmp_path):
     """Our own modeling code masks keys outside the window, so the exported folder computes the Mistral
     function even past the window (where spannorm itself refuses to run)."""
-    from spannorm.interop.hf_export import export_hf_remote_code
-
     hf_model, directory = mistral
     ours = import_hf(directory)
     export_hf_remote_code(ours, tmp_path / "rc")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
-from spannorm.interop.errors import InteropError
+from spannorm.interop.errors import InteropError, require_transformers
 from spannorm.interop.hf_export import export_model, llama_incompatibilities
 from spannorm.interop.hf_import import (
     HF_CONFIG,
@@ -119,6 +119,8 @@ def run_import(args: argparse.Namespace) -> int:
 @_user_errors
 def run_export(args: argparse.Namespace) -> int:
     check_writable(args.out, args.overwrite)
+    if args.check:  # before anything is written: --check without the 'hf' extra is refused up front
+        require_transformers()
     model_dir = resolve_checkpoint_dir(args.model_dir)
     model = load_model(model_dir)
     reasons = llama_incompatibilities(model.cfg)
