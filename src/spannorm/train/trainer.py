@@ -45,6 +45,7 @@ from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (
     MetricsWriter,
+    PeakMemory,
     ProgressDisplay,
     SpikeScores,
     Throughput,
@@ -339,7 +340,7 @@ class Trainer:
         throughput = Throughput(flops_per_token(self.cfg.model), self.world_size, train.steps, train.log_every,
                                 *self._mfu_peak(), note=bf16_cpu_note(self.device, train.precision))
         return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, throughput,
-                ValidationRegression(), *callbacks, self.metrics]
+                PeakMemory(self.device, train.steps, train.log_every), ValidationRegression(), *callbacks, self.metrics]
 
     def _mfu_peak(self) -> tuple[float | None, str | None]:
         """The peak TFLOP/s per device that ``mfu`` divides by, and its source (see :class:`Throughput`)."""
