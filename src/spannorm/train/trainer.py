@@ -327,11 +327,11 @@ class Trainer:
             assert self.init_from is not None  # checked by _build_model_config
             model = self.init_from.build(cfg.train.init_from, cfg.model).to(self.device)
         else:
-            model = DecoderLM(cfg.model).to(self.device)
+            model = self.parallel.build_model(lambda: DecoderLM(cfg.model), self.device, cfg.train.precision)
         model.train()
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
-        return model, self.parallel.wrap_model(model, compile=cfg.train.compile)
+        return model, self.parallel.wrap_model(model, compile=cfg.train.compile, precision=cfg.train.precision)
 
     def _build_callbacks(self, callbacks: list[Any]) -> list[Any]:
         train = self.cfg.train
