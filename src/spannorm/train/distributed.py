@@ -239,8 +239,9 @@ class DataParallel(SingleProcess):
         storage on ``device`` and filled from the single-process init: rank 0 alone builds ``build()`` on the
         CPU (the same seed and RNG draws as one process), and each tensor in turn is scattered so that every
         process receives its shard (:func:`copy_from_rank_zero`). No device ever holds more than its shards
-        plus one full tensor; rank 0's host holds one full fp32 copy while it is copied. The CPU RNG state after the build is rank 0's on
-        every process, as if each had built the model. Under DDP: ``build()`` on every process."""
+        plus one full tensor; rank 0's host holds one full fp32 copy while it is copied. The CPU RNG state
+        after the build is rank 0's on every process, as if each had built the model. Under DDP: ``build()``
+        on every process."""
         if self.mode != "fsdp":
             return super().build_model(build, device, precision)
         with torch.device("meta"):

@@ -9,8 +9,8 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
 
 - ``config.yaml``: the resolved :class:`~spannorm.train.config.RunConfig`;
 - ``metrics.jsonl``: one JSON object per optimizer step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
-  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops`` and ``mfu``
-  on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
+  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops``, ``mfu``
+  and ``peak_mem_bytes`` on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
 - ``tensorboard/``: TensorBoard event files;
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
