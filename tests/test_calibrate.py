@@ -12,8 +12,9 @@ import yaml
 from spannorm.cli.main import main
 from spannorm.config import ModelConfig
 from spannorm.hardware import calibrate as cal
+from spannorm.hardware.devices import process_peak_rss_bytes
 from spannorm.model.counting import flops_per_token
-from spannorm.train.callbacks import Throughput
+from spannorm.train.callbacks import PeakMemory, Throughput
 from spannorm.train.config import ConfigError, TrainConfig
 
 
@@ -65,6 +66,15 @@ def test_throughput_logs_tflops_and_mfu_on_logging_steps_only():
     assert record["achieved_tflops"] == pytest.approx(1.0) and record["mfu"] is None
 
 
+def test_peak_memory_is_logged_on_logging_steps_only():
+    cb = PeakMemory(torch.device("cpu"), total_steps=25, log_every=10)
+    records = {step: {"step": step} for step in (1, 10, 11, 25)}
+    for step, record in records.items():
+        cb.on_step_end(None, step, record)
+    assert [s for s, r in records.items() if "peak_mem_bytes" in r] == [10, 25]
+    assert records[10]["peak_mem_bytes"] == pytest.approx(process_peak_rss_bytes(), rel=0.5)
+
+
 def test_peak_tflops_setting_is_checked():
     TrainConfig(peak_tflops=1.5).validate()
     with pytest.raises(ConfigError, match="train.peak_tflops=0.0 is invalid: must be a finite number > 0"):
@@ -84,6 +94,8 @@ def test_a_training_run_logs_tflops_and_mfu(tmp_path, extra, source):
     logged = [r for r in records if "achieved_tflops" in r]
     assert [r["step"] for r in logged] == [2, 4]
     model = ModelConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())["model"])
+    assert [r["step"] for r in records if "peak_mem_bytes" in r] == [2, 4]  # logging steps only
+    assert all(r["peak_mem_bytes"] >= 10_000_000 for r in logged)  # the process's peak RSS on CPU: torch alone
     for r in logged:
         assert r["achieved_tflops"] == pytest.approx(flops_per_token(model) * r["tokens_per_s"] / 1e12)
         if source is None:

@@ -117,3 +117,12 @@ def process_peak_rss_bytes() -> int:
     """High-water mark of this process's resident set size (``ru_maxrss``; kB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory on ``device`` so far: ``torch.cuda.max_memory_allocated`` on CUDA (the
+    caching allocator's high-water mark of allocated tensors), else the process's peak resident set size
+    (:func:`process_peak_rss_bytes`: host memory of everything, Python and libraries included)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return process_peak_rss_bytes()

@@ -29,6 +29,7 @@ import json
 import math
 from typing import Any, Iterable
 
+from spannorm.hardware.devices import peak_memory_bytes
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.progress import Progress
 
@@ -204,6 +205,23 @@ class Throughput(Callback):
         record["mfu"] = None if self.peak_tflops is None else tflops / self.peak_tflops
 
 
+class PeakMemory(Callback):
+    """Adds ``peak_mem_bytes``, this process's peak memory so far, to the record of every logging step (the
+    steps :class:`Throughput` logs): the CUDA allocator's high-water mark on a GPU (a host-side counter read,
+    no device sync), the process's peak resident set size on a CPU
+    (:func:`~spannorm.hardware.devices.peak_memory_bytes`). Under torchrun it is rank 0's figure."""
+
+    def __init__(self, device: Any, total_steps: int, log_every: int):
+        self.device, self.total_steps, self.log_every = device, total_steps, log_every
+
+    def should_log(self, step: int) -> bool:
+        return not self.log_every or step % self.log_every == 0 or step == self.total_steps
+
+    def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
+        if self.should_log(step):
+            record["peak_mem_bytes"] = peak_memory_bytes(self.device)
+
+
 # ---------------------------------------------------------------------- the validation-regression warning
 VAL_REGRESSION_NATS = 0.1
 """A validation loss this far (nats) above the run's best so far gets a warning line: a run can fall back
@@ -329,6 +347,6 @@ class MetricsWriter(Callback):
             self.tb.close()
 
 
-__all__ = ["Callback", "HOOKS", "MetricsWriter", "ProgressDisplay", "SpikeScore", "SpikeScores",
+__all__ = ["Callback", "HOOKS", "MetricsWriter", "PeakMemory", "ProgressDisplay", "SpikeScore", "SpikeScores",
            "TENSORBOARD_TAGS", "Throughput", "VAL_REGRESSION_NATS", "ValidationRegression", "callback_states",
            "check_callbacks", "has_state", "load_callback_states", "state_key"]

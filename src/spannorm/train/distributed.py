@@ -19,7 +19,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, cast
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,19 @@ def fully_shard_function():
     return fully_shard
 
 
+def fsdp_mixed_precision(precision: str) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for ``train.precision``: for bf16, parameters all-gathered and used
+    in bf16 and gradients reduce-scattered in fp32 (the sharded master weights and AdamW state stay fp32);
+    for fp32, None (FSDP2's default: everything in the parameters' dtype, fp32)."""
+    if precision != "bf16":
+        return None
+    # Start-up time: torch.distributed.fsdp takes seconds to import; only FSDP runs need it (after
+    # fully_shard_function has checked that it exists).
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def backend_for(device: torch.device) -> str:
     """The process-group backend for a training device: NCCL on CUDA, gloo on CPU."""
     return "nccl" if device.type == "cuda" else "gloo"
@@ -146,7 +159,12 @@ class SingleProcess:
         """The device this process trains on, given the configured one."""
         return device
 
-    def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+    def build_model(self, build: Callable[[], torch.nn.Module], device: torch.device,
+                    precision: str = "fp32") -> torch.nn.Module:
+        """The freshly initialized model on ``device``: ``build()`` (seeded by the caller) moved there."""
+        return build().to(device)
+
+    def wrap_model(self, model: torch.nn.Module, compile: bool = False, precision: str = "fp32") -> torch.nn.Module:
         """The module the training step calls (``model`` itself stays the plain model)."""
         return cast(torch.nn.Module, torch.compile(model)) if compile else model  # typed as returning a callable
 
@@ -215,7 +233,38 @@ class DataParallel(SingleProcess):
         self.device = device
         return device
 
-    def wrap_model(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+    def build_model(self, build: Callable[[], torch.nn.Module], device: torch.device,
+                    precision: str = "fp32") -> torch.nn.Module:
+        """Under FSDP2 the model is built on the meta device, sharded (:meth:`shard`), given empty sharded
+        storage on ``device`` and filled from the single-process init: rank 0 alone builds ``build()`` on the
+        CPU (the same seed and RNG draws as one process), and each tensor in turn is scattered so that every
+        process receives its shard (:func:`copy_from_rank_zero`). No device ever holds more than its shards
+        plus one full tensor; rank 0's host holds one full fp32 copy while it is copied. The CPU RNG state
+        after the build is rank 0's on every process, as if each had built the model. Under DDP: ``build()``
+        on every process."""
+        if self.mode != "fsdp":
+            return super().build_model(build, device, precision)
+        with torch.device("meta"):
+            model = build()
+        self.shard(model, precision)
+        model.to_empty(device=device)
+        full = build() if self.is_main else None
+        rng = torch.get_rng_state().to(device)  # NCCL broadcasts device tensors only
+        dist.broadcast(rng, src=0)  # every process continues from the state one process would have
+        torch.set_rng_state(rng.cpu())
+        copy_from_rank_zero(model, full, device)
+        return model
+
+    def shard(self, model: torch.nn.Module, precision: str = "fp32") -> None:
+        """FSDP2 ``fully_shard`` on every block, then on the root, with :func:`fsdp_mixed_precision`."""
+        fully_shard = fully_shard_function()
+        policy = fsdp_mixed_precision(precision)
+        options: dict[str, Any] = {} if policy is None else {"mp_policy": policy}
+        for block in cast(Iterable[torch.nn.Module], model.blocks):  # __getattr__ is typed Tensor | Module
+            fully_shard(block, **options)
+        fully_shard(model, **options)  # the root group: embedding, final norm, head
+
+    def wrap_model(self, model: torch.nn.Module, compile: bool = False, precision: str = "fp32") -> torch.nn.Module:
         if self.mode == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (rotary tables) are constants: no broadcast before every forward.
@@ -224,10 +273,8 @@ class DataParallel(SingleProcess):
                               else {"broadcast_buffers": False})  # torch < 2.13
             wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
         else:
-            fully_shard = fully_shard_function()
-            for block in cast(Iterable[torch.nn.Module], model.blocks):  # __getattr__ is typed Tensor | Module
-                fully_shard(block)
-            fully_shard(model)  # the root group: embedding, final norm, head
+            if not is_sharded(model):  # build_model shards; a model loaded from train.init_from is not yet
+                self.shard(model, precision)
             wrapped = model
         return cast(torch.nn.Module, torch.compile(wrapped)) if compile else wrapped  # typed as a callable
 
@@ -328,6 +375,39 @@ class DataParallel(SingleProcess):
         agree_on_error(None if self.rank == 0 else message)  # turn 1: the others ran it
 
 
+# ---------------------------------------------------------------------- sharded materialization
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``fully_shard`` has been applied to ``model``."""
+    # Start-up time: torch.distributed.fsdp takes seconds to import; only FSDP runs call this.
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@torch.no_grad()
+def copy_from_rank_zero(model: torch.nn.Module, full: torch.nn.Module | None, device: torch.device) -> None:
+    """Fill ``model`` (sharded by FSDP2, storage on ``device``) with rank 0's unsharded ``full`` (None on the
+    other ranks), one tensor at a time: rank 0 scatters each parameter's shards (``distribute_tensor``,
+    whose source is rank 0), and broadcasts each buffer (not sharded) whole. Every process must call it."""
+    # Start-up time: torch.distributed.tensor takes about a second to import; only FSDP runs need it.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sources: dict[str, torch.Tensor] = {}
+    if full is not None:
+        sources = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+    for name, target in [*model.named_parameters(), *model.named_buffers()]:
+        shape = target.shape  # a DTensor's shape is the full (global) shape
+        if full is not None:
+            value = sources[name].detach().to(device=device, dtype=target.dtype)
+        else:
+            value = torch.empty(shape, dtype=target.dtype, device=device)
+        if isinstance(target, DTensor):  # rank 0 scatters the shards (the others' ``value`` is not read)
+            target.to_local().copy_(distribute_tensor(value, target.device_mesh, target.placements).to_local())
+        else:
+            dist.broadcast(value, src=0)
+            target.copy_(value)
+
+
 # ---------------------------------------------------------------------- optimizer state keys
 def optimizer_state_by_index(state: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state dict keyed by parameter name (``get_optimizer_state_dict``) re-keyed by parameter
@@ -364,5 +444,6 @@ def agree_on_error(message: str | None) -> None:
 
 
 __all__ = ["DataParallel", "FullState", "LaunchEnv", "RankSliceSampler", "SingleProcess", "backend_for",
-           "agree_on_error", "check_batch_divides", "is_main_process", "launch_env", "optimizer_state_by_index",
-           "optimizer_state_by_name", "resolve_parallel"]
+           "agree_on_error", "check_batch_divides", "copy_from_rank_zero", "fsdp_mixed_precision",
+           "is_main_process", "is_sharded", "launch_env", "optimizer_state_by_index", "optimizer_state_by_name",
+           "resolve_parallel"]

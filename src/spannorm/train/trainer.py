@@ -9,8 +9,8 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
 
 - ``config.yaml``: the resolved :class:`~spannorm.train.config.RunConfig`;
 - ``metrics.jsonl``: one JSON object per optimizer step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
-  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops`` and ``mfu``
-  on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
+  ``tokens``, ``tokens_per_s``, spike scores, MoE losses and per-expert load; ``achieved_tflops``, ``mfu``
+  and ``peak_mem_bytes`` on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
 - ``tensorboard/``: TensorBoard event files;
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
@@ -45,6 +45,7 @@ from spannorm.model.transformer import DecoderLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train.callbacks import (
     MetricsWriter,
+    PeakMemory,
     ProgressDisplay,
     SpikeScores,
     Throughput,
@@ -326,11 +327,11 @@ class Trainer:
             assert self.init_from is not None  # checked by _build_model_config
             model = self.init_from.build(cfg.train.init_from, cfg.model).to(self.device)
         else:
-            model = DecoderLM(cfg.model).to(self.device)
+            model = self.parallel.build_model(lambda: DecoderLM(cfg.model), self.device, cfg.train.precision)
         model.train()
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
-        return model, self.parallel.wrap_model(model, compile=cfg.train.compile)
+        return model, self.parallel.wrap_model(model, compile=cfg.train.compile, precision=cfg.train.precision)
 
     def _build_callbacks(self, callbacks: list[Any]) -> list[Any]:
         train = self.cfg.train
@@ -339,7 +340,7 @@ class Trainer:
         throughput = Throughput(flops_per_token(self.cfg.model), self.world_size, train.steps, train.log_every,
                                 *self._mfu_peak(), note=bf16_cpu_note(self.device, train.precision))
         return [SpikeScores(train.spike_window, train.spike_sigmas), self.progress, throughput,
-                ValidationRegression(), *callbacks, self.metrics]
+                PeakMemory(self.device, train.steps, train.log_every), ValidationRegression(), *callbacks, self.metrics]
 
     def _mfu_peak(self) -> tuple[float | None, str | None]:
         """The peak TFLOP/s per device that ``mfu`` divides by, and its source (see :class:`Throughput`)."""
