@@ -249,7 +249,7 @@ CASES: list[tuple[str, str, str | None]] = [
     ("eval-corrupt", "eval {w}/corrupt_run", "step_00000002"),
     ("eval-corrupt-step-folder", "eval {w}/corrupt_run/checkpoints/step_00000004", "step_00000002"),
     ("eval-bad-model-json", "eval {w}/bad_json_model", "model_config.json"),
-    ("eval-unknown-model-field", "eval {w}/unknown_field_model", "bogus"),
+    ("eval-unknown-model-field", "eval {w}/unknown_field_model", "model_config.json' is corrupt: model.bogus"),
     ("eval-batch-size-zero", "eval {w}/model --batch-size 0", "batch-size"),
     ("eval-max-batches-negative", "eval {w}/model --max-batches -1", "max-batches"),
     ("eval-batch-size-not-int", "eval {w}/model --batch-size many", "batch-size"),
