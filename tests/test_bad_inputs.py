@@ -283,6 +283,7 @@ CASES: list[tuple[str, str, str | None]] = [
     ("check-existing-report", "check span --out {w}/existing_report", "already holds a report"),
     ("check-threads-zero", "check span --threads 0 --out {w}/chk --steps 0 --depths 2", "threads"),
     ("check-weight-decay-inf", "check span --weight-decay inf --out {w}/chk --steps 0 --depths 2", "weight-decay"),
+    ("check-seed-2-64", "check span --seed 18446744073709551616 --out {w}/chk --steps 0 --depths 2", "--seed"),
     ("check-lr-nan", "check span --lr nan --out {w}/chk --steps 0 --depths 2", "lr"),
     ("check-band-inf", "check span --band inf --out {w}/chk --steps 0 --depths 2", "band"),
     ("check-set-unknown-field", "check span --set bogus=1 --out {w}/chk --depths 2", "bogus"),

@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the value and what is allowed."""
 
 
+MAX_SEED = 2**63 - 1
+"""Every seed (``train.seed``, ``--seed``) is an integer from 0 to this: a signed 64-bit integer, which torch's
+generators and the checkpoint's JSON state hold exactly (also after the small offsets added per rank or
+prompt)."""
+
+
 def fail(path: str, value: Any, allowed: str) -> NoReturn:
     """Raise the one-line :class:`ConfigError` ``"{path}={value!r} is invalid: {allowed}"``."""
     raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
@@ -330,5 +336,5 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ConfigError", "apply_overrides", "as_flags", "build", "check_fields", "coerce", "fail", "field_types",
-           "merge", "parse_override", "typed_overrides", "unknown_key", "yaml_value"]
+__all__ = ["MAX_SEED", "ConfigError", "apply_overrides", "as_flags", "build", "check_fields", "coerce", "fail",
+           "field_types", "merge", "parse_override", "typed_overrides", "unknown_key", "yaml_value"]

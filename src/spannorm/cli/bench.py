@@ -16,7 +16,7 @@ import torch
 
 from spannorm.bench.harness import DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases, run_bench
 from spannorm.bench.reference import transformers_available
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.config import PLACEMENTS, ModelConfig
 from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
 
@@ -76,7 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU, overriding the device table (needed for MFU on CPU)")
     p.add_argument("--tf32", action="store_true", help="CUDA: let fp32 matmuls use TF32 (MFU vs the TF32 peak)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ModelConfig field of the spannorm cases, e.g. --set norm=layer (parsed as "
                         "spannorm train's --model.KEY=VALUE; not applied to the Hugging Face reference)")

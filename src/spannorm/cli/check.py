@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.config import ModelConfig
 from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
 from spannorm.diagnostics.check import CheckError, CheckSettings, run_check
@@ -57,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--band", type=float, default=4.0,
                    help="growth, gradient ratio and identity product are judged against [1/band, band]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

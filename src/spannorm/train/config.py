@@ -25,8 +25,8 @@ from typing import Any, Literal
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
+from spannorm.configuration import MAX_SEED, build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
-from spannorm.configuration import build, check_fields, fail, merge, parse_override
 from spannorm.train.layout import CONFIG_NAME
 
 Schedule = Literal["cosine", "wsd", "constant"]
@@ -42,8 +42,6 @@ PARALLEL_MODES = typing.get_args(ParallelMode)
 TOKENIZER_KINDS = ("byte", "bpe")
 
 
-MAX_SEED = 2**63 - 1
-"""Seeds are signed 64-bit integers (what torch and the checkpoint's JSON state hold exactly)."""
 MAX_MICRO_BATCH_TOKENS = 2**24
 """The most tokens (train.batch_size × model.context_length) one micro-batch may hold: 16,777,216, 32× a
 GPT-2-small micro-batch of 512 × 1024. Larger steps are made with train.grad_accum. The bound refuses a typo
