@@ -382,3 +382,11 @@ def test_progress_none_silences_progress_but_not_warnings(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "val_loss" not in captured.out  # no progress or evaluation lines
     assert captured.err.count("warning:") == 1 and "warning: step 6: val_loss" in captured.err
+
+    run = tmp_path / "short"  # a resume with changed settings warns on stderr too
+    train(tiny_cfg(tmp_path, "train.progress=none", "train.steps=2"), run)
+    capsys.readouterr()
+    train(tiny_cfg(tmp_path, "train.progress=none", "train.steps=3"), run, resume=True)
+    captured = capsys.readouterr()
+    assert "resumed with changed settings" in captured.err and "train.steps 2 -> 3" in captured.err
+    assert "resumed" not in captured.out

@@ -212,6 +212,8 @@ class ProgressDisplay(Callback):
                                  enabled=self.enabled)
         for line in trainer.resume_messages:
             self.message(line)
+        for line in trainer.resume_warnings:
+            self.warning(line)
 
     def message(self, text: str) -> None:
         """A line that stays (evaluations, checkpoints, warnings)."""
