@@ -147,7 +147,8 @@ def test_parse_override_and_apply_overrides():
     assert parse_override("--model.d_model=64") == (["model", "d_model"], "64")
     assert parse_override("a.b=c=d") == (["a", "b"], "c=d")
     for bad in ("model.n_layers", "=3", "model..x=1"):
-        with pytest.raises(ConfigError, match=r"is invalid: write section\.field=value"):
+        with pytest.raises(ConfigError, match=r"is invalid: .*; write KEY=VALUE, the KEY dotted into sections, "
+                                              r"e\.g\. model\.n_layers=24$"):
             parse_override(bad)
     assert apply_overrides({}, ["inner.mode=slow"], Outer) == {"inner": {"mode": "slow"}}
     with pytest.raises(ConfigError, match=r"'name\.x=1' is invalid: name is a value, not a section"):
@@ -170,7 +171,7 @@ MALFORMED = [
     ("span_beta=nan", "spannorm: error: model.span_beta='nan' is invalid: must be a finite number"),
     ("norm=batch", "spannorm: error: model.norm='batch' is invalid: allowed: rms, layer"),
     ("n_kv_heds=2", "spannorm: error: model.n_kv_heds is not a known config key (did you mean 'n_kv_heads'?)"),
-    ("scale_out_proj", "spannorm: error: override 'scale_out_proj' is invalid: write section.field=value"),
+    ("scale_out_proj", "spannorm: error: override 'scale_out_proj' is invalid: it has no '='; write KEY=VALUE"),
     ("placement_overrides={0: [", "spannorm: error: model.placement_overrides='{0: [' is invalid: must be a YAML"),
 ]
 

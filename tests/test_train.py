@@ -347,17 +347,20 @@ def test_top_k_sampling_only_draws_among_the_k_most_likely_tokens():
     assert greedy == int(logits.argmax())
 
 
+class ScrambleAfterFirstEval:
+    """Scrambles the weights after the step-3 evaluation: the run falls back with finite losses."""
+
+    def on_evaluation(self, trainer, step, record):
+        if step == 3:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn_like(p) * 3)
+
+
 def test_a_validation_loss_above_the_best_is_logged_and_warned(tmp_path, capsys):
     """A run that falls back (here: its weights scrambled after the first evaluation) has finite losses and no
     spike; ``val_above_best`` and a warning line show it."""
-
-    class ScrambleAfterFirstEval:
-        def on_evaluation(self, trainer, step, record):
-            if step == 3:
-                with torch.no_grad():
-                    for p in trainer.model.parameters():
-                        if p.dim() >= 2:
-                            p.copy_(torch.randn_like(p) * 3)
 
     run = tmp_path / "run"
     summary = train(tiny_cfg(tmp_path, "train.progress=plain", "train.checkpoint_every=0"), run,
@@ -405,3 +408,21 @@ def test_a_field_the_checkpoint_predates_is_not_reported_as_a_changed_setting():
     assert _changed_settings(old, new) == []
     old["train"]["steps"] = 5
     assert _changed_settings(old, new) == [f"train.steps 5 -> {new['train']['steps']}"]
+
+
+def test_progress_none_silences_progress_but_not_warnings(tmp_path, capsys):
+    """``train.progress=none`` (the studies use it) hides the progress lines, not the collapse warning: that
+    goes to stderr."""
+    train(tiny_cfg(tmp_path, "train.progress=none", "train.checkpoint_every=0"), tmp_path / "run",
+          callbacks=[ScrambleAfterFirstEval()])
+    captured = capsys.readouterr()
+    assert "val_loss" not in captured.out  # no progress or evaluation lines
+    assert captured.err.count("warning:") == 1 and "warning: step 6: val_loss" in captured.err
+
+    run = tmp_path / "short"  # a resume with changed settings warns on stderr too
+    train(tiny_cfg(tmp_path, "train.progress=none", "train.steps=2"), run)
+    capsys.readouterr()
+    train(tiny_cfg(tmp_path, "train.progress=none", "train.steps=3"), run, resume=True)
+    captured = capsys.readouterr()
+    assert "resumed with changed settings" in captured.err and "train.steps 2 -> 3" in captured.err
+    assert "resumed" not in captured.out

@@ -64,7 +64,7 @@ def test_round_trip_through_yaml_and_dict():
     (["model.moe.experts=3"], "model.moe.experts is not a known config key"),
     (["train.compile=maybe"], "train.compile='maybe' is invalid: must be true or false"),
     (["optim.schedule=linear"], "optim.schedule='linear' is invalid: allowed: cosine, wsd, constant"),
-    (["model.n_layers"], "override 'model.n_layers' is invalid: write section.field=value"),
+    (["model.n_layers"], "override 'model.n_layers' is invalid: it has no '='; write KEY=VALUE"),
 ])
 def test_bad_values_raise_one_line_config_errors(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -30,9 +30,24 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the value and what is allowed."""
 
 
+MAX_SEED = 2**63 - 1
+"""Every seed (``train.seed``, ``--seed``) is an integer from 0 to this: a signed 64-bit integer, which torch's
+generators and the checkpoint's JSON state hold exactly (also after the small offsets added per rank or
+prompt)."""
+
+
 def fail(path: str, value: Any, allowed: str) -> NoReturn:
     """Raise the one-line :class:`ConfigError` ``"{path}={value!r} is invalid: {allowed}"``."""
     raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+
+
+def as_flags(err: ConfigError, flags: Mapping[str, str]) -> ConfigError:
+    """``err`` with its leading field named as the command-line flag that set it (``weight_decay=inf is
+    invalid`` becomes ``--weight-decay=inf is invalid``), for settings built from a command's options; a
+    message about another field comes back as it was."""
+    text = str(err)
+    name, sep, rest = text.partition("=")
+    return ConfigError(f"{flags[name]}={rest}") if sep and name in flags else err
 
 
 def unknown_key(path: str, name: str, known: Sequence[str]) -> NoReturn:
@@ -236,7 +251,10 @@ def parse_override(text: str) -> tuple[list[str], str]:
     key, sep, value = body.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise ConfigError(f"override {text!r} is invalid: write section.field=value, e.g. model.n_layers=24")
+        why = ("it has no '='" if not sep else "the key is empty" if not key.strip()
+               else f"the key {key.strip()!r} has an empty part")
+        raise ConfigError(f"override {text!r} is invalid: {why}; write KEY=VALUE, the KEY dotted into sections, "
+                          "e.g. model.n_layers=24")
     return parts, value
 
 
@@ -318,5 +336,5 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ConfigError", "apply_overrides", "build", "check_fields", "coerce", "fail", "field_types",
-           "merge", "parse_override", "typed_overrides", "unknown_key", "yaml_value"]
+__all__ = ["MAX_SEED", "ConfigError", "apply_overrides", "as_flags", "build", "check_fields", "coerce", "fail",
+           "field_types", "merge", "parse_override", "typed_overrides", "unknown_key", "yaml_value"]

@@ -16,9 +16,9 @@ import torch
 
 from spannorm.bench.harness import DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases, run_bench
 from spannorm.bench.reference import transformers_available
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.config import PLACEMENTS, ModelConfig
-from spannorm.configuration import build, typed_overrides
+from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
 
 MODES = ("eager", "compiled")
 
@@ -76,7 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU, overriding the device table (CUDA) or the measured peak (CPU)")
     p.add_argument("--tf32", action="store_true", help="CUDA: let fp32 matmuls use TF32 (MFU vs the TF32 peak)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ModelConfig field of the spannorm cases, e.g. --set norm=layer (parsed as "
                         "spannorm train's --model.KEY=VALUE; not applied to the Hugging Face reference)")
@@ -111,11 +111,18 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads={args.threads} is invalid: must be >= 1")
     device = _device(args.device)
-    return build(BenchSettings, dict(
+    model_overrides = typed_overrides(args.overrides, ModelConfig, "model")
+    settings = dict(
         **size, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, tie_embeddings=not args.untied,
         n_experts=args.n_experts, top_k=args.top_k, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
         device=str(device), seed=args.seed, peak_tflops=args.peak_tflops, allow_tf32=args.tf32,
-        model_overrides=typed_overrides(args.overrides, ModelConfig, "model")))
+        model_overrides=model_overrides)
+    flags = {name: "--" + name.replace("_", "-") for name in settings if name not in ("model_overrides",
+                                                                                         "tie_embeddings")}
+    try:
+        return build(BenchSettings, settings)
+    except ConfigError as err:
+        raise as_flags(err, flags | {"allow_tf32": "--tf32"}) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,11 +139,17 @@ def run(args: argparse.Namespace) -> int:
     for placement in args.placements:  # every case's config is validated before anything runs
         for ffn in args.ffn:
             model_config(settings, placement, ffn)
-    if args.out is not None:
+    if args.out is not None:  # every way the report could not be written is found before the run
+        if args.out.is_dir():
+            raise UsageError(f"--out={args.out} is a folder; allowed: the path of a JSON file, e.g. "
+                             f"{args.out / 'bench.json'}")
         if args.out.exists() and not args.overwrite:
             raise UsageError(f"--out={args.out} exists; pass --overwrite to replace it")
         if not args.out.parent.is_dir():
             raise UsageError(f"--out={args.out} is invalid: directory {args.out.parent} does not exist")
+        if not os.access(args.out.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--out={args.out} is not writable ({args.out.parent} is read-only); allowed: a "
+                             "file in a writable folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cases = plan_cases(args.placements, args.ffn, [m == "compiled" for m in args.modes], dtypes, reference)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.config import ModelConfig
-from spannorm.configuration import build, typed_overrides
+from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
 from spannorm.diagnostics.check import CheckError, CheckSettings, run_check
 from spannorm.diagnostics.report import REPORT_JSON, REPORT_MD, format_run, write_report
 
@@ -24,6 +24,12 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "depths", "steps", "d_model", "n_heads", "seq_len", "batch_size", "lr", "clip", "weight_decay", "band", "seed",
+    "device")} | {"warmup_steps": "--warmup"}
+"""The option that sets each CheckSettings field, so that a refused value is named as the user wrote it."""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -51,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--band", type=float, default=4.0,
                    help="growth, gradient ratio and identity product are judged against [1/band, band]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -72,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} is a file; name a folder")
     if not args.overwrite and any((out / name).exists() for name in (REPORT_JSON, REPORT_MD)):
         raise UsageError(f"--out {str(out)!r} already holds a report; allowed: --overwrite or another folder")
-    settings = build(CheckSettings, dict(
-        depths=args.depths, steps=args.steps, d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, clip=args.clip,
-        weight_decay=args.weight_decay, seed=args.seed, band=args.band,
-        model_overrides=typed_overrides(args.overrides, ModelConfig, "model"), device=args.device,
-        suggest=not args.no_suggest))
+    model_overrides = typed_overrides(args.overrides, ModelConfig, "model")
+    try:
+        settings = build(CheckSettings, dict(
+            depths=args.depths, steps=args.steps, d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,
+            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, clip=args.clip,
+            weight_decay=args.weight_decay, seed=args.seed, band=args.band, model_overrides=model_overrides,
+            device=args.device, suggest=not args.no_suggest))
+    except ConfigError as err:
+        raise as_flags(err, FLAGS) from None
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads} is invalid: must be >= 1")

@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.inference import load_for_inference, run_device
 
 EXTRA_HINT = "pip install 'spannorm[eval]' (lm-eval)"
@@ -28,7 +28,7 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     group.add_argument("--limit", type=float, default=None,
                        help="evaluate only this many documents per task (a fraction if < 1), for quick checks")
-    group.add_argument("--seed", type=int, default=0, help="seeds lm-eval's sampling of few-shot examples")
+    group.add_argument("--seed", type=seed_arg, default=0, help="seeds lm-eval's sampling of few-shot examples")
 
 
 def run_tasks(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.inference import Sampling, generate_batch, load_for_inference, run_device
 
 
@@ -35,7 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="stop a sample after this token id; repeatable")
     p.add_argument("--batch-size", type=int, default=16, help="samples generated together")
     p.add_argument("--no-cache", action="store_true", help="re-run the window for every token (slow)")
-    p.add_argument("--seed", type=int, default=0, help="sample r (prompt by prompt) draws with seed + r")
+    p.add_argument("--seed", type=seed_arg, default=0, help="sample r (prompt by prompt) draws with seed + r")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                    help="default: the run's device (CPU with a note when CUDA is not available)")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")

@@ -15,6 +15,7 @@ import sys
 import spannorm
 import spannorm.cli as cli_pkg
 from spannorm.config import ConfigError
+from spannorm.configuration import MAX_SEED
 
 
 class UsageError(Exception):
@@ -27,6 +28,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def seed_arg(text: str) -> int:
+    """The argparse ``type`` of every ``--seed``: an integer from 0 to 2**63 - 1 (:data:`MAX_SEED`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer from 0 to 2**63 - 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from spannorm.cli.main import UsageError
+from spannorm.cli.main import UsageError, seed_arg
 from spannorm.config import PLACEMENTS, ModelConfig
 from spannorm.configuration import typed_overrides
 from spannorm.diagnostics.profile import random_init_profile
@@ -30,7 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_int_list, default=[16, 64, 128], help="comma-separated depths")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ModelConfig field, e.g. --set scale_out_proj=false (parsed as spannorm "
                         "train's --model.KEY=VALUE)")

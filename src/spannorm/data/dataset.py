@@ -37,8 +37,17 @@ SPLITS = ("train", "val")
 
 
 def resolve_cache_dir(cache_dir: str | None) -> Path:
-    """The cache folder: ``cache_dir`` or ``~/.cache/spannorm``."""
-    return Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    """The cache folder: ``cache_dir`` or ``~/.cache/spannorm``. A path that is, or lies under, a file is a
+    :class:`ConfigError` naming ``data.cache_dir``."""
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == folder else f"lies under the file {str(existing)!r}"
+                raise ConfigError(f"data.cache_dir={str(folder)!r} is invalid: it {where}; allowed: a folder "
+                                  f"(made if missing), or null for {DEFAULT_CACHE_DIR}")
+            break
+    return folder
 
 
 @dataclass

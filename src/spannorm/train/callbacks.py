@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import sys
 from typing import Any, Iterable
 
 from spannorm.hardware.devices import peak_memory_bytes
@@ -242,7 +243,7 @@ class ValidationRegression(Callback):
         record["val_above_best"] = loss - history.best_loss
         previous = history.previous_best_loss
         if previous is not None and loss > previous + self.nats:
-            trainer.progress.message(f"warning: step {step}: val_loss {loss:.4f} is {loss - previous:.3f} nats "
+            trainer.progress.warning(f"warning: step {step}: val_loss {loss:.4f} is {loss - previous:.3f} nats "
                                      f"above the run's best ({previous:.4f}); the run may be collapsing (no "
                                      "non-finite value or spike was detected)")
 
@@ -250,7 +251,8 @@ class ValidationRegression(Callback):
 # ---------------------------------------------------------------------- what a run shows
 class ProgressDisplay(Callback):
     """The progress bar or log lines of :class:`~spannorm.train.progress.Progress` (rank 0 only), the
-    resume lines and a line per evaluation. Other callbacks print through :meth:`message`."""
+    resume lines and a line per evaluation. Other callbacks print through :meth:`message`, and warnings
+    through :meth:`warning`, which ``train.progress=none`` does not silence."""
 
     def __init__(self, mode: str, total_steps: int, log_every: int, enabled: bool = True):
         self.mode, self.total_steps, self.log_every, self.enabled = mode, total_steps, log_every, enabled
@@ -261,10 +263,23 @@ class ProgressDisplay(Callback):
                                  enabled=self.enabled)
         for line in trainer.resume_messages:
             self.message(line)
+        for line in trainer.resume_warnings:
+            self.warning(line)
 
     def message(self, text: str) -> None:
         """A line that stays (evaluations, checkpoints, warnings)."""
         if self.progress is not None:
+            self.progress.message(text)
+
+    def warning(self, text: str) -> None:
+        """A line the user must see: with the progress display, like :meth:`message`; with
+        ``train.progress=none`` (which silences progress, not warnings) on stderr. Rank 0 only."""
+        if self.progress is None:
+            return
+        if self.progress.mode == "none":
+            if self.enabled:
+                print(text, file=sys.stderr, flush=True)
+        else:
             self.progress.message(text)
 
     def on_evaluation(self, trainer: Any, step: int, record: dict[str, Any]) -> None:

@@ -25,8 +25,8 @@ from typing import Any, Literal
 import yaml
 
 from spannorm.config import ConfigError, ModelConfig, MoEConfig
+from spannorm.configuration import MAX_SEED, build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
-from spannorm.configuration import build, check_fields, fail, merge, parse_override
 from spannorm.train.layout import CONFIG_NAME
 
 Schedule = Literal["cosine", "wsd", "constant"]
@@ -42,9 +42,17 @@ PARALLEL_MODES = typing.get_args(ParallelMode)
 TOKENIZER_KINDS = ("byte", "bpe")
 
 
-def _check_positive_int(path: str, value: Any, minimum: int = 1) -> None:
+MAX_MICRO_BATCH_TOKENS = 2**24
+"""The most tokens (train.batch_size × model.context_length) one micro-batch may hold: 16,777,216, 32× a
+GPT-2-small micro-batch of 512 × 1024. Larger steps are made with train.grad_accum. The bound refuses a typo
+such as batch_size=1e8 before the run folder is written or the batch is allocated."""
+
+
+def _check_positive_int(path: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        fail(path, value, f"must be an integer >= {minimum}")
+        fail(path, value, f"must be an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"))
+    if maximum is not None and value > maximum:
+        fail(path, value, f"must be an integer >= {minimum} and <= {maximum}")
 
 
 def _check_number(path: str, value: Any, *, low: float, high: float = math.inf,
@@ -187,7 +195,7 @@ class TrainConfig:
         _check_positive_int(f"{prefix}.steps", self.steps)
         _check_positive_int(f"{prefix}.batch_size", self.batch_size)
         _check_positive_int(f"{prefix}.grad_accum", self.grad_accum)
-        _check_positive_int(f"{prefix}.seed", self.seed, minimum=0)
+        _check_positive_int(f"{prefix}.seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("eval_every", "log_every", "checkpoint_every", "diagnostics_every",
                      "activation_checkpointing", "loss_chunk_tokens"):
             _check_positive_int(f"{prefix}.{name}", getattr(self, name), minimum=0)
@@ -219,6 +227,12 @@ class RunConfig:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+        micro_batch_tokens = self.train.batch_size * self.model.context_length
+        if micro_batch_tokens > MAX_MICRO_BATCH_TOKENS:
+            fail("train.batch_size", self.train.batch_size,
+                 f"batch_size × model.context_length ({self.model.context_length}) = {micro_batch_tokens} tokens "
+                 f"per micro-batch; allowed: at most {MAX_MICRO_BATCH_TOKENS} (use train.grad_accum for larger "
+                 "steps)")
 
     @property
     def tokens_per_step(self) -> int:

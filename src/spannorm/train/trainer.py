@@ -253,6 +253,7 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.resume_messages: list[str] = []
+        self.resume_warnings: list[str] = []  # shown even with train.progress=none
         self.stop_reason: str | None = None
 
     # ------------------------------------------------------------------ build steps
@@ -372,7 +373,7 @@ class Trainer:
         self.resume_messages = [f"resumed from {ckpt} at step {self.step}"]
         changes = _changed_settings(self.saved_run_config or {}, self.cfg.to_dict())
         if changes:
-            self.resume_messages.append("resumed with changed settings (losses will differ from an uninterrupted "
+            self.resume_warnings.append("resumed with changed settings (losses will differ from an uninterrupted "
                                         "run): " + "; ".join(changes))
 
     def _trainer_state(self) -> dict[str, Any]:
