@@ -18,13 +18,7 @@ from spannorm.inference import Sampling, generate_batch, load_for_inference, run
 from spannorm.model import SpanNormLM
 from spannorm.model.io import save_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

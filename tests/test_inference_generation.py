@@ -17,13 +17,7 @@ from spannorm.model import SpanNormLM
 from spannorm.model.layers import CausalSelfAttention
 from spannorm.train import checkpoint as ckpt_io
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny(placement: str, moe: bool, context: int = 24, **kw) -> SpanNormLM:

@@ -29,12 +29,7 @@ TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny(tmp_path: Path, steps: int = 6) -> list[str]:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from spannorm.launch import train
 from spannorm.train import checkpoint as ckpt_io
@@ -23,13 +22,7 @@ from spannorm.train.layout import RunFolder
 TEXT = (Path(json.__file__).read_text() + Path(__file__).read_text()) * 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:
