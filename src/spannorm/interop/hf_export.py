@@ -187,11 +187,23 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, dtype: str = "flo
     source_dir = Path(source_dir) if source_dir is not None else None
     check_tokenizer_fits(model.cfg, source_dir)
     config = llama_config_dict(model.cfg, dtype, _source_hf_config(source_dir))
+    return _write_export(out_dir, model.cfg, state, config, source_dir, max_shard_bytes, overwrite)
+
+
+def _write_export(out_dir: str | os.PathLike, cfg: ModelConfig, state: dict[str, Any], config: dict[str, Any],
+                  source_dir: Path | None, max_shard_bytes: int, overwrite: bool,
+                  modeling_files: tuple[str, ...] = ()) -> list[str]:
+    """Write one export folder (atomically, see :func:`write_directory`): the weight shards, the
+    ``modeling_files`` of ``hf_modeling/``, the tokenizer, and ``config.json`` completed with the tokenizer's
+    special ids. Returns the file names written."""
     written: list[str] = []
 
     def fill(tmp: Path) -> None:
         written.extend(write_shards(state, tmp, max_shard_bytes))
-        files, token_ids = _write_tokenizer(model.cfg, source_dir, tmp)
+        for name in modeling_files:
+            shutil.copyfile(MODELING_DIR / name, tmp / name)
+        written.extend(modeling_files)
+        files, token_ids = _write_tokenizer(cfg, source_dir, tmp)
         config.update({k: v for k, v in token_ids.items() if config.get(k) is None})
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         written.append(HF_CONFIG)
@@ -258,21 +270,8 @@ def export_hf_remote_code(model: DecoderLM, out_dir: str | os.PathLike, *, dtype
     source_dir = Path(source_dir) if source_dir is not None else None
     check_tokenizer_fits(model.cfg, source_dir)
     config = remote_code_config_dict(model, dtype, _source_hf_config(source_dir))
-    written: list[str] = []
-
-    def fill(tmp: Path) -> None:
-        written.extend(write_shards(state, tmp, max_shard_bytes))
-        for name in MODELING_FILES:
-            shutil.copyfile(MODELING_DIR / name, tmp / name)
-        written.extend(MODELING_FILES)
-        files, token_ids = _write_tokenizer(model.cfg, source_dir, tmp)
-        config.update({k: v for k, v in token_ids.items() if config.get(k) is None})
-        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        written.append(HF_CONFIG)
-        written.extend(files)
-
-    write_directory(out_dir, fill, overwrite)
-    return written
+    return _write_export(out_dir, model.cfg, state, config, source_dir, max_shard_bytes, overwrite,
+                         MODELING_FILES)
 
 
 @dataclass
