@@ -285,6 +285,14 @@ def _strip_root(parts: list[str], path: str) -> list[str]:
     return parts[1:] if path and len(parts) > 1 and parts[0] == path else parts
 
 
+def _override_steps(text: str, root: type, path: str) -> tuple[list[str], str, list[tuple[str, Any]]]:
+    """One ``KEY=VALUE`` override: its key parts (a leading ``{path}.`` dropped), its value, and the
+    (field name, type) steps of the key through dataclass ``root``; an unknown key fails naming the override."""
+    parts, value = parse_override(text)
+    parts = _strip_root(parts, path)
+    return parts, value, _field_path(text, parts, root, path)
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], root: type,
                     path: str = "") -> dict[str, Any]:
     """Apply ``KEY=VALUE`` overrides (dotted keys into dataclass ``root``; with ``path``, a leading
@@ -292,9 +300,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], root: typ
     fail here, so that the message names the override."""
     out = merge({}, data)
     for text in overrides:
-        parts, value = parse_override(text)
-        parts = _strip_root(parts, path)
-        steps = _field_path(text, parts, root, path)
+        _, value, steps = _override_steps(text, root, path)
         node = out
         for name, _ in steps[:-1]:
             child = node.get(name)
@@ -312,9 +318,7 @@ def typed_overrides(overrides: Sequence[str], root: type, path: str = "") -> dic
     same message as in ``spannorm train``. With ``path`` (e.g. ``model``), keys may start with ``{path}.``."""
     out: dict[str, Any] = {}
     for text in overrides:
-        parts, value = parse_override(text)
-        parts = _strip_root(parts, path)
-        steps = _field_path(text, parts, root, path)
+        parts, value, steps = _override_steps(text, root, path)
         node = out
         for name, _ in steps[:-1]:
             node = node.setdefault(name, {})
