@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from spannorm.config import ConfigError
+from spannorm.files import atomic_write_bytes
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "spannorm-tokens"
@@ -34,16 +34,6 @@ TOKEN_DTYPES = ("uint16", "uint32")
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest shard dtype that holds every id of a vocabulary."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -7,7 +7,6 @@ Every tokenizer has an ``id`` string that, with the corpus hash, keys the token 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer as _HF
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from spannorm.config import ConfigError
+from spannorm.files import atomic_write_text
 
 
 class Tokenizer(Protocol):
@@ -126,9 +126,7 @@ def bpe_tokenizer(corpus: bytes, corpus_hash: str, vocab_size: int, cache_dir: P
         return HFTokenizer(_HF.from_file(str(path)), tokenizer_id)
     trained = train_bpe(corpus, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(trained.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(path, trained.to_json())
     return HFTokenizer(trained.tokenizer, tokenizer_id)
 
 

@@ -38,6 +38,7 @@ from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
 from spannorm.experiments.worker_guard import guard_worker
+from spannorm.files import atomic_write_text
 from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
@@ -66,9 +67,7 @@ class SweepOutcome:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
 
 
 def _finite_or_none(value: Any) -> float | None:

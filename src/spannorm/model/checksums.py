@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from spannorm.config import ConfigError, ModelConfig
+from spannorm.files import atomic_write_text
 from spannorm.model.transformer import DecoderLM
 
 MANIFEST_NAME = "checksums.json"
@@ -58,16 +59,7 @@ def write_manifest(directory: str | os.PathLike, names: Iterable[str]) -> Path:
         path = directory / name
         files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     target = directory / MANIFEST_NAME
-    tmp = target.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(target, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=2) + "\n")
     return target
 
 

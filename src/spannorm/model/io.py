@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spannorm.config import ModelConfig
+from spannorm.files import atomic_write
 from spannorm.model.checksums import CorruptCheckpoint, model_config_of, verify_folder, write_manifest
 from spannorm.model.transformer import DecoderLM
 
@@ -37,24 +38,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     os.chmod(path, FILE_MODE)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_model(model: DecoderLM, directory: str | os.PathLike) -> None:
     """Write the weights and the model config into ``directory``, each through a temporary file and a rename."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda p: save_tensors(state, p, {"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_tensors(state, p, {"format": "pt"}))
     text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True)
-    _atomic_write_bytes(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text))
     write_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))
 
 

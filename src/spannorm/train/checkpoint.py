@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from spannorm.config import ConfigError
+from spannorm.files import atomic_write, atomic_write_text
 from spannorm.model.checksums import MANIFEST_NAME, CorruptCheckpoint, read_json_file, verify_folder, write_manifest
 from spannorm.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_model, save_tensors
 from spannorm.train.layout import (
@@ -63,30 +64,6 @@ to pause a writer and kill it mid-write; it is None in normal use."""
 def _hook(phase: str, path: Path) -> None:
     if write_hook is not None:
         write_hook(phase, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_tensors(tensors, tmp, {"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------------- optimizer state
@@ -173,7 +150,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         try:
             save_model(model, tmp)
             tensors, meta = optimizer_to_files(optimizer)
-            _atomic_save_tensors(tmp / OPTIMIZER_TENSORS_NAME, tensors)
+            atomic_write(tmp / OPTIMIZER_TENSORS_NAME, lambda p: save_tensors(tensors, p, {"format": "pt"}))
             atomic_write_text(tmp / OPTIMIZER_META_NAME, json.dumps(meta))
             if tokenizer_json is not None:
                 atomic_write_text(tmp / TOKENIZER_NAME, tokenizer_json)
