@@ -223,6 +223,11 @@ def test_records_without_the_text_field_stop_or_are_skipped_and_counted(tmp_path
     with pytest.raises(ConfigError, match=r"x.jsonl' line 2 has no string field 'text'.*--on-bad-record=skip"):
         prep.prepare([jsonl], tmp_path / "stop", small(), log=quiet)
     assert not (tmp_path / "stop").exists()  # stopped before any shard was done: nothing left behind
+    not_json = tmp_path / "y.jsonl"
+    not_json.write_text('{"text": "one"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"y.jsonl' line 2 is not JSON; allowed: one JSON object per line"):
+        prep.prepare([not_json], tmp_path / "stop", small(), log=quiet)
+    assert not (tmp_path / "stop").exists()
     index = prep.prepare([jsonl], tmp_path / "skip", small(on_bad_record="skip", val_fraction=0.0), log=quiet)
     assert index["bad_records"] == 2 and index["splits"]["train"]["documents"] == 2
     assert documents(shards.open_dataset(tmp_path / "skip"), "train") == ["one", "three"]

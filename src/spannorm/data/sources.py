@@ -185,12 +185,14 @@ def _record_text(record, text_field: str) -> str | None:
     return None
 
 
-def _bad_record(path: Path, where: str, text_field: str, on_bad_record: str, stats: ReadStats) -> None:
+def _bad_record(path: Path, where: str, text_field: str, on_bad_record: str, stats: ReadStats,
+                not_json: bool = False) -> None:
     stats.bad_records += 1
     if on_bad_record == "stop":
-        raise ConfigError(f"source {str(path)!r} {where} has no string field {text_field!r}; allowed: "
-                          f"--text-field=NAME naming the text field, or --on-bad-record=skip to skip such "
-                          "records (they are counted)")
+        problem, fix = (("is not JSON", "one JSON object per line") if not_json else
+                        (f"has no string field {text_field!r}", "--text-field=NAME naming the text field"))
+        raise ConfigError(f"source {str(path)!r} {where} {problem}; allowed: {fix}, or --on-bad-record=skip to "
+                          "skip such records (they are counted)")
 
 
 def _chunked(text: str) -> Iterator[Piece]:
@@ -213,11 +215,11 @@ def iter_pieces(path: Path, *, document_split: str = "file", text_field: str = "
                 if not line.strip():
                     continue
                 try:
-                    text = _record_text(json.loads(line), text_field)
+                    text, not_json = _record_text(json.loads(line), text_field), False
                 except json.JSONDecodeError:
-                    text = None
+                    text, not_json = None, True
                 if text is None:
-                    _bad_record(path, f"line {number}", text_field, on_bad_record, stats)
+                    _bad_record(path, f"line {number}", text_field, on_bad_record, stats, not_json)
                 elif text:
                     yield from _chunked(text)
     elif kind == "json":
