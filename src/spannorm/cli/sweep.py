@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     with hold_run_folder(out):  # one sweep per folder at a time
         outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
                             plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
-                            order=args.order)
+                            order=args.order, plan_path=args.plan)
     print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
           f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")

@@ -14,6 +14,11 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
         - pre
         - span
         - {name: peri-dt0.1, placement: peri, overrides: [model.delta_t=0.1], ffn: [dense]}
+        - {name: post-lowlr, placement: post, lrs: [1.0e-4, 3.0e-4, 1.0e-3]}   # its own LR grid
+        - name: peri-dtL      # overrides that depend on the depth: one list per grid depth, every depth named
+          placement: peri
+          overrides_by_depth: {6: [model.delta_t=0.288675], 24: [model.delta_t=0.144338],
+                               48: [model.delta_t=0.102062]}
       depths: [6, 24, 48]
       ffn:                    # name -> overrides; "dense" and "moe" are the usual two
         dense: []
@@ -26,33 +31,46 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
       search_depths: [6]      # (default: every depth; other depths take the nearest search depth's best lr)
       shared_lr: 3.0e-3       # ... then every seed runs at each cell's best lr and at this shared lr
       shared_runs: true
+      bracket:                # a best LR at an edge of its grid adds one LR beyond that edge, and again,
+        max_extensions: 2     # until the best is interior or this many were added (see lr_search.py)
+        factor: null          # the step beyond an edge (null: the grid's own pattern)
+      order: stage            # stage: every LR search first; depth: the shallowest depth (then each FFN
+                              # kind, in grid.ffn's order) first, so that whole depths finish early
+      preregistered:          # one comparison fixed before any run (its declaration is recorded in the
+        a: span               # sweep index at each start, so the report can show it came first)
+        b: pre
+        depth: 48
+        ffn: dense
+        which: best           # best: each side at its best LR; shared: both at the shared LR
+        test: welch           # Welch's t-test, two-sided, at level alpha
+        alpha: 0.05
     measure:
       layer_stats: true       # per-layer moments and gradients after training, on a fixed val batch
       batch_size: 8
       prune_checkpoints: false  # delete a finished run's checkpoints once it has been measured
 
 A *cell* is one (placement, depth, ffn) triple; its runs differ in learning rate and seed. Run ids are
-``{placement}-L{depth}-{ffn}-lr{lr}-s{seed}``, e.g. ``span-L24-moe-lr3e-3-s1``.
+``{placement}-L{depth}-{ffn}-lr{lr}-s{seed}``, e.g. ``span-L24-moe-lr3e-3-s1``; an LR added by bracketing is
+a new run id, and a resumed sweep works out again, from the finished runs, which LRs were added.
 """
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from spannorm.config import ConfigError, Placement
 from spannorm.configuration import build, fail, parse_override
+from spannorm.experiments.lr_search import FINISHED, SearchState, bracket_search, rank_key, select_best_lr
 from spannorm.experiments.plan_checks import check_plan, exact_lr_tag
 
 Protocol = Literal["full", "lr_search"]
 PROTOCOLS = typing.get_args(Protocol)
-FINISHED = ("done", "diverged")
-"""Run statuses that end a run for good (``failed`` runs are retried by the next sweep)."""
+StartOrder = Literal["stage", "depth"]
 
 
 def format_lr(lr: float) -> str:
@@ -70,6 +88,13 @@ class PlacementVariant:
     overrides: tuple[str, ...] = ()
     ffn: tuple[str, ...] | None = None
     """Run this variant with these FFN kinds only (None: every kind of ``grid.ffn``)."""
+    lrs: tuple[float, ...] | None = None
+    """This variant's own LR grid (None: ``grid.lrs``)."""
+    overrides_by_depth: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    """(depth, overrides) pairs: overrides applied after ``overrides`` at that depth only."""
+
+    def overrides_at(self, depth: int) -> tuple[str, ...]:
+        return next((o for d, o in self.overrides_by_depth if d == depth), ())
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,11 @@ class StudyPlan:
     """lr_search: also run every seed at the shared LR (besides the best LR)."""
     measure: MeasureOptions = field(default_factory=MeasureOptions)
     description: str = ""
+    max_extensions: int = 0
+    """LR bracketing (``protocol.bracket``): at most this many LRs added beyond a search grid's edges."""
+    bracket_factor: float | None = None
+    start_order: StartOrder = "stage"
+    preregistered: Preregistered | None = None
 
     # ------------------------------------------------------------------ cells and runs
     def cells(self) -> list[Cell]:
@@ -160,26 +190,46 @@ class StudyPlan:
         nearest = min(depths, key=lambda d: (abs(d - cell.depth), -d))
         return Cell(cell.placement, nearest, cell.ffn)
 
-    def search_specs(self, cell: Cell) -> list[RunSpec]:
-        """The runs of the LR search that decides ``cell``'s best LR."""
+    def grid_lrs(self, cell: Cell) -> list[float]:
+        """The LR grid of ``cell``'s variant: its own ``lrs``, else ``grid.lrs``."""
+        own = self.variant(cell.placement).lrs
+        return list(own) if own is not None else list(self.lrs)
+
+    def search_state(self, cell: Cell, results: Mapping[str, Mapping[str, Any]] | None = None) -> SearchState:
+        """Where the LR search that decides ``cell``'s best LR stands, given ``results`` (``run_id ->
+        record``): the LRs it asks for so far (bracketing extensions included) and, once every one of its
+        runs has finished and no extension is due, the best LR."""
+        results = results or {}
         seeds = self.seeds if self.protocol == "full" else self.search_seeds
         stage = "grid" if self.protocol == "full" else "search"
         search = self.search_cell(cell)
-        return [self.run_spec(search, lr, s, stage) for lr in self.lrs for s in seeds]
+
+        def records_at(lr: float) -> list:
+            return [results.get(self.run_spec(search, lr, s, stage).run_id) for s in seeds]
+
+        return bracket_search(self.grid_lrs(search), records_at, self.max_extensions, self.bracket_factor)
+
+    def search_specs(self, cell: Cell, results: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunSpec]:
+        """The runs of the LR search that decides ``cell``'s best LR, as far as ``results`` have extended it."""
+        seeds = self.seeds if self.protocol == "full" else self.search_seeds
+        stage = "grid" if self.protocol == "full" else "search"
+        search = self.search_cell(cell)
+        return [self.run_spec(search, lr, s, stage) for lr in self.search_state(cell, results).lrs for s in seeds]
 
     def best_lr(self, cell: Cell, results: Mapping[str, Mapping[str, Any]]) -> float | None:
-        """``cell``'s best LR from its search runs' records, or None while any of them is unfinished."""
-        specs = self.search_specs(cell)
-        records = [results.get(spec.run_id) for spec in specs]
-        if not all(r is not None and r.get("status") in FINISHED for r in records):
-            return None
-        by_lr: dict[float, list] = {}
-        for spec, record in zip(specs, records):
-            by_lr.setdefault(spec.lr, []).append(record)
-        return select_best_lr(by_lr)
+        """``cell``'s best LR from its search runs' records, or None while any of them is unfinished (or while
+        an extension of the search is still to run)."""
+        return self.search_state(cell, results).best
 
     def variant(self, name: str) -> PlacementVariant:
         return next(p for p in self.placements if p.name == name)
+
+    def start_rank(self, spec: RunSpec) -> tuple[int, ...]:
+        """Where ``spec`` comes in the order runs are started, before its stage: () under ``order: stage``;
+        under ``order: depth`` its depth's rank (shallowest first), then its FFN kind's rank in ``grid.ffn``."""
+        if self.start_order == "stage":
+            return ()
+        return sorted(self.depths).index(spec.cell.depth), list(self.ffn).index(spec.cell.ffn)
 
     @property
     def reference_lr(self) -> float:
@@ -196,6 +246,7 @@ class StudyPlan:
             f"model.n_layers={cell.depth}",
             *self.ffn[cell.ffn],
             *variant.overrides,
+            *variant.overrides_at(cell.depth),
             f"optim.lr={lr!r}",
             f"train.seed={seed}",
         )
@@ -217,12 +268,8 @@ class StudyPlan:
 
         cells = self.cells()
         for cell in cells:  # the LR searches first, so that a later stage never renames a search run
-            if self.protocol == "full":
-                for lr in self.lrs:
-                    for seed in self.seeds:
-                        add(self.run_spec(cell, lr, seed, "grid"))
-            elif self.search_cell(cell) == cell:
-                for spec in self.search_specs(cell):
+            if self.protocol == "full" or self.search_cell(cell) == cell:
+                for spec in self.search_specs(cell, results):
                     add(spec)
         if self.protocol == "full":
             return specs
@@ -240,24 +287,6 @@ class StudyPlan:
                 for seed in self.seeds:
                     add(self.run_spec(cell, lr, seed, stage))
         return specs
-
-
-# ---------------------------------------------------------------------- LR selection
-def rank_key(records: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
-    """How good an LR is from its runs: (number of diverged runs, mean final val loss of the others).
-    Lower is better, so a divergence ranks an LR below every LR without one: diverged counts as worst."""
-    records = list(records)
-    diverged = sum(1 for r in records if r.get("status") == "diverged" or r.get("diverged"))
-    losses = [float(r["final_val_loss"]) for r in records
-              if not (r.get("status") == "diverged" or r.get("diverged"))
-              and r.get("final_val_loss") is not None and math.isfinite(float(r["final_val_loss"]))]
-    mean = sum(losses) / len(losses) if losses else math.inf
-    return diverged, mean
-
-
-def select_best_lr(runs_by_lr: Mapping[float, Iterable[Mapping[str, Any]]]) -> float:
-    """The LR whose runs rank best by :func:`rank_key`; ties go to the smaller LR."""
-    return min(runs_by_lr, key=lambda lr: (*rank_key(runs_by_lr[lr]), lr))
 
 
 # ---------------------------------------------------------------------- parsing
@@ -285,6 +314,10 @@ class PlanVariantEntry:
     placement: Placement
     overrides: list[str] = field(default_factory=list)
     ffn: list[str] | None = None
+    lrs: list[float] | None = None
+    """The variant's own LR grid (None: ``grid.lrs``)."""
+    overrides_by_depth: dict[int, list[str]] | None = None
+    """Overrides per depth, applied after ``overrides``; when given, it names every grid depth."""
 
     def validate(self, prefix: str) -> None:
         if not self.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
@@ -292,6 +325,12 @@ class PlanVariantEntry:
         _check_overrides(f"{prefix}.overrides", self.overrides)
         if self.ffn is not None and not self.ffn:
             fail(f"{prefix}.ffn", self.ffn, "a non-empty list of grid.ffn names")
+        if self.lrs is not None:
+            _check_distinct(f"{prefix}.lrs", self.lrs)
+            if any(not lr > 0 for lr in self.lrs):
+                fail(f"{prefix}.lrs", self.lrs, "learning rates must be positive")
+        for depth, overrides in (self.overrides_by_depth or {}).items():
+            _check_overrides(f"{prefix}.overrides_by_depth[{depth}]", overrides)
 
 
 @dataclass
@@ -323,6 +362,53 @@ class PlanGrid:
 
 
 @dataclass
+class PlanBracket:
+    """``protocol.bracket``: extend an LR search whose best LR is at an edge of its grid."""
+
+    max_extensions: int = 2
+    """At most this many LRs added to one cell's search, in all."""
+    factor: float | None = None
+    """The step beyond an edge (> 1); None continues the grid's own pattern."""
+
+    def validate(self, prefix: str = "plan.protocol.bracket") -> None:
+        if self.max_extensions < 0:
+            fail(f"{prefix}.max_extensions", self.max_extensions, "must be >= 0")
+        if self.factor is not None and not self.factor > 1:
+            fail(f"{prefix}.factor", self.factor, "must be > 1, or null for the grid's own step")
+
+
+Which = Literal["best", "shared"]
+PreregisteredTest = Literal["welch"]
+
+
+@dataclass
+class Preregistered:
+    """``protocol.preregistered``: one comparison fixed before any run: placement ``a`` against ``b`` at one
+    depth and FFN kind, each at its best LR (``which: best``) or both at the shared LR, by ``test`` at
+    level ``alpha`` (two-sided)."""
+
+    a: str
+    b: str
+    depth: int
+    ffn: str = "dense"
+    which: Which = "best"
+    test: PreregisteredTest = "welch"
+    alpha: float = 0.05
+    hypothesis: str = ""
+    """The claim in words, as stated before the runs (shown in the report)."""
+
+    def validate(self, prefix: str = "plan.protocol.preregistered") -> None:
+        if not 0 < self.alpha < 1:
+            fail(f"{prefix}.alpha", self.alpha, "must be between 0 and 1")
+        if self.a == self.b:
+            fail(f"{prefix}.b", self.b, "must differ from a")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "depth": self.depth, "ffn": self.ffn, "which": self.which,
+                "test": self.test, "alpha": self.alpha, "hypothesis": self.hypothesis}
+
+
+@dataclass
 class PlanProtocol:
     """``protocol``: which runs the grid asks for (see the module docstring)."""
 
@@ -332,6 +418,9 @@ class PlanProtocol:
     search_depths: list[int] | None = None
     shared_lr: float | None = None
     shared_runs: bool = True
+    bracket: PlanBracket | None = None
+    order: StartOrder = "stage"
+    preregistered: Preregistered | None = None
 
     def validate(self, prefix: str = "plan.protocol") -> None:
         for name in ("search_seeds", "search_depths"):
@@ -388,8 +477,42 @@ def _variant(item: Any, index: int) -> PlacementVariant:
         entry = build(PlanVariantEntry, item, path)
     else:
         fail(path, item, "a placement name, or {name, placement, overrides, ffn}")
+    by_depth = tuple((depth, tuple(overrides)) for depth, overrides in (entry.overrides_by_depth or {}).items())
     return PlacementVariant(entry.name, entry.placement, tuple(entry.overrides),
-                       None if entry.ffn is None else tuple(entry.ffn))
+                            None if entry.ffn is None else tuple(entry.ffn),
+                            None if entry.lrs is None else tuple(entry.lrs), by_depth)
+
+
+def _check_variant_depths(variant: PlacementVariant, depths: list[int], given: bool) -> None:
+    """``overrides_by_depth``, when given, names exactly the grid's depths (a depth left out would run the
+    variant without its depth's setting, a depth the grid lacks is a typo)."""
+    if not given:
+        return
+    path = f"plan.grid.placements[{variant.name}].overrides_by_depth"
+    named = [d for d, _ in variant.overrides_by_depth]
+    missing = [d for d in depths if d not in named]
+    extra = [d for d in named if d not in depths]
+    if missing or extra:
+        what = f"lacks depth {missing[0]}" if missing else f"names depth {extra[0]}, not in grid.depths"
+        raise ConfigError(f"{path} {what}; allowed: one list of overrides for each of grid.depths "
+                          f"{', '.join(map(str, depths))}")
+
+
+def _check_preregistered(pre: Preregistered, variants: list[PlacementVariant], grid: PlanGrid) -> None:
+    path = "plan.protocol.preregistered"
+    names = [v.name for v in variants]
+    for side in ("a", "b"):
+        name = getattr(pre, side)
+        if name not in names:
+            fail(f"{path}.{side}", name, f"allowed: a name of grid.placements ({', '.join(names)})")
+    if pre.depth not in grid.depths:
+        fail(f"{path}.depth", pre.depth, f"allowed: one of grid.depths ({', '.join(map(str, grid.depths))})")
+    if pre.ffn not in grid.ffn:
+        fail(f"{path}.ffn", pre.ffn, f"allowed: one of grid.ffn ({', '.join(grid.ffn)})")
+    for side in ("a", "b"):
+        variant = next(v for v in variants if v.name == getattr(pre, side))
+        if variant.ffn is not None and pre.ffn not in variant.ffn:
+            fail(f"{path}.ffn", pre.ffn, f"{variant.name} runs with {', '.join(variant.ffn)} only")
 
 
 def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
@@ -401,6 +524,17 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     variants = [_variant(item, i) for i, item in enumerate(grid.placements)]
     if not variants or len({v.name for v in variants}) != len(variants):
         fail("plan.grid.placements", [v.name for v in variants], "must be a non-empty list of distinct names")
+    for item, variant in zip(grid.placements, variants):
+        _check_variant_depths(variant, grid.depths, isinstance(item, dict) and item.get("overrides_by_depth")
+                              is not None)
+    bracket = protocol.bracket
+    if bracket is not None and bracket.max_extensions > 0:
+        short = next((v.name for v in variants if len(v.lrs if v.lrs is not None else grid.lrs) < 2), None)
+        if short is not None:
+            raise ConfigError(f"plan.protocol.bracket needs an LR grid of two or more LRs to extend, and "
+                              f"{short!r} has one; allowed: more grid.lrs (or the variant's lrs), or no bracket")
+    if protocol.preregistered is not None:
+        _check_preregistered(protocol.preregistered, variants, grid)
     for variant in variants:
         for name in variant.ffn or ():
             if name not in grid.ffn:
@@ -418,7 +552,10 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
                      preset=plan.base.preset, base_overrides=base_overrides, protocol=protocol.kind,
                      search_seeds=search_seeds, search_depths=protocol.search_depths,
                      shared_lr=protocol.shared_lr, shared_runs=protocol.shared_runs, measure=plan.measure,
-                     description=plan.description or "")
+                     description=plan.description or "",
+                     max_extensions=0 if bracket is None else bracket.max_extensions,
+                     bracket_factor=None if bracket is None else bracket.factor, start_order=protocol.order,
+                     preregistered=protocol.preregistered)
     check_plan(study, source)  # no grid-owned key set outside the grid, no two runs under one id
     return study
 

@@ -53,19 +53,23 @@ def check_plan(plan: Any, source: str = "plan") -> None:
     places = [("base", plan.base_overrides)]
     places += [(f"grid.ffn.{name}", overrides) for name, overrides in plan.ffn.items()]
     places += [(f"grid.placements[{v.name}].overrides", v.overrides) for v in plan.placements]
+    places += [(f"grid.placements[{v.name}].overrides_by_depth[{depth}]", overrides)
+               for v in plan.placements for depth, overrides in v.overrides_by_depth]
     for where, overrides in places:
         for override in overrides:
             key = _key(override)
             if key in GRID_OWNED:
                 raise ConfigError(f"{source}: {where} sets {override!r}, which the grid decides (and the run id "
                                   f"records); allowed: set it through {GRID_OWNED[key]}")
-    tags: dict[str, float] = {}
-    for lr in plan.lrs:
-        tag = exact_lr_tag(lr)
-        if tag in tags and tags[tag] != lr:
-            raise ConfigError(f"{source}: grid.lrs {tags[tag]!r} and {lr!r} would share the run id tag "
-                              f"lr{tag}; allowed: distinct learning rates")
-        tags[tag] = lr
+    for where, lrs in [("grid.lrs", plan.lrs)] + [(f"grid.placements[{v.name}].lrs", v.lrs)
+                                                   for v in plan.placements if v.lrs is not None]:
+        tags: dict[str, float] = {}
+        for lr in lrs:
+            tag = exact_lr_tag(lr)
+            if tag in tags and tags[tag] != lr:
+                raise ConfigError(f"{source}: {where} {tags[tag]!r} and {lr!r} would share the run id tag "
+                                  f"lr{tag}; allowed: distinct learning rates")
+            tags[tag] = lr
     for name, values in (("grid.lrs", plan.lrs), ("grid.seeds", plan.seeds), ("grid.depths", plan.depths)):
         if len(set(values)) != len(values):
             dup = next(v for v in values if values.count(v) > 1)

@@ -2,10 +2,15 @@
 
 ``build_report(results, out_dir)`` writes into ``out_dir``:
 
-- ``report.md``: the headline tables (final and best val loss per placement and depth, dense and MoE, mean ±
-  std over seeds, at each cell's best LR and at the shared LR), SpanNorm against the best baseline with
-  Welch p-values, the divergence table, and links to every plot;
+- ``report.md``: the corpus's unigram reference (does the best baseline learn?), the pre-registered
+  comparison and its outcome, the headline tables (final and best val loss per placement and depth, dense
+  and MoE, mean ± std over seeds, at each cell's best LR and at the shared LR), SpanNorm against the best
+  baseline with Welch p-values, the divergence table, the LR searches and their bracketing, and links to
+  every plot;
 - ``results.csv`` (one row per run) and ``results.json`` (the aggregated tables and tests);
+
+Sweeps on different corpora are reported side by side: a ranking table per depth and FFN with one column
+per corpus, then every section above once per corpus (headings and plot names carry the corpus).
 - ``val_vs_depth_{ffn}.png``, ``curves_{ffn}_L{depth}.png``, ``layers_{ffn}_L{depth}.png`` and, when the
   placements ``pre``, ``peri`` and a ``peri`` variant with Δt ≠ 1 are present, ``kan_moments.png``.
 """
@@ -18,8 +23,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from spannorm.experiments.plan import format_lr
+from spannorm.experiments.plan import format_lr, rank_key
 from spannorm.experiments.results import SPAN_PLACEMENTS, GroupStats, StudyResults
+from spannorm.experiments.unigram import LEARNED_MARGIN, NOT_LEARNED_MARGIN
 
 WHICH = {"best": "each placement's best LR", "shared": "the shared LR"}
 
@@ -61,17 +67,173 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- tables
+def not_learned(results: StudyResults, group: GroupStats | None) -> bool:
+    """A group whose mean final val loss is within :data:`NOT_LEARNED_MARGIN` of the unigram loss (or above
+    it): it has learned byte frequencies and little else."""
+    unigram = results.unigram.loss
+    return (unigram is not None and group is not None and group.final_mean is not None
+            and group.final_mean > unigram - NOT_LEARNED_MARGIN)
+
+
+def edge_mark(results: StudyResults, cell) -> str:
+    """`` (LR at edge)`` when the plan brackets LRs and the cell's best LR is still at an edge of its search."""
+    plan = results.plan_of[cell.key]
+    if plan.max_extensions == 0:
+        return ""
+    state = results.search_state(cell)
+    return " (LR at edge)" if state.best is not None and state.edge is not None else ""
+
+
 def loss_table(results: StudyResults, ffn: str, which: str, metric: str = "final") -> list[str]:
-    """Placements × depths: mean ± std of the final (or best) val loss at ``which`` LR."""
+    """Placements × depths: mean ± std of the final (or best) val loss at ``which`` LR; a final loss near the
+    unigram loss is marked ``(not learned)``, a best LR still at an edge of its bracketed search ``(LR at
+    edge)``."""
     header = ["placement"] + [f"L={d}" for d in results.depths]
     rows = []
     for placement in results.placements:
         row = [f"`{placement}`"]
         for depth in results.depths:
             cell = results.cell(placement, depth, ffn)
-            row.append(fmt_cell(results.at(cell, which) if cell else None, metric))
+            group = results.at(cell, which) if cell else None
+            text = fmt_cell(group, metric)
+            if metric == "final" and group is not None and group.n and not_learned(results, group):
+                text += " (not learned)"
+            if which == "best" and cell is not None and group is not None:
+                text += edge_mark(results, cell)
+            row.append(text)
         rows.append(row)
     return _table(header, rows)
+
+
+def unigram_section(results: StudyResults) -> list[str]:
+    """The corpus's unigram loss and, per depth and FFN, whether the best baseline learned (ended at least
+    :data:`LEARNED_MARGIN` nats below it), and which cells did not learn."""
+    ref = results.unigram
+    if ref.loss is None:
+        return [f"Unigram reference for {ref.corpus}: not available ({ref.reason})."]
+    lines = [f"Corpus: {ref.corpus}. Byte-unigram loss (the entropy of the training split's byte distribution, "
+             f"{ref.train_bytes:,} bytes; the loss of predicting byte frequencies only): **{ref.loss:.3f}** nats. "
+             f"The study's criterion: at every depth the best baseline ends at least {LEARNED_MARGIN:g} nats "
+             f"below it, i.e. at or below {ref.loss - LEARNED_MARGIN:.3f}. A cell whose mean final loss is "
+             f"above {ref.loss - NOT_LEARNED_MARGIN:.3f} (within {NOT_LEARNED_MARGIN:g} nats of the unigram loss) "
+             "is marked `(not learned)` in the tables.", ""]
+    rows = []
+    for ffn in results.ffns:
+        for depth in results.depths:
+            base = results.best_baseline(depth, ffn, "best")
+            if base is None:
+                rows.append([ffn, str(depth), "— (a baseline is unfinished)", "—", "—"])
+                continue
+            name, group = base
+            if group.final_mean is None:
+                rows.append([ffn, str(depth), f"`{name}`", "diverged", "no"])
+                continue
+            gap = ref.loss - group.final_mean
+            rows.append([ffn, str(depth), f"`{name}` @{format_lr(group.lr)}", f"{group.final_mean:.3f}",
+                         f"{'yes' if gap >= LEARNED_MARGIN else 'no'} ({gap:.2f} nats below)"])
+    lines += _table(["ffn", "depth", "best baseline", "final val loss", f"≥ {LEARNED_MARGIN:g} nats below unigram"],
+                    rows)
+    stuck = []
+    for cell in results.cells:
+        group = results.at(cell, "best")
+        if group is not None and group.n and not_learned(results, group):
+            stuck.append(f"`{cell.placement}` L={cell.depth} {cell.ffn} ({group.final_mean:.3f})")
+    lines += ["", "Not learned at the best LR: " + (", ".join(stuck) if stuck else "none") + "."]
+    return lines
+
+
+def bracketing_section(results: StudyResults) -> list[str]:
+    """How each searched cell's best LR was bracketed: the LRs searched, the extensions, and the cells whose
+    best LR is still at an edge of what was searched."""
+    searched = [c for c in results.cells if results.plan_of[c.key].search_cell(c) == c]
+    states = {c.key: results.search_state(c) for c in searched}
+    done = [c for c in searched if states[c.key].best is not None]
+    interior = [c for c in done if states[c.key].edge is None]
+    extended = [c for c in searched if states[c.key].extensions]
+    caps = sorted({results.plan_of[c.key].max_extensions for c in searched})
+    lines = [f"Searched cells: {len(searched)}; finished: {len(done)}; best LR inside the searched LRs: "
+             f"{len(interior)}; extended beyond the grid: {len(extended)} (cap: "
+             f"{', '.join(str(c) for c in caps) or '—'} extension(s) per cell; 0 = no bracketing).", ""]
+    rows = []
+    for cell in searched:
+        state = states[cell.key]
+        if state.best is not None and state.edge is None and not state.extensions:
+            continue
+        lrs = ", ".join(format_lr(lr) for lr in sorted(state.lrs))
+        if state.best is None:
+            status = "search unfinished"
+        elif state.edge is None:
+            status = "bracketed"
+        else:
+            plan = results.plan_of[cell.key]
+            why = "cap reached" if plan.max_extensions else "no bracketing"
+            status = f"**at the {state.edge} edge** ({why})"
+        rows.append([f"`{cell.placement}`", str(cell.depth), cell.ffn, lrs, str(state.extensions),
+                     "—" if state.best is None else format_lr(state.best), status])
+    if rows:
+        lines += ["Cells extended, unfinished or still at an edge:", ""]
+        lines += _table(["placement", "depth", "ffn", "LRs searched", "extensions", "best", "status"], rows)
+    else:
+        lines += ["Every searched cell's best LR is inside its grid."]
+    return lines
+
+
+def preregistered_section(results: StudyResults) -> list[str]:
+    """Each pre-registered comparison: its declaration, the proof that it came before the runs, its outcome."""
+    lines: list[str] = []
+    for sweep, pre in results.preregistered():
+        out = results.preregistered_outcome(sweep, pre)
+        lines += [f"Declared in plan `{sweep.plan.name}`: `{pre.a}` against `{pre.b}`, L={pre.depth}, {pre.ffn}, "
+                  f"at {WHICH[pre.which]}, {pre.test} (two-sided, α = {pre.alpha:g})."
+                  + (f" Hypothesis: {pre.hypothesis}" if pre.hypothesis else ""), "",
+                  f"Fixed before the runs? {'yes' if out['declared_first'] else 'NO'}: {out['declaration']}.", ""]
+        rows = []
+        for side in ("a", "b"):
+            group = out[side + "_stats"]
+            name = getattr(pre, side)
+            if group is None:
+                rows.append([f"`{name}`", "—", "—", "0"])
+                continue
+            rows.append([f"`{name}`", format_lr(group["lr"]), fmt_loss(group["final_mean"], group["final_std"]),
+                         f"{len(group['final_val_loss'])}" + (f" ({group['n_diverged']} diverged)"
+                                                               if group["n_diverged"] else "")])
+        lines += _table(["placement", "LR", "final val loss", "runs"], rows) + [""]
+        delta = out.get("delta")
+        lines += [f"Outcome: **{out['verdict']}**"
+                  + ("" if delta is None else f"; Δ = {delta:+.3f} nats, t = "
+                     f"{'n/a' if out['t'] is None else format(out['t'], '.3f')}, p = {fmt_p(out['p'])}") + ".", ""]
+    return lines
+
+
+def ranking_side_by_side(corpora: list[tuple[str, StudyResults]]) -> list[str]:
+    """Per depth and FFN, each placement's mean final val loss at its best LR and its rank, one column per
+    corpus (a divergence ranks last), so that a ranking that holds on one corpus only shows as such."""
+    lines: list[str] = []
+    ffns = list(dict.fromkeys(f for _, r in corpora for f in r.ffns))
+    depths = sorted({d for _, r in corpora for d in r.depths})
+    placements = list(dict.fromkeys(p for _, r in corpora for p in r.placements))
+    for ffn in ffns:
+        for depth in depths:
+            ranks: dict[str, dict[str, str]] = {}
+            for name, res in corpora:
+                keyed = []
+                for placement in placements:
+                    cell = res.cell(placement, depth, ffn)
+                    group = res.at(cell, "best") if cell else None
+                    if group is None or group.n == 0:
+                        continue
+                    records = ([{"status": "diverged"}] * group.n_diverged
+                               + [{"final_val_loss": v} for v in group.final])
+                    keyed.append((rank_key(records), placement, group))
+                keyed.sort(key=lambda k: k[0])
+                for rank, (_, placement, group) in enumerate(keyed, 1):
+                    ranks.setdefault(placement, {})[name] = f"{rank}. {fmt_cell(group, with_lr=True)}"
+            if not ranks:
+                continue
+            lines += [f"### {ffn}, L={depth}", ""]
+            rows = [[f"`{p}`"] + [ranks[p].get(name, "—") for name, _ in corpora] for p in placements if p in ranks]
+            lines += _table(["placement"] + [f"{name}: rank. final val loss" for name, _ in corpora], rows) + [""]
+    return lines
 
 
 def significance_rows(results: StudyResults, which: str) -> list[dict[str, Any]]:
@@ -369,29 +531,99 @@ def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- files
-CSV_FIELDS = ("run_id", "placement", "depth", "ffn", "lr", "seed", "stage", "status", "final_val_loss",
+CSV_FIELDS = ("run_id", "corpus", "placement", "depth", "ffn", "lr", "seed", "stage", "status", "final_val_loss",
               "best_val_loss", "diverged_step", "steps", "tokens", "wall_s", "tokens_per_s")
 
 
-def write_csv(results: StudyResults, path: Path) -> None:
+def write_csv(corpora: list[tuple[str, StudyResults]], path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for cell in results.cells:
-            for run in sorted(results.runs.get(cell.key, []), key=lambda r: (r.record["lr"], r.record["seed"])):
-                writer.writerow({k: run.record.get(k) for k in CSV_FIELDS})
+        for name, results in corpora:
+            for cell in results.cells:
+                for run in sorted(results.runs.get(cell.key, []), key=lambda r: (r.record["lr"], r.record["seed"])):
+                    writer.writerow({**{k: run.record.get(k) for k in CSV_FIELDS}, "corpus": name})
 
 
-def results_json(results: StudyResults) -> dict[str, Any]:
+def corpus_json(results: StudyResults) -> dict[str, Any]:
     cells = []
     for cell in results.cells:
+        state = results.search_state(cell)
         entry: dict[str, Any] = {"placement": cell.placement, "depth": cell.depth, "ffn": cell.ffn,
-                                 "best_lr": results.best_lr(cell), "shared_lr": results.shared_lr(cell)}
-        for which in ("best", "shared"):
+                                 "best_lr": state.best, "shared_lr": results.shared_lr(cell),
+                                 "lrs_searched": sorted(state.lrs), "extensions": state.extensions,
+                                 "best_lr_edge": state.edge}
+        for which in WHICH:
             group = results.at(cell, which)
             entry[which] = None if group is None else group.to_dict()
+            entry[f"{which}_not_learned"] = not_learned(results, group) if group is not None and group.n else None
         cells.append(entry)
-    return {"cells": cells, "welch": {w: significance_rows(results, w) for w in WHICH}}
+    ref = results.unigram
+    return {"cells": cells, "welch": {w: significance_rows(results, w) for w in WHICH},
+            "unigram": {"corpus": ref.corpus, "loss": ref.loss, "reason": ref.reason, "train_bytes": ref.train_bytes,
+                        "learned_margin": LEARNED_MARGIN, "not_learned_margin": NOT_LEARNED_MARGIN},
+            "preregistered": [results.preregistered_outcome(s, p) for s, p in results.preregistered()]}
+
+
+def results_json(corpora: list[tuple[str, StudyResults]]) -> dict[str, Any]:
+    """The aggregated tables and tests: the first corpus's at the top level (as a one-corpus report has
+    them), and every corpus's under ``corpora``."""
+    by_name = {name: corpus_json(res) for name, res in corpora}
+    return {**by_name[corpora[0][0]], "corpora": by_name}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower() or "corpus"
+
+
+def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "") -> list[str]:
+    """Every per-corpus section of the report; ``tag`` ends each heading and ``suffix`` each plot name when
+    several corpora share one report."""
+    lines = [f"## Unigram reference{tag}", ""] + unigram_section(results) + [""]
+    if results.preregistered():
+        lines += [f"## Pre-registered comparison{tag}", ""] + preregistered_section(results)
+    for ffn in results.ffns:
+        for which in WHICH:
+            lines += [f"## Final val loss, {ffn}, at {WHICH[which]}{tag}", ""]
+            lines += loss_table(results, ffn, which, "final") + [""]
+        lines += [f"## Best val loss (lowest evaluation of the run), {ffn}, at each placement's best LR{tag}", ""]
+        lines += loss_table(results, ffn, "best", "best") + [""]
+    for which in WHICH:
+        lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss){tag}",
+                  "", "The best baseline is the non-SpanNorm placement with the lowest mean at that depth and FFN; "
+                  "a depth where some baseline has no finished run at that LR is left out. `verdict` reads "
+                  "p < 0.05 (two-sided).", ""]
+        lines += significance_table(significance_rows(results, which)) + [""]
+    lines += [f"## Divergences{tag}", ""] + divergence_table(results) + [""]
+    for ffn in results.ffns:
+        lines += [f"## LR search ({ffn}): mean final val loss on the search seeds{tag}", ""]
+        lines += lr_table(results, ffn) + [""]
+    lines += [f"## LR bracketing{tag}", ""] + bracketing_section(results) + [""]
+    lines += [f"## Plots{tag}", ""]
+    for ffn in results.ffns:
+        name = f"val_vs_depth_{ffn}{suffix}.png"
+        plot_val_vs_depth(results, ffn, out / name)
+        lines += [f"![val loss vs depth, {ffn}]({name})", ""]
+        for depth in results.depths:
+            name = f"curves_{ffn}_L{depth}{suffix}.png"
+            plot_curves(results, ffn, depth, out / name)
+            lines += [f"![loss curves, {ffn}, L={depth}]({name})", ""]
+    lines += [f"## Per-layer moments and gradients after training{tag}", "",
+              "Measured on the run's final checkpoint with one forward and backward pass on a fixed "
+              "validation batch (the first evenly spaced validation windows), mean over the seeds of the best LR.",
+              ""]
+    for ffn in results.ffns:
+        for depth in results.depths:
+            name = f"layers_{ffn}_L{depth}{suffix}.png"
+            if plot_layers(results, ffn, depth, out / name):
+                lines += [f"![per-layer stats, {ffn}, L={depth}]({name})", ""]
+    name = f"kan_moments{suffix}.png"
+    kan = plot_kan(results, out / name)
+    if kan is not None:
+        depth, names = kan
+        lines += [f"## Kan et al.'s picture: hidden-state moments per layer after training{tag}", "",
+                  f"![Kan et al. moments]({name})", ""] + kan_table(results, depth, names) + [""]
+    return lines
 
 
 def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study report") -> Path:
@@ -408,50 +640,22 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
              "`(k/n div)` counts diverged runs, which are left out of the mean and of the tests, never "
              "averaged in. The best LR of a cell is chosen on the plan's search seeds by mean final val "
              "loss, with any divergence ranking an LR last.", ""]
-    for ffn in results.ffns:
-        for which in WHICH:
-            lines += [f"## Final val loss, {ffn}, at {WHICH[which]}", ""]
-            lines += loss_table(results, ffn, which, "final") + [""]
-        lines += [f"## Best val loss (lowest evaluation of the run), {ffn}, at each placement's best LR", ""]
-        lines += loss_table(results, ffn, "best", "best") + [""]
-    for which in WHICH:
-        lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss)", "",
-                  "The best baseline is the non-SpanNorm placement with the lowest mean at that depth and FFN; "
-                  "a depth where some baseline has no finished run at that LR is left out. `verdict` reads "
-                  "p < 0.05 (two-sided).", ""]
-        lines += significance_table(significance_rows(results, which)) + [""]
-    lines += ["## Divergences", ""] + divergence_table(results) + [""]
-    for ffn in results.ffns:
-        lines += [f"## LR search ({ffn}): mean final val loss on the search seeds", ""]
-        lines += lr_table(results, ffn) + [""]
-    lines += ["## Plots", ""]
-    for ffn in results.ffns:
-        name = f"val_vs_depth_{ffn}.png"
-        plot_val_vs_depth(results, ffn, out / name)
-        lines += [f"![val loss vs depth, {ffn}]({name})", ""]
-        for depth in results.depths:
-            name = f"curves_{ffn}_L{depth}.png"
-            plot_curves(results, ffn, depth, out / name)
-            lines += [f"![loss curves, {ffn}, L={depth}]({name})", ""]
-    lines += ["## Per-layer moments and gradients after training", "",
-              "Measured on the run's final checkpoint with one forward and backward pass on a fixed "
-              "validation batch (the first evenly spaced validation windows), mean over the seeds of the best LR.",
-              ""]
-    for ffn in results.ffns:
-        for depth in results.depths:
-            name = f"layers_{ffn}_L{depth}.png"
-            if plot_layers(results, ffn, depth, out / name):
-                lines += [f"![per-layer stats, {ffn}, L={depth}]({name})", ""]
-    kan = plot_kan(results, out / "kan_moments.png")
-    if kan is not None:
-        depth, names = kan
-        lines += ["## Kan et al.'s picture: hidden-state moments per layer after training", "",
-                  "![Kan et al. moments](kan_moments.png)", ""] + kan_table(results, depth, names) + [""]
+    corpora = results.by_corpus()
+    if len(corpora) == 1:
+        lines += corpus_body(results, out)
+    else:
+        lines += ["## Ranking per corpus, side by side (final val loss at each placement's best LR)", "",
+                  "Corpora: " + ", ".join(f"{name} ({', '.join(f'`{s.plan.name}`' for s in res.sweeps)})"
+                                          for name, res in corpora) + ".", ""]
+        lines += ranking_side_by_side(corpora)
+        for name, res in corpora:
+            lines += [f"# Corpus: {name}", ""] + corpus_body(res, out, f" — {name}", f"_{_slug(name)}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_csv(results, out / "results.csv")
-    (out / "results.json").write_text(json.dumps(results_json(results), indent=2))
+    write_csv(corpora, out / "results.csv")
+    (out / "results.json").write_text(json.dumps(results_json(corpora), indent=2))
     return out / "report.md"
 
 
-__all__ = ["build_report", "divergence_table", "fmt_cell", "loss_table", "mean_layer_stats", "plot_kan",
-           "results_json", "significance_rows", "significance_table", "write_csv"]
+__all__ = ["bracketing_section", "build_report", "corpus_body", "divergence_table", "fmt_cell", "loss_table",
+           "mean_layer_stats", "plot_kan", "preregistered_section", "ranking_side_by_side", "results_json",
+           "significance_rows", "significance_table", "unigram_section", "write_csv"]

@@ -12,12 +12,19 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from spannorm.experiments.plan import Cell, StudyPlan, load_plan, rank_key
+from spannorm.config import ConfigError
+from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
+from spannorm.experiments.lr_search import SearchState
+from spannorm.experiments.plan import Cell, Preregistered, StudyPlan, load_plan, rank_key
+from spannorm.experiments.plan_checks import read_index
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
+from spannorm.experiments.unigram import UnigramReference, corpus_label, unigram_reference
 from spannorm.model.placements import BLOCKS
+from spannorm.train.config import DataConfig, resolve_config
 from spannorm.train.layout import METRICS_NAME
 
 SPAN_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.span_variant)
@@ -120,6 +127,22 @@ class Sweep:
     path: Path
     plan: StudyPlan
     runs: list[RunResult]
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    """The index's record of each sweep start (see :mod:`~spannorm.experiments.declaration`)."""
+
+    @property
+    def data(self) -> DataConfig | None:
+        """The data config of the plan's base (None when it does not resolve here)."""
+        try:
+            return resolve_config(self.plan.preset, None, list(self.plan.base_overrides)).data
+        except ConfigError:
+            return None
+
+    @property
+    def corpus(self) -> str:
+        """The corpus the sweep trained on, as a short name."""
+        data = self.data
+        return "unknown corpus" if data is None else corpus_label(data)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -130,6 +153,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
                                 "(written by `spannorm sweep`)")
     plan = load_plan(plan_file)  # a YAML or plan error names the file
+    starts = (read_index(path) or {}).get("starts") or []
     runs = []
     for record in load_index(path).values():
         run_dir = path / RUNS_DIR / record["run_id"]
@@ -140,7 +164,7 @@ def load_sweep(path: str | Path) -> Sweep:
         except (OSError, UnicodeDecodeError, ValueError):
             stats = None  # a damaged layer_stats.json: the run is reported without its per-layer plots
         runs.append(RunResult(record, val, train, stats))
-    return Sweep(path, plan, runs)
+    return Sweep(path, plan, runs, starts)
 
 
 class StudyResults:
@@ -201,15 +225,22 @@ class StudyResults:
                                 if r.record.get("best_val_loss") is not None])
 
     def lrs(self, cell: Cell) -> list[float]:
-        return sorted(self.plan_of[cell.key].lrs)
+        """Every LR of the cell: its grid, the LRs bracketing added, and any other LR it has runs at."""
+        lrs = set(self.search_state(cell).lrs) | {float(r.record["lr"]) for r in self.runs.get(cell.key, [])}
+        return sorted(lrs)
 
-    def best_lr(self, cell: Cell) -> float | None:
-        """The cell's best LR from the plan's LR search (its search seeds at its search depth; every seed
-        under the full protocol); None until every run of that search has finished."""
+    def search_state(self, cell: Cell) -> SearchState:
+        """Where the cell's LR search stands (its search seeds at its search depth; every seed under the full
+        protocol): the LRs searched, bracketing's extensions, the best LR and whether it is at an edge."""
         plan = self.plan_of[cell.key]
         search = plan.search_cell(cell)
         records = {r.run_id: r.record for r in self.runs.get(search.key, [])}
-        return plan.best_lr(cell, records)
+        return plan.search_state(cell, records)
+
+    def best_lr(self, cell: Cell) -> float | None:
+        """The cell's best LR from the plan's LR search; None until every run of that search (bracketing's
+        extensions included) has finished."""
+        return self.search_state(cell).best
 
     def shared_lr(self, cell: Cell) -> float:
         return self.plan_of[cell.key].reference_lr
@@ -263,6 +294,65 @@ class StudyResults:
             t, p = float(result.statistic), float(result.pvalue)
             out["t"] = t if math.isfinite(t) else None
             out["p"] = p if math.isfinite(p) else None
+        return out
+
+
+    # ------------------------------------------------------------------ corpora and references
+    def by_corpus(self) -> list[tuple[str, "StudyResults"]]:
+        """The sweeps grouped by the corpus they trained on, each group as its own results (in the order the
+        corpora first appear); one group holds every sweep when they share a corpus."""
+        groups: dict[str, list[Sweep]] = {}
+        for sweep in self.sweeps:
+            groups.setdefault(sweep.corpus, []).append(sweep)
+        if len(groups) == 1:
+            return [(next(iter(groups)), self)]
+        return [(name, StudyResults(sweeps)) for name, sweeps in groups.items()]
+
+    @cached_property
+    def unigram(self) -> UnigramReference:
+        """The byte-unigram loss of the corpus of these sweeps (the first sweep's data; see
+        :mod:`~spannorm.experiments.unigram`)."""
+        data = self.sweeps[0].data if self.sweeps else None
+        if data is None:
+            return UnigramReference("unknown corpus", None, "the plan's base config does not resolve here")
+        return unigram_reference(data)
+
+    # ------------------------------------------------------------------ the pre-registered comparison
+    def preregistered(self) -> list[tuple[Sweep, Preregistered]]:
+        """The pre-registered comparisons of these sweeps' plans, each with the sweep that declared it."""
+        return [(s, s.plan.preregistered) for s in self.sweeps if s.plan.preregistered is not None]
+
+    def preregistered_outcome(self, sweep: Sweep, pre: Preregistered) -> dict[str, Any]:
+        """The declared comparison's numbers and verdict: ``a`` against ``b`` at the declared depth, FFN and
+        LR choice, Welch's t-test (two-sided) on the final val losses of the runs that did not diverge.
+        The verdict stays ``undecided`` until each side has two such runs."""
+        # Start-up time: scipy.stats takes seconds to import; only the tests need it.
+        from scipy import stats
+
+        check: DeclarationCheck = check_declared_first(sweep.starts, pre.to_dict())
+        out: dict[str, Any] = {**pre.to_dict(), "declared_first": check.declared_first, "declaration": check.text,
+                               "t": None, "p": None}
+        sides = {}
+        for side in ("a", "b"):
+            cell = self.cell(getattr(pre, side), pre.depth, pre.ffn)
+            group = self.at(cell, pre.which) if cell else None
+            sides[side] = group
+            out[side + "_stats"] = None if group is None else group.to_dict()
+        a, b = sides["a"], sides["b"]
+        if a is None or b is None or len(a.final) < 2 or len(b.final) < 2:
+            out["verdict"] = "undecided (each side needs two finished runs that did not diverge)"
+            return out
+        result = stats.ttest_ind(a.final, b.final, equal_var=False)
+        t, p = float(result.statistic), float(result.pvalue)
+        out["t"], out["p"] = (t, p) if math.isfinite(p) else (None, None)
+        delta = a.final_mean - b.final_mean
+        out["delta"] = delta
+        if out["p"] is None:
+            out["verdict"] = "not tested (no spread within either side)"
+        elif p < pre.alpha:
+            out["verdict"] = f"{pre.a} {'lower' if delta < 0 else 'higher'} than {pre.b} (p < {pre.alpha:g})"
+        else:
+            out["verdict"] = f"no significant difference at level {pre.alpha:g}"
         return out
 
 

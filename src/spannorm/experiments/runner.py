@@ -34,6 +34,7 @@ import torch
 
 from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
+from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
@@ -211,20 +212,28 @@ def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
               plan_text: str | None = None, log: Callable[[str], None] = print,
-              max_runs: int | None = None, order: str = "longest") -> SweepOutcome:
+              max_runs: int | None = None, order: str = "longest",
+              plan_path: str | Path | None = None) -> SweepOutcome:
     """Run every run of ``plan`` that is not finished under ``out_dir``.
 
     ``workers`` processes (spawn context) train runs in parallel, each with ``threads`` torch threads
     (None: leave torch's default); ``workers=0`` trains in this process, one run at a time. ``max_runs``
     stops after starting that many runs (the rest stay pending for the next call). Runs start stage by
     stage (LR search, best LR, shared LR); within a stage ``order="longest"`` starts the deepest runs first
-    (the shortest total time), ``"shortest"`` the cheapest first (the most runs finished by any deadline)."""
+    (the shortest total time), ``"shortest"`` the cheapest first (the most runs finished by any deadline);
+    a plan with ``protocol.order: depth`` starts its shallowest depth first, stage by stage, then the next.
+    Each call appends to the index's ``starts`` what the plan (``plan_text``, read from ``plan_path``)
+    declared, for :mod:`~spannorm.experiments.declaration`."""
     if order not in ORDERS:
         raise ValueError(f"order={order!r} is invalid; allowed: {', '.join(ORDERS)}")
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
     check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
+    old_index = read_index(out) or {}
+    finished_before = sum(r.get("status") in FINISHED for r in old_index.get("runs", []))
+    declaration = None if plan.preregistered is None else plan.preregistered.to_dict()
+    starts = [*old_index.get("starts", []), start_record(declaration, plan_text, plan_path, finished_before)]
     for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
         check_run_settings(spec, runs_root / spec.run_id)
         checked.add(spec.run_id)
@@ -257,7 +266,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         _write_json_atomic(out / "index.json", {"plan": plan.name, "updated": time.time(), "counts": counts,
-                                                "runs": rows})
+                                                "starts": starts, "runs": rows})
 
     # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
     def absorb_finished(specs: list[RunSpec]) -> None:
@@ -284,12 +293,16 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     try:
         while True:
             specs = plan.expand(records)
-            absorb_finished(specs)
-            specs = plan.expand(records)
+            while True:  # a finished run can extend the plan (LR search, bracketing): absorb until none is new
+                known = len(records)
+                absorb_finished(specs)
+                specs = plan.expand(records)
+                if len(records) == known:
+                    break
             pending = [s for s in specs if s.run_id not in records and s.run_id not in running
                        and s.run_id not in attempted]
             sign = -1.0 if order == "longest" else 1.0
-            pending.sort(key=lambda s: (STAGE_ORDER.get(s.stage, 0), sign * _cost(s, plan)))
+            pending.sort(key=lambda s: (plan.start_rank(s), STAGE_ORDER.get(s.stage, 0), sign * _cost(s, plan)))
             slots = max(1, workers) - len(running)
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))

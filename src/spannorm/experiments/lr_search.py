@@ -1,0 +1,98 @@
+"""Choosing a cell's learning rate: ranking LRs by their runs, and bracketing the optimum.
+
+A cell's LR search runs a grid of LRs on the search seeds; the best LR is the one whose runs rank best by
+:func:`rank_key` (a divergence ranks an LR below every LR without one; ties go to the smaller LR). A best LR
+at an edge of its grid is not known to be an optimum: the loss may still fall beyond that edge. With
+bracketing on (a plan's ``protocol.bracket``), :func:`bracket_search` then adds one LR beyond that edge,
+waits for its runs, and repeats until the best LR is interior or ``max_extensions`` LRs have been added.
+
+The step beyond an edge continues the grid's own geometric pattern (:func:`extend_lr`): a grid that
+alternates x3 and x3.33 (1e-3, 3e-3, 1e-2, 3e-2) continues to 1e-1 and 3e-1 above, 3e-4 and 1e-4 below;
+a uniform grid continues with its ratio; a plan may set the factor instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+FINISHED = ("done", "diverged")
+"""Run statuses that end a run for good (``failed`` runs are retried by the next sweep)."""
+EDGES = ("low", "high")
+
+
+def rank_key(records: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
+    """How good an LR is from its runs: (number of diverged runs, mean final val loss of the others).
+    Lower is better, so a divergence ranks an LR below every LR without one: diverged counts as worst."""
+    records = list(records)
+    diverged = sum(1 for r in records if r.get("status") == "diverged" or r.get("diverged"))
+    losses = [float(r["final_val_loss"]) for r in records
+              if not (r.get("status") == "diverged" or r.get("diverged"))
+              and r.get("final_val_loss") is not None and math.isfinite(float(r["final_val_loss"]))]
+    mean = sum(losses) / len(losses) if losses else math.inf
+    return diverged, mean
+
+
+def select_best_lr(runs_by_lr: Mapping[float, Iterable[Mapping[str, Any]]]) -> float:
+    """The LR whose runs rank best by :func:`rank_key`; ties go to the smaller LR."""
+    return min(runs_by_lr, key=lambda lr: (*rank_key(runs_by_lr[lr]), lr))
+
+
+def extend_lr(lrs: Sequence[float], edge: str, factor: float | None = None) -> float:
+    """The LR one step beyond ``edge`` (``low`` or ``high``) of ``lrs`` (two or more LRs), rounded to six
+    significant digits. The step is ``factor`` when given; else the ratio two places in from that edge
+    (so a grid alternating two ratios keeps alternating), or the only ratio of a two-LR grid."""
+    ordered = sorted(lrs)
+    if len(ordered) < 2:
+        raise ValueError("extending an LR grid needs at least two learning rates")
+    if edge not in EDGES:
+        raise ValueError(f"edge={edge!r} is invalid; allowed: {', '.join(EDGES)}")
+    if factor is None:
+        if edge == "high":
+            factor = ordered[-2] / ordered[-3] if len(ordered) >= 3 else ordered[-1] / ordered[-2]
+        else:
+            factor = ordered[2] / ordered[1] if len(ordered) >= 3 else ordered[1] / ordered[0]
+    value = ordered[-1] * factor if edge == "high" else ordered[0] / factor
+    return float(f"{value:.6g}")
+
+
+@dataclass(frozen=True)
+class SearchState:
+    """Where a cell's LR search stands, given the runs finished so far."""
+
+    lrs: tuple[float, ...]
+    """Every LR the search asks for so far: the grid in its order, then each extension."""
+    best: float | None
+    """The best LR, or None while a run of the search is unfinished (or an extension is due)."""
+    extensions: int
+    """LRs added beyond the grid's edges."""
+    edge: str | None
+    """``low`` or ``high`` when the best LR is at that edge of ``lrs`` (bracketing capped or off), else None."""
+
+    @property
+    def complete(self) -> bool:
+        return self.best is not None
+
+
+def bracket_search(grid: Sequence[float], records_at: Callable[[float], list[Mapping[str, Any] | None]],
+                   max_extensions: int = 0, factor: float | None = None) -> SearchState:
+    """The search over ``grid`` extended as the finished runs ask: ``records_at(lr)`` gives the records of
+    that LR's search runs (None for a run without a record). A best LR at an edge of a grid of two or more
+    LRs adds :func:`extend_lr` beyond that edge, at most ``max_extensions`` times in all."""
+    lrs = list(grid)
+    extensions = 0
+    while True:
+        runs = {lr: records_at(lr) for lr in lrs}
+        if not all(r is not None and r.get("status") in FINISHED for records in runs.values() for r in records):
+            return SearchState(tuple(lrs), None, extensions, None)
+        best = select_best_lr(runs)
+        ordered = sorted(lrs)
+        edge = None if len(ordered) < 2 else "low" if best == ordered[0] else "high" if best == ordered[-1] else None
+        if edge is None or extensions >= max_extensions:
+            return SearchState(tuple(lrs), best, extensions, edge)
+        lrs.append(extend_lr(lrs, edge, factor))
+        extensions += 1
+
+
+__all__ = ["EDGES", "FINISHED", "SearchState", "bracket_search", "extend_lr", "rank_key", "select_best_lr"]
