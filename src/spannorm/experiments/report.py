@@ -185,7 +185,7 @@ def preregistered_section(results: StudyResults) -> list[str]:
         out = results.preregistered_outcome(sweep, pre)
         lines += [f"Declared in plan `{sweep.plan.name}`: `{pre.a}` against `{pre.b}`, L={pre.depth}, {pre.ffn}, "
                   f"at {WHICH[pre.which]}, {pre.test} (two-sided, α = {pre.alpha:g})."
-                  + (f" Hypothesis: {pre.hypothesis}" if pre.hypothesis else ""), "",
+                  + (f" Hypothesis: {pre.hypothesis.rstrip('.')}." if pre.hypothesis else ""), "",
                   f"Fixed before the runs? {'yes' if out['declared_first'] else 'NO'}: {out['declaration']}.", ""]
         rows = []
         for side in ("a", "b"):

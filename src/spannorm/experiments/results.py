@@ -144,6 +144,17 @@ class Sweep:
         data = self.data
         return "unknown corpus" if data is None else corpus_label(data)
 
+    @property
+    def corpus_key(self) -> tuple:
+        """What makes two sweeps' data the same: the corpus (path, or the embedded one and its size), the
+        tokenizer and the validation split."""
+        data = self.data
+        if data is None:
+            return ("unknown", str(self.path))
+        where = (str(Path(data.path).expanduser().resolve()) if data.path is not None
+                 else f"embedded:{data.embedded_max_bytes}")
+        return where, data.tokenizer, data.val_fraction
+
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read ``path/plan.yaml``, ``path/index.json`` and each listed run's metrics and layer stats."""
@@ -301,12 +312,15 @@ class StudyResults:
     def by_corpus(self) -> list[tuple[str, "StudyResults"]]:
         """The sweeps grouped by the corpus they trained on, each group as its own results (in the order the
         corpora first appear); one group holds every sweep when they share a corpus."""
-        groups: dict[str, list[Sweep]] = {}
+        groups: dict[tuple, list[Sweep]] = {}
         for sweep in self.sweeps:
-            groups.setdefault(sweep.corpus, []).append(sweep)
+            groups.setdefault(sweep.corpus_key, []).append(sweep)
+        names = [sweeps[0].corpus for sweeps in groups.values()]
+        names = [name if names.count(name) == 1 else f"{name} ({sweeps[0].plan.name})"
+                 for name, sweeps in zip(names, groups.values())]
         if len(groups) == 1:
-            return [(next(iter(groups)), self)]
-        return [(name, StudyResults(sweeps)) for name, sweeps in groups.items()]
+            return [(names[0], self)]
+        return [(name, StudyResults(sweeps)) for name, sweeps in zip(names, groups.values())]
 
     @cached_property
     def unigram(self) -> UnigramReference:
