@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -428,3 +429,22 @@ def test_study16_plans_are_valid_and_match_the_issue(path):
     if plan.preregistered is not None:
         assert (plan.preregistered.a, plan.preregistered.b) == ("span_clean", "pre")
         assert plan.preregistered.depth == max(plan.depths)
+
+
+def test_ffn_depths_runs_an_ffn_kind_at_its_depths_only_and_searches_it_there():
+    plan = parse_plan({"grid": {"placements": ["pre"], "depths": [12, 48], "lrs": [1e-3, 1e-2],
+                                "ffn": {"dense": [], "moe": ["model.moe.n_experts=4"]}, "ffn_depths": {"moe": [48]}},
+                       "protocol": {"kind": "lr_search", "search_depths": [12]}})
+    assert [c.key for c in plan.cells()] == ["pre-L12-dense", "pre-L48-dense", "pre-L48-moe"]
+    # MoE runs at no search depth: its cell searches itself; dense at 48 takes depth 12's best
+    assert {s.run_id for s in plan.expand({})} == {"pre-L12-dense-lr1e-3-s0", "pre-L12-dense-lr1e-2-s0",
+                                                   "pre-L48-moe-lr1e-3-s0", "pre-L48-moe-lr1e-2-s0"}
+    for bad, message in (({"ffn_depths": {"moe": [24]}}, "ffn_depths.moe=[24] is invalid: must be among"),
+                         ({"ffn_depths": {"sparse": [48]}}, "ffn_depths='sparse' is invalid")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_plan({"grid": {"placements": ["pre"], "depths": [12, 48],
+                                 "ffn": {"dense": [], "moe": []}, **bad}})
+    with pytest.raises(ConfigError, match="runs moe at depths 48 only"):
+        parse_plan({"grid": {"placements": ["pre", "span"], "depths": [12, 48], "ffn": {"dense": [], "moe": []},
+                             "ffn_depths": {"moe": [48]}},
+                    "protocol": {"preregistered": {"a": "span", "b": "pre", "depth": 12, "ffn": "moe"}}})

@@ -23,6 +23,7 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
       ffn:                    # name -> overrides; "dense" and "moe" are the usual two
         dense: []
         moe: [model.moe.n_experts=4, model.moe.top_k=2]
+      ffn_depths: {moe: [48]} # an FFN kind at these depths only (a kind not named here: every depth)
       lrs: [1.0e-3, 3.0e-3]
       seeds: [0, 1, 2]
     protocol:
@@ -160,6 +161,8 @@ class StudyPlan:
     lrs: list[float]
     seeds: list[int]
     preset: str | None = None
+    ffn_depths: dict[str, list[int]] = field(default_factory=dict)
+    """An FFN kind named here runs at these depths only."""
     base_overrides: tuple[str, ...] = ()
     protocol: Protocol = "full"
     search_seeds: list[int] = field(default_factory=lambda: [0])
@@ -180,12 +183,14 @@ class StudyPlan:
     # ------------------------------------------------------------------ cells and runs
     def cells(self) -> list[Cell]:
         return [Cell(p.name, d, f) for p in self.placements for d in self.depths for f in self.ffn
-                if p.ffn is None or f in p.ffn]
+                if (p.ffn is None or f in p.ffn) and d in self.ffn_depths.get(f, self.depths)]
 
     def search_cell(self, cell: Cell) -> Cell:
-        """The cell whose LR search decides ``cell``'s best LR (itself, under ``full`` or at a search depth)."""
-        depths = self.search_depths or self.depths
-        if self.protocol == "full" or cell.depth in depths:
+        """The cell whose LR search decides ``cell``'s best LR (itself, under ``full``, at a search depth, or
+        when its FFN kind runs at no search depth)."""
+        runs_at = self.ffn_depths.get(cell.ffn, self.depths)
+        depths = [d for d in (self.search_depths or self.depths) if d in runs_at]
+        if self.protocol == "full" or cell.depth in depths or not depths:
             return cell
         nearest = min(depths, key=lambda d: (abs(d - cell.depth), -d))
         return Cell(cell.placement, nearest, cell.ffn)
@@ -343,6 +348,8 @@ class PlanGrid:
     ffn: dict[str, list[str]] = field(default_factory=lambda: {"dense": []})
     lrs: list[float] = field(default_factory=lambda: [1e-3])
     seeds: list[int] = field(default_factory=lambda: [0])
+    ffn_depths: dict[str, list[int]] = field(default_factory=dict)
+    """An FFN kind named here runs at these depths only (e.g. ``{moe: [48]}``)."""
 
     def validate(self, prefix: str = "plan.grid") -> None:
         for name in ("depths", "lrs", "seeds"):
@@ -359,6 +366,12 @@ class PlanGrid:
             if not name.isalnum():
                 fail(f"{prefix}.ffn", name, "names are letters and digits only")
             _check_overrides(f"{prefix}.ffn.{name}", overrides)
+        for name, depths in self.ffn_depths.items():
+            if name not in self.ffn:
+                fail(f"{prefix}.ffn_depths", name, f"allowed: a name of {prefix}.ffn ({', '.join(self.ffn)})")
+            _check_distinct(f"{prefix}.ffn_depths.{name}", depths)
+            if not set(depths) <= set(self.depths):
+                fail(f"{prefix}.ffn_depths.{name}", depths, f"must be among {prefix}.depths")
 
 
 @dataclass
@@ -509,6 +522,9 @@ def _check_preregistered(pre: Preregistered, variants: list[PlacementVariant], g
         fail(f"{path}.depth", pre.depth, f"allowed: one of grid.depths ({', '.join(map(str, grid.depths))})")
     if pre.ffn not in grid.ffn:
         fail(f"{path}.ffn", pre.ffn, f"allowed: one of grid.ffn ({', '.join(grid.ffn)})")
+    if pre.depth not in grid.ffn_depths.get(pre.ffn, grid.depths):
+        fail(f"{path}.depth", pre.depth, f"grid.ffn_depths runs {pre.ffn} at depths "
+             f"{', '.join(map(str, grid.ffn_depths[pre.ffn]))} only")
     for side in ("a", "b"):
         variant = next(v for v in variants if v.name == getattr(pre, side))
         if variant.ffn is not None and pre.ffn not in variant.ffn:
@@ -549,6 +565,7 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     base_overrides = tuple(_flatten("", plan.base.config)) + tuple(plan.base.overrides)
     study = StudyPlan(name=plan.name or "sweep", placements=variants, depths=grid.depths,
                      ffn={name: tuple(o) for name, o in grid.ffn.items()}, lrs=grid.lrs, seeds=grid.seeds,
+                     ffn_depths=dict(grid.ffn_depths),
                      preset=plan.base.preset, base_overrides=base_overrides, protocol=protocol.kind,
                      search_seeds=search_seeds, search_depths=protocol.search_depths,
                      shared_lr=protocol.shared_lr, shared_runs=protocol.shared_runs, measure=plan.measure,
