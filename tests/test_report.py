@@ -166,6 +166,7 @@ def test_plots_are_written_and_linked(report_dir):
     # pre grows by 1.5 per layer in the fake stats: mean|x_L|/mean|x_0| = 1.5**4 at the deepest depth
     assert "| `pre` | 1e-3 | 0.8 | 4.05 | 5.06 |" in kan
     assert "`peri-dt0.1`" in kan
+    assert "| `span` | 1e-2 |" in kan  # issue 16 item 4: SpanNorm beside Peri-LN (span, span_clean, residual)
 
 
 @pytest.mark.slow

@@ -356,7 +356,8 @@ def test_two_corpora_are_ranked_side_by_side(two_corpora):
     assert "| `span` | 1. 1.250 ± 0.050 @3e-2 | 2. 1.250 ± 0.050 @3e-2 |" in section
     assert "| `post` | 3. 2.160 ± 0.010 @3e-3 | 3. 2.160 ± 0.010 @3e-3 |" in section
     assert "# Corpus: letters.txt" in md and "# Corpus: digits.txt" in md
-    assert (out / "val_vs_depth_dense_letters_txt.png").is_file() and (out / "val_vs_depth_dense_digits_txt.png").is_file()
+    for name in ("letters_txt", "digits_txt"):
+        assert (out / f"val_vs_depth_dense_{name}.png").is_file()
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("run_id,corpus,") and sum(",digits.txt," in r for r in rows) == 16
 

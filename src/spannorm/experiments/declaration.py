@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 GIT_TIMEOUT_S = 10
 
@@ -74,7 +74,7 @@ class DeclarationCheck:
     first_start: dict[str, Any] | None = None
 
 
-def check_declared_first(starts: list[Mapping[str, Any]], declaration: Mapping[str, Any] | None) -> DeclarationCheck:
+def check_declared_first(starts: Sequence[Mapping[str, Any]], declaration: Mapping[str, Any] | None) -> DeclarationCheck:
     """Read a sweep's ``starts``: the first start must have had no finished run and carried ``declaration``
     (the one the plan holds now), and no later start may have carried another one."""
     digest = declaration_digest(declaration)

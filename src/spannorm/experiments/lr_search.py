@@ -83,8 +83,10 @@ def bracket_search(grid: Sequence[float], records_at: Callable[[float], list[Map
     lrs = list(grid)
     extensions = 0
     while True:
-        runs = {lr: records_at(lr) for lr in lrs}
-        if not all(r is not None and r.get("status") in FINISHED for records in runs.values() for r in records):
+        found = {lr: records_at(lr) for lr in lrs}
+        runs = {lr: [r for r in records if r is not None and r.get("status") in FINISHED]
+                for lr, records in found.items()}
+        if any(len(runs[lr]) < len(found[lr]) for lr in lrs):
             return SearchState(tuple(lrs), None, extensions, None)
         best = select_best_lr(runs)
         ordered = sorted(lrs)

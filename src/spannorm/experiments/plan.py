@@ -594,3 +594,9 @@ def load_plan(path: str | Path) -> StudyPlan:
         if str(err).startswith(source):
             raise
         raise ConfigError(f"{source}: {err}") from None
+
+
+__all__ = ["FINISHED", "PROTOCOLS", "Cell", "MeasureOptions", "PlacementVariant", "Preregistered", "RunSpec",
+           "StudyPlan", "format_lr", "load_plan", "parse_plan", "rank_key", "select_best_lr"]
+"""``FINISHED``, ``rank_key`` and ``select_best_lr`` live in :mod:`~spannorm.experiments.lr_search`; they are
+re-exported here, where the sweep and the report have always imported them."""

@@ -120,6 +120,8 @@ def unigram_section(results: StudyResults) -> list[str]:
     rows = []
     for ffn in results.ffns:
         for depth in results.depths:
+            if not any(c.ffn == ffn and c.depth == depth for c in results.cells):
+                continue
             base = results.best_baseline(depth, ffn, "best")
             if base is None:
                 rows.append([ffn, str(depth), "— (a baseline is unfinished)", "—", "—"])
@@ -129,15 +131,16 @@ def unigram_section(results: StudyResults) -> list[str]:
                 rows.append([ffn, str(depth), f"`{name}`", "diverged", "no"])
                 continue
             gap = ref.loss - group.final_mean
+            where = f"{gap:.2f} nats below" if gap >= 0 else f"{-gap:.2f} nats above"
             rows.append([ffn, str(depth), f"`{name}` @{format_lr(group.lr)}", f"{group.final_mean:.3f}",
-                         f"{'yes' if gap >= LEARNED_MARGIN else 'no'} ({gap:.2f} nats below)"])
+                         f"{'yes' if gap >= LEARNED_MARGIN else 'no'} ({where})"])
     lines += _table(["ffn", "depth", "best baseline", "final val loss", f"≥ {LEARNED_MARGIN:g} nats below unigram"],
                     rows)
     stuck = []
     for cell in results.cells:
-        group = results.at(cell, "best")
-        if group is not None and group.n and not_learned(results, group):
-            stuck.append(f"`{cell.placement}` L={cell.depth} {cell.ffn} ({group.final_mean:.3f})")
+        at_best = results.at(cell, "best")
+        if at_best is not None and at_best.n and not_learned(results, at_best):
+            stuck.append(f"`{cell.placement}` L={cell.depth} {cell.ffn} ({at_best.final_mean:.3f})")
     lines += ["", "Not learned at the best LR: " + (", ".join(stuck) if stuck else "none") + "."]
     return lines
 
@@ -474,26 +477,35 @@ def plot_layers(results: StudyResults, ffn: str, depth: int, path: Path) -> bool
     return drew
 
 
+KAN_EXTRA = ("span", "span_clean", "residual")
+"""Placements shown beside Peri-LN in Kan et al.'s picture when present (issue 16, item 4)."""
+
+
 def kan_placements(results: StudyResults) -> list[str]:
-    """``pre``, ``peri`` and every ``peri`` variant (e.g. ``peri-dt0.1``) present in the results."""
+    """``pre``, ``peri`` and every ``peri`` variant (e.g. ``peri-dt0.1``) present in the results, then the
+    variants of :data:`KAN_EXTRA` (``span``, ``span_clean`` and its forms, ``residual``)."""
     names: list[str] = [p for p in ("pre", "peri") if p in results.placements]
     names += [p for p in results.placements if p not in ("pre", "peri") and results.base_placement(p) == "peri"]
+    names += [p for p in results.placements if p not in names and results.base_placement(p) in KAN_EXTRA]
     return names
 
 
 def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
     """Kan et al.'s picture: mean |x_l|, entry-wise variance and max |x_l| per layer after training, for pre,
-    peri and peri with a small Δt, dense, at the deepest depth where all of them have stats."""
+    peri and peri with a small Δt (and span, span_clean, residual when present), dense, at the deepest depth
+    where pre, peri and its variants all have stats; the others are drawn where they have stats there."""
     names = kan_placements(results)
-    if len(names) < 2 or "dense" not in results.ffns:
+    core = [p for p in names if p == "pre" or results.base_placement(p) == "peri"]
+    if len(core) < 2 or "dense" not in results.ffns:
         return None
     depth = None
     for d in sorted(results.depths, reverse=True):
-        if all(mean_layer_stats(results, p, d, "dense") for p in names):
+        if all(mean_layer_stats(results, p, d, "dense") for p in core):
             depth = d
             break
     if depth is None:
         return None
+    names = [p for p in names if mean_layer_stats(results, p, depth, "dense")]
     plt = _pyplot()
     colors = _colors(names)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -359,7 +359,7 @@ class StudyResults:
         result = stats.ttest_ind(a.final, b.final, equal_var=False)
         t, p = float(result.statistic), float(result.pvalue)
         out["t"], out["p"] = (t, p) if math.isfinite(p) else (None, None)
-        delta = a.final_mean - b.final_mean
+        delta = statistics.fmean(a.final) - statistics.fmean(b.final)
         out["delta"] = delta
         if out["p"] is None:
             out["verdict"] = "not tested (no spread within either side)"
