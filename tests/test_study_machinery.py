@@ -18,7 +18,7 @@ from spannorm.config import PLACEMENTS, ConfigError
 from spannorm.experiments.declaration import check_declared_first, declaration_digest, start_record
 from spannorm.experiments.lr_search import bracket_search, extend_lr
 from spannorm.experiments.plan import format_lr, parse_plan
-from spannorm.experiments.report import build_report
+from spannorm.experiments.report import build_report, unigram_section
 from spannorm.experiments.results import load_results
 from spannorm.experiments.runner import load_index, run_sweep
 from spannorm.experiments.unigram import byte_unigram_loss, unigram_reference
@@ -449,3 +449,29 @@ def test_ffn_depths_runs_an_ffn_kind_at_its_depths_only_and_searches_it_there():
         parse_plan({"grid": {"placements": ["pre", "span"], "depths": [12, 48], "ffn": {"dense": [], "moe": []},
                              "ffn_depths": {"moe": [48]}},
                     "protocol": {"preregistered": {"a": "span", "b": "pre", "depth": 12, "ffn": "moe"}}})
+
+
+def test_full_protocol_brackets_on_every_seed():
+    plan = parse_plan({"grid": {"placements": ["pre"], "depths": [2], "lrs": [1e-3, 1e-2], "seeds": [0, 1]},
+                       "protocol": {"kind": "full", "bracket": {"max_extensions": 1}}})
+    results = {s.run_id: _done(2.0 if s.lr == 1e-3 else 1.5) for s in plan.expand({})}
+    assert {s.run_id for s in plan.expand(results)} - set(results) == {"pre-L2-dense-lr1e-1-s0",
+                                                                       "pre-L2-dense-lr1e-1-s1"}
+    results["pre-L2-dense-lr1e-1-s0"] = _done(1.0)
+    assert plan.best_lr(plan.cells()[0], results) is None  # seed 1 of the extension is still to run
+    results["pre-L2-dense-lr1e-1-s1"] = _diverged()
+    assert plan.best_lr(plan.cells()[0], results) == 1e-2  # a divergence ranks 1e-1 last
+
+
+def test_unigram_table_lists_only_the_depths_an_ffn_kind_runs_at(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"abcdefgh\n" * 100)
+    plan = {"name": "moe-deep", "base": {"config": {"data": {"path": str(corpus)}}},
+            "grid": {"placements": ["pre", "post"], "depths": [2, 4], "lrs": [1e-3], "seeds": [0],
+                     "ffn": {"dense": [], "moe": ["model.moe.n_experts=4"]}, "ffn_depths": {"moe": [4]}}}
+    losses = {(p, d, 1e-3): [0.5 if p == "pre" else 2.15] for p in ("pre", "post") for d in (2, 4)}
+    _write_sweep(tmp_path / "sweep", plan, losses)
+    text = "\n".join(unigram_section(load_results([tmp_path / "sweep"])))
+    assert "| dense | 2 | `pre` @1e-3 | 0.500 | yes (1.70 nats below) |" in text
+    assert "| moe | 2 |" not in text and "| moe | 4 | — (a baseline is unfinished) |" in text
+    assert "`post` L=2 dense (2.150), `post` L=4 dense (2.150)." in text

@@ -17,8 +17,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Read the sweep directories written by `spannorm sweep` and write report.md, results.csv, "
                     "results.json and PNG plots: val loss vs depth per placement (mean ± std over seeds, at "
                     "each placement's best LR and at the shared LR), loss curves, a divergence table, "
-                    "per-layer moments and gradients after training, and Welch's t-test of SpanNorm against "
-                    "the best baseline. Several directories are merged (e.g. a study and its extras).")
+                    "per-layer moments and gradients after training, Welch's t-test of SpanNorm against "
+                    "the best baseline, the corpus's byte-unigram loss (did the models learn?), the LR "
+                    "searches and their bracketing, and each plan's pre-registered comparison. Several "
+                    "directories are merged (e.g. a study and its extras); directories on different corpora "
+                    "are reported side by side, with a ranking table per depth.")
     p.add_argument("sweeps", nargs="+", help="sweep directories (each with plan.yaml and index.json)")
     p.add_argument("--out", default=None, help="report directory (default: FIRST_SWEEP/report)")
     p.add_argument("--title", default="Study report", help="the report's title")
