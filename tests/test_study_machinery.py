@@ -394,6 +394,13 @@ def test_micro_sweep_brackets_records_its_start_and_resumes(tmp_path):
     results = load_results([out])
     pair = results.preregistered()[0]
     assert results.preregistered_outcome(*pair)["declared_first"] is True
+    # a lost index loses the record: the runs on disk count, so the declaration is no longer shown to be first
+    (out / "index.json").unlink()
+    run_sweep(plan, out, workers=0, log=lambda _: None, plan_text=yaml.safe_dump(plan_data))
+    starts = json.loads((out / "index.json").read_text())["starts"]
+    assert [s["finished_before"] for s in starts] == [len(index)]
+    results = load_results([out])
+    assert results.preregistered_outcome(*results.preregistered()[0])["declared_first"] is False
 
 
 # ---------------------------------------------------------------------- the study plans

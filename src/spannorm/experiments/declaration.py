@@ -74,7 +74,8 @@ class DeclarationCheck:
     first_start: dict[str, Any] | None = None
 
 
-def check_declared_first(starts: Sequence[Mapping[str, Any]], declaration: Mapping[str, Any] | None) -> DeclarationCheck:
+def check_declared_first(starts: Sequence[Mapping[str, Any]],
+                         declaration: Mapping[str, Any] | None) -> DeclarationCheck:
     """Read a sweep's ``starts``: the first start must have had no finished run and carried ``declaration``
     (the one the plan holds now), and no later start may have carried another one."""
     digest = declaration_digest(declaration)

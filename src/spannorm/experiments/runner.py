@@ -231,7 +231,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
     check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
     old_index = read_index(out) or {}
-    finished_before = sum(r.get("status") in FINISHED for r in old_index.get("runs", []))
+    finished_before = sum(1 for _ in runs_root.glob(f"*/{SUMMARY_NAME}"))  # on disk: an index can be lost
     declaration = None if plan.preregistered is None else plan.preregistered.to_dict()
     starts = [*old_index.get("starts", []), start_record(declaration, plan_text, plan_path, finished_before)]
     for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
