@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 from scipy import stats
 
 from spannorm.config import PLACEMENTS, ConfigError
+from spannorm.experiments import plan as plan_module
 from spannorm.experiments.declaration import check_declared_first, declaration_digest, start_record
 from spannorm.experiments.lr_search import bracket_search, extend_lr
 from spannorm.experiments.plan import format_lr, parse_plan
@@ -482,3 +484,12 @@ def test_unigram_table_lists_only_the_depths_an_ffn_kind_runs_at(tmp_path):
     assert "| dense | 2 | `pre` @1e-3 | 0.500 | yes (1.70 nats below) |" in text
     assert "| moe | 2 |" not in text and "| moe | 4 | — (a baseline is unfinished) |" in text
     assert "`post` L=2 dense (2.150), `post` L=4 dense (2.150)." in text
+
+
+def test_the_plan_format_in_the_plan_modules_docstring_parses():
+    doc = plan_module.__doc__
+    block = doc[doc.index("::\n\n") + 4:doc.index("\n\nA *cell*")]
+    plan = parse_plan(yaml.safe_load(textwrap.dedent(block)))
+    assert plan.max_extensions == 2 and plan.preregistered.hypothesis == "span ends below pre"
+    assert [c.key for c in plan.cells() if c.ffn == "moe"] == ["pre-L48-moe", "span-L48-moe", "post-lowlr-L48-moe",
+                                                               "peri-dtL-L48-moe"]

@@ -45,6 +45,7 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
         which: best           # best: each side at its best LR; shared: both at the shared LR
         test: welch           # Welch's t-test, two-sided, at level alpha
         alpha: 0.05
+        hypothesis: span ends below pre   # the claim in words, shown in the report
     measure:
       layer_stats: true       # per-layer moments and gradients after training, on a fixed val batch
       batch_size: 8
