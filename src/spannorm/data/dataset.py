@@ -260,8 +260,8 @@ class BatchesAhead:
     def __init__(self, sampler: WindowSampler, device: torch.device):
         self.sampler, self.device = sampler, device
         self.pin = device.type == "cuda"
-        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._state_before_ahead: dict[str, Any] | None = None
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
+        """The batch drawn ahead, with the sampler's state from before it was drawn."""
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = self.sampler.next_batch()
@@ -271,18 +271,18 @@ class BatchesAhead:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) on the device; the batch after it is drawn and sent on its way."""
-        batch = self._ahead if self._ahead is not None else self._draw()
-        self._state_before_ahead = self.sampler.state_dict()
-        self._ahead = self._draw()
+        batch = self._ahead[0] if self._ahead is not None else self._draw()
+        state = self.sampler.state_dict()
+        self._ahead = (self._draw(), state)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state after the batches handed out (:meth:`WindowSampler.state_dict`)."""
-        return self._state_before_ahead if self._ahead is not None else self.sampler.state_dict()
+        return self._ahead[1] if self._ahead is not None else self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the sampler; the batch drawn ahead, if any, is dropped."""
-        self._ahead, self._state_before_ahead = None, None
+        self._ahead = None
         self.sampler.load_state_dict(state)
 
 

@@ -536,11 +536,12 @@ class Trainer:
         self._non_finite = non_finite if self._non_finite is None else self._non_finite | non_finite
         read_now = False
         if self.skips_update_on_device():
-            self.optimizer.found_inf = self._non_finite.float()  # read by the fused step (GradScaler's protocol)
+            scaled: Any = self.optimizer  # GradScaler's protocol: step() reads an attribute AdamW does not declare
+            scaled.found_inf = self._non_finite.float()
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                del scaled.found_inf
         elif bool(self._non_finite):  # this step's one host read: the optimizer cannot skip on the device
             read_now = True
         else:
