@@ -4,8 +4,8 @@
    flag tensor, because the CPU's AdamW cannot skip a step on the device), timed alone over many repetitions.
 2. ``spannorm train --preset tiny`` itself (the trainer, in this process) with every step reading
    (``train.log_every=1``: what every step did before reading steps existed) and with a read every 20th step
-   (the preset's ``log_every``), ``--rounds`` times, the order swapped every round; the figure is ``summary.json``'s tokens/s
-   (time in training steps only), and the step time in milliseconds derived from it.
+   (the preset's ``log_every``), ``--rounds`` times, the order swapped every round; the figure is
+   ``summary.json``'s tokens/s (time in training steps only), and the step time in milliseconds derived from it.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_host_syncs.py [--steps 60] [--rounds 2] [--out FILE]
 """

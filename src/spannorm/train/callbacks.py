@@ -206,9 +206,10 @@ class SpikeScores(Callback):
 # ---------------------------------------------------------------------- achieved TFLOP/s and MFU
 class Throughput(Callback):
     """Adds ``achieved_tflops`` (per device) and ``mfu`` to the record of every logging step (every
-    ``log_every`` steps and the last; every step when ``log_every`` is 0), from the step's ``tokens_per_s`` and
-    the analytic training FLOPs per token (:func:`~spannorm.model.counting.flops_per_token`). Plain arithmetic
-    on numbers the step already has on the host: no device sync is added.
+    ``log_every`` steps and the last; every step when ``log_every`` is 0), from the record's ``tokens_per_s``
+    (the mean rate since the previous reading step) and the analytic training FLOPs per token
+    (:func:`~spannorm.model.counting.flops_per_token`). Plain arithmetic on numbers the step already has on the
+    host: no device sync is added.
 
     ``mfu`` divides by ``peak_tflops``: the user's ``train.peak_tflops``, else the device table's dense peak
     (CUDA), else a calibration matmul measured once at the start when ``train.measure_peak`` is on (CPU, about

@@ -114,6 +114,14 @@ class PendingStep:
     for MoE models the summed balance and z-losses and the mean per-expert load."""
 
 
+def _nested(flat: list[float], shape: tuple[int, ...]) -> list[Any]:
+    """``flat`` as the nested lists ``Tensor.tolist`` gives for a tensor of ``shape`` (one dimension or more)."""
+    if len(shape) <= 1:
+        return flat
+    size = math.prod(shape[1:])
+    return [_nested(flat[i:i + size], shape[1:]) for i in range(0, len(flat), size)]
+
+
 def _is_existing_run(run: RunFolder) -> bool:
     return any(path.exists() for path in (run.config, run.summary, run.metrics)) or bool(
         ckpt_io.list_checkpoints(run.root))
@@ -437,18 +445,18 @@ class Trainer:
         """A micro-batch (inputs, targets) on the training device. ``train`` draws (and advances) the
         training sampler; ``val`` draws random validation windows without touching any training state."""
         if split == "train":
-            return self.batches.next_batch()
-        if split == "val":
-            if not hasattr(self, "_val_sampler"):
-                self._val_sampler = WindowSampler(self.splits.val, self.cfg.model.context_length,
-                                                  self.cfg.train.batch_size, self.cfg.train.seed + 1)
-            inputs, targets = self._val_sampler.next_batch()
-        else:
+            return self.batches.next_batch()  # already on the device
+        if split != "val":
             raise ValueError(f"split {split!r} is not 'train' or 'val'")
+        if not hasattr(self, "_val_sampler"):
+            self._val_sampler = WindowSampler(self.splits.val, self.cfg.model.context_length,
+                                              self.cfg.train.batch_size, self.cfg.train.seed + 1)
+        inputs, targets = self._val_sampler.next_batch()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Stop after the current step, with a checkpoint (the run is then resumable)."""
+        """Stop after the current step, with a checkpoint (the run is then resumable). Under torchrun the
+        processes agree on it at the next reading step (:meth:`should_read`)."""
         self.stop_reason = reason
 
     def evaluate(self) -> EvalResult:
@@ -584,11 +592,9 @@ class Trainer:
             record: dict[str, Any] = {"step": p.step, "train_loss": train_loss, "lr": p.lr, "grad_norm": grad_norm,
                                       "tokens": p.tokens}
             if len(p.values) > 2:
-                n_experts = p.values[4].shape[-1]
-                loads = numbers[4:]
                 record["balance_loss"] = numbers[2] / accum
                 record["z_loss"] = numbers[3] / accum
-                record["expert_load"] = [loads[i:i + n_experts] for i in range(0, len(loads), n_experts)]
+                record["expert_load"] = _nested(numbers[4:], tuple(p.values[4].shape))
             record["tokens_per_s"] = tokens_per_s
             self.last_train_loss = train_loss
             records.append(record)
