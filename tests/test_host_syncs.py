@@ -17,6 +17,7 @@ import torch
 
 from helpers import TEXT
 from spannorm.data.dataset import BatchesAhead, WindowSampler
+from spannorm.diagnostics.callback import DiagnosticsCallback
 from spannorm.train.callbacks import Callback, needs_step_end_at_once
 from spannorm.train.config import RunConfig, resolve_config
 from spannorm.train.optimizer import build_optimizer
@@ -203,6 +204,8 @@ def test_which_callbacks_need_a_step_at_once():
     assert needs_step_end_at_once(Plain(), 3) and needs_step_end_at_once(Derived(), 3)  # as before: every step
     assert not needs_step_end_at_once(Quiet(), 3) and not needs_step_end_at_once(Callback(), 3)
     assert not needs_step_end_at_once(LateLog(), 3)
+    diagnostics = DiagnosticsCallback(every=3)  # measures the model as it is right after its steps
+    assert [needs_step_end_at_once(diagnostics, step) for step in range(1, 7)] == [False, False, True] * 2
 
 
 def test_batches_ahead_are_the_samplers_batches_and_resume_exactly(tmp_path):
