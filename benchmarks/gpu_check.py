@@ -8,7 +8,11 @@
    shape) in bf16, compiled, for ``pre``, ``span`` and an MoE of 8 experts, top-2, at the same active size.
    Tokens/s is the median of the per-step figures in ``metrics.jsonl`` after the warm-up steps; MFU divides
    ``flops_per_token`` times that by the device's dense bf16 peak (``spannorm.hardware.devices``), against
-   llm.c's about 470k tokens/s per H100 for GPT-2 124M as the reference line.
+   llm.c's about 470k tokens/s per H100 for GPT-2 124M as the reference line. ``train.log_every`` is the
+   number of warm-up steps, so the steps between two logging steps hold no host sync (docs/training.md,
+   "Host syncs") and each timed figure is the mean of a logging interval without warm-up steps in it. One more
+   run, ``pre_read_every_step`` (``log_every=1``: a host sync after every step, as the trainer did before),
+   measures what a per-step sync costs on the device (``read_every_step_time_over_pre``).
 3. **DDP and FSDP2** on all visible GPUs (``torchrun``, the tiny preset, a few steps).
 
 It writes one JSON file and prints a table. ``--device cpu`` runs the same code on the CPU (the test suite runs
@@ -142,18 +146,20 @@ def timing(name: str, args: list[str], device: torch.device, warmup: int, work: 
 
 
 def speed(device: torch.device, tiny: bool, steps: int, warmup: int, work: Path, deadline: float) -> list[dict]:
+    common = [f"--train.steps={steps}", "--train.eval_every=0", "--train.eval_batches=1",
+              "--train.checkpoint_every=0", f"--train.device={device.type}"]
+    log = [f"--train.log_every={max(1, warmup)}"]  # no host sync between logging steps
     if tiny:
-        base = ["--preset", "tiny", f"--train.steps={steps}", "--train.eval_every=0", "--train.eval_batches=1",
-                "--train.checkpoint_every=0", "--train.log_every=1", f"--train.device={device.type}"]
+        base = ["--preset", "tiny"] + common
         moe = ["--model.moe.n_experts=4", "--model.moe.top_k=2"]
     else:
-        base = ["--preset", "gpt2-small", f"--train.steps={steps}", "--train.eval_every=0",
-                "--train.eval_batches=1", "--train.checkpoint_every=0", "--train.log_every=1",
-                "--train.grad_accum=1", "--train.compile=true", f"--train.device={device.type}",
-                "--train.precision=bf16"]
+        base = ["--preset", "gpt2-small"] + common + ["--train.grad_accum=1", "--train.compile=true",
+                                                      "--train.precision=bf16"]
         moe = ["--model.moe.n_experts=8", "--model.moe.top_k=2"]
-    runs = [("pre", base + ["--model.placement=pre"]), ("span", base + ["--model.placement=span"]),
-            ("moe_pre", base + ["--model.placement=pre"] + moe)]
+    runs = [("pre", base + log + ["--model.placement=pre"]), ("span", base + log + ["--model.placement=span"]),
+            ("moe_pre", base + log + ["--model.placement=pre"] + moe)]
+    if not tiny:  # last, so that it is the run a short budget drops
+        runs.append(("pre_read_every_step", base + ["--train.log_every=1", "--model.placement=pre"]))
     return [timing(name, args, device, warmup, work, deadline, "bf16") for name, args in runs]
 
 
@@ -194,10 +200,10 @@ def print_table(report: dict) -> None:
           f">= {TARGETS['tokens_per_s']:,} tokens/s, MFU >= {TARGETS['mfu']:.0%}):")
     for r in report["speed"]:
         if r["status"] != "ok":
-            print(f"  {r['run']:8s} {r['status']}: {r.get('reason', '')}")
+            print(f"  {r['run']:19s} {r['status']}: {r.get('reason', '')}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"  {r['run']:8s} {r['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu:>6s}  "
+        print(f"  {r['run']:19s} {r['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu:>6s}  "
               f"{r['vs_llmc']:.2f}x llm.c")
     for key, value in report["ratios"].items():
         print(f"  {key}: {value:.3f}" if value is not None else f"  {key}: n/a")
@@ -243,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = {
         "span_time_over_pre": by_run["pre"] / by_run["span"] if by_run.get("pre") and by_run.get("span") else None,
         "moe_time_over_dense": by_run["pre"] / by_run["moe_pre"] if by_run.get("pre") and by_run.get("moe_pre")
-        else None}
+        else None,
+        "read_every_step_time_over_pre": by_run["pre"] / by_run["pre_read_every_step"]
+        if by_run.get("pre") and by_run.get("pre_read_every_step") else None}
     report["targets"] = TARGETS
     report["seconds"] = time.monotonic() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

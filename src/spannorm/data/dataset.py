@@ -249,6 +249,43 @@ class WindowSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+class BatchesAhead:
+    """The batches of ``sampler`` on ``device``, each one drawn and sent while the previous one is used: when
+    :meth:`next_batch` hands out a batch, the next is drawn at once and its copy to the device is issued
+    (``non_blocking``, from pinned host memory on CUDA), so that it travels while the current batch computes.
+
+    The batches and their order are the sampler's own. :meth:`state_dict` is the sampler's state after the
+    batches handed out so far (not after the one drawn ahead), so a checkpoint resumes exactly."""
+
+    def __init__(self, sampler: WindowSampler, device: torch.device):
+        self.sampler, self.device = sampler, device
+        self.pin = device.type == "cuda"
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
+        """The batch drawn ahead, with the sampler's state from before it was drawn."""
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.sampler.next_batch()
+        if self.pin:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets) on the device; the batch after it is drawn and sent on its way."""
+        batch = self._ahead[0] if self._ahead is not None else self._draw()
+        state = self.sampler.state_dict()
+        self._ahead = (self._draw(), state)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state after the batches handed out (:meth:`WindowSampler.state_dict`)."""
+        return self._ahead[1] if self._ahead is not None else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the sampler; the batch drawn ahead, if any, is dropped."""
+        self._ahead = None
+        self.sampler.load_state_dict(state)
+
+
 def eval_window_starts(tokens: shards.TokenStream, context_length: int, batch_size: int,
                        max_batches: int | None = None) -> np.ndarray:
     """The start offsets of the fixed, non-overlapping validation windows, evenly spaced over the split:

@@ -40,6 +40,10 @@ class DiagnosticsCallback(Callback):
     def on_train_start(self, trainer: Any) -> None:
         self.batch = trainer.sample_batch(self.split)
 
+    def needs_step_end_at_once(self, step: int) -> bool:
+        """It measures the model as it is right after the step (the last step reads anyway)."""
+        return step % self.every == 0
+
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         final = step == trainer.cfg.train.steps
         if step % self.every and not final:

@@ -7,7 +7,10 @@ The trainer calls each callback's hooks in list order:
   clipping, the non-finite check and the optimizer step;
 - ``on_evaluation(trainer, step, record)``: after an evaluation; ``record`` holds ``val_loss`` and friends;
 - ``on_step_end(trainer, step, record)``: after step ``step``; ``record`` is the dict about to be written
-  to ``metrics.jsonl``, and a callback may add keys to it;
+  to ``metrics.jsonl``, and a callback may add keys to it. Its losses and norms are read from the device only
+  after a *reading step* (a logging, evaluation or checkpoint step, the last step, a stop, or a step some
+  callback needs at once: :meth:`Callback.needs_step_end_at_once`); the ``on_step_end`` calls of the steps
+  in between come then, in step order, so that a step that does not read holds no host sync;
 - ``on_checkpoint(trainer, step, path)``: after checkpoint ``step`` was written to the folder ``path`` (rank 0
   writes it; under torchrun the other processes get the same path);
 - ``on_train_end(trainer, summary)``: after ``summary.json`` is written.
@@ -66,6 +69,13 @@ class Callback:
     def on_train_end(self, trainer: Any, summary: Any) -> None:
         """The run ended (completed, interrupted or diverged) and ``summary.json`` was written."""
 
+    def needs_step_end_at_once(self, step: int) -> bool:
+        """Whether :meth:`on_step_end` of step ``step`` must run right after that step (it looks at the model,
+        or may request a stop), which makes ``step`` a reading step: one host sync. False: its call may come
+        later, at the next reading step, in step order. The default is True for a class that overrides
+        ``on_step_end`` (every step then reads, as before reading steps existed), False otherwise."""
+        return type(self).on_step_end is not Callback.on_step_end
+
     def state_dict(self) -> dict[str, Any]:
         """This callback's state, JSON-serializable; empty (nothing saved) by default."""
         return {}
@@ -77,6 +87,16 @@ class Callback:
 def state_key(callback: Any) -> str:
     """Where ``callback``'s state sits in ``trainer_state.json``: its ``state_key``, or its class name."""
     return getattr(callback, "state_key", None) or type(callback).__name__
+
+
+def needs_step_end_at_once(callback: Any, step: int) -> bool:
+    """Whether ``callback`` needs ``on_step_end`` right after step ``step``: its own
+    :meth:`Callback.needs_step_end_at_once`, or, for an object not derived from :class:`Callback` that lacks
+    it, whether it has an ``on_step_end`` at all."""
+    verdict = getattr(callback, "needs_step_end_at_once", None)
+    if verdict is not None:
+        return bool(verdict(step))
+    return callable(getattr(callback, "on_step_end", None))
 
 
 def has_state(callback: Any) -> bool:
@@ -124,6 +144,12 @@ def load_callback_states(callbacks: Iterable[Any], saved: dict[str, Any]) -> Non
             callback.load_state_dict(saved[state_key(callback)])
 
 
+def should_log(step: int, log_every: int, total_steps: int) -> bool:
+    """Whether step ``step`` is a logging step: every ``log_every`` steps and the last (every step when
+    ``log_every`` is 0)."""
+    return not log_every or step % log_every == 0 or step == total_steps
+
+
 # ---------------------------------------------------------------------- spike scores
 class SpikeScore:
     """SPEC §6 spike score of a scalar series: z = (v - mean) / std over the previous ``window`` values;
@@ -150,13 +176,17 @@ class SpikeScore:
 class SpikeScores(Callback):
     """Adds the spike scores of the training loss and the gradient norm to every record: ``loss_z``,
     ``loss_spike``, ``grad_norm_z``, ``grad_norm_spike`` (:class:`SpikeScore`). Spikes are logged, not acted on.
-    Its state is both histories."""
+    Its state is both histories. It reads only the records, in step order, so it never needs a step at once:
+    its scores are the same whether a step's record comes right after it or at the next reading step."""
 
     state_key = "spike_history"
 
     def __init__(self, window: int = 128, sigmas: float = 6.0):
         self.loss = SpikeScore(window, sigmas)
         self.grad_norm = SpikeScore(window, sigmas)
+
+    def needs_step_end_at_once(self, step: int) -> bool:
+        return False
 
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         loss_z, loss_spike = self.loss.update(record["train_loss"])
@@ -176,9 +206,10 @@ class SpikeScores(Callback):
 # ---------------------------------------------------------------------- achieved TFLOP/s and MFU
 class Throughput(Callback):
     """Adds ``achieved_tflops`` (per device) and ``mfu`` to the record of every logging step (every
-    ``log_every`` steps and the last; every step when ``log_every`` is 0), from the step's ``tokens_per_s`` and
-    the analytic training FLOPs per token (:func:`~spannorm.model.counting.flops_per_token`). Plain arithmetic
-    on numbers the step already has on the host: no device sync is added.
+    ``log_every`` steps and the last; every step when ``log_every`` is 0), from the record's ``tokens_per_s``
+    (the mean rate since the previous reading step) and the analytic training FLOPs per token
+    (:func:`~spannorm.model.counting.flops_per_token`). Plain arithmetic on numbers the step already has on the
+    host: no device sync is added.
 
     ``mfu`` divides by ``peak_tflops``: the user's ``train.peak_tflops``, else the device table's dense peak
     (CUDA), else a calibration matmul measured once at the start when ``train.measure_peak`` is on (CPU, about
@@ -196,7 +227,10 @@ class Throughput(Callback):
             trainer.progress.message(self.note)
 
     def should_log(self, step: int) -> bool:
-        return not self.log_every or step % self.log_every == 0 or step == self.total_steps
+        return should_log(step, self.log_every, self.total_steps)
+
+    def needs_step_end_at_once(self, step: int) -> bool:
+        return False  # a logging step reads anyway
 
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         if not self.should_log(step) or "tokens_per_s" not in record:
@@ -216,7 +250,10 @@ class PeakMemory(Callback):
         self.device, self.total_steps, self.log_every = device, total_steps, log_every
 
     def should_log(self, step: int) -> bool:
-        return not self.log_every or step % self.log_every == 0 or step == self.total_steps
+        return should_log(step, self.log_every, self.total_steps)
+
+    def needs_step_end_at_once(self, step: int) -> bool:
+        return False  # a logging step reads anyway, so the figure is taken right after it
 
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         if self.should_log(step):
@@ -286,6 +323,9 @@ class ProgressDisplay(Callback):
         self.message(f"step {step}: val_loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f} "
                      f"bpb {record['val_bpb']:.4f}")
 
+    def needs_step_end_at_once(self, step: int) -> bool:
+        return False  # the bar moves at reading steps (logging, evaluation, checkpoint)
+
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.step(step, record)
@@ -338,6 +378,9 @@ class MetricsWriter(Callback):
             self.tb = SummaryWriter(log_dir=str(trainer.run_folder.tensorboard),
                                     purge_step=trainer.step + 1 if trainer.resume_from is not None else None)
 
+    def needs_step_end_at_once(self, step: int) -> bool:
+        return False  # the lines come in step order, written at each reading step
+
     def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
         if self._file is None:
             return
@@ -364,4 +407,5 @@ class MetricsWriter(Callback):
 
 __all__ = ["Callback", "HOOKS", "MetricsWriter", "PeakMemory", "ProgressDisplay", "SpikeScore", "SpikeScores",
            "TENSORBOARD_TAGS", "Throughput", "VAL_REGRESSION_NATS", "ValidationRegression", "callback_states",
-           "check_callbacks", "has_state", "load_callback_states", "state_key"]
+           "check_callbacks", "has_state", "load_callback_states", "needs_step_end_at_once", "should_log",
+           "state_key"]

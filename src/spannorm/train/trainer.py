@@ -15,6 +15,11 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
 - ``summary.json``: the :class:`RunSummary`.
 
+A step holds no host sync unless it is a *reading step* (:meth:`Trainer.should_read`): the losses and norms
+stay on the device, and the non-finite check stops the update on the device where the optimizer can (see
+:meth:`Trainer._train_step`); each reading step reads every step since the last one in one transfer. The
+training batches are drawn one ahead (:class:`~spannorm.data.dataset.BatchesAhead`).
+
 Only rank 0 writes or displays anything. Under torchrun the same loop runs in every process, with DDP or FSDP2
 behind the hooks of :mod:`spannorm.train.distributed`; :func:`spannorm.launch.train` is the entry point.
 """
@@ -36,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from spannorm.config import ConfigError, ModelConfig
-from spannorm.data.dataset import TokenSplits, WindowSampler, check_long_enough, load_splits
+from spannorm.data.dataset import BatchesAhead, TokenSplits, WindowSampler, check_long_enough, load_splits
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.hardware.calibrate import MEASURED, measured_peak_tflops
 from spannorm.hardware.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
@@ -53,6 +58,8 @@ from spannorm.train.callbacks import (
     callback_states,
     check_callbacks,
     load_callback_states,
+    needs_step_end_at_once,
+    should_log,
 )
 from spannorm.train.config import RunConfig
 from spannorm.train.distributed import SingleProcess
@@ -95,8 +102,24 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-class Divergence(Exception):
-    """A non-finite loss or gradient norm; raised inside the loop, turned into a diverged summary."""
+@dataclass
+class PendingStep:
+    """An optimizer step whose losses and norms are still on the device; the next reading step reads them."""
+
+    step: int
+    lr: float
+    tokens: int
+    values: tuple[torch.Tensor, ...]
+    """On the device: the loss summed over the micro-batches and the gradient norm (means over processes), and
+    for MoE models the summed balance and z-losses and the mean per-expert load."""
+
+
+def _nested(flat: list[float], shape: tuple[int, ...]) -> list[Any]:
+    """``flat`` as the nested lists ``Tensor.tolist`` gives for a tensor of ``shape`` (one dimension or more)."""
+    if len(shape) <= 1:
+        return flat
+    size = math.prod(shape[1:])
+    return [_nested(flat[i:i + size], shape[1:]) for i in range(0, len(flat), size)]
 
 
 def _is_existing_run(run: RunFolder) -> bool:
@@ -243,6 +266,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg.optim, fused=self.device.type == "cuda")
         self.sampler = self.parallel.train_sampler(self.splits.train, self.cfg.model.context_length,
                                                    self.cfg.train.batch_size, self.cfg.train.seed)
+        self.batches = BatchesAhead(self.sampler, self.device)
         self.callbacks = self._build_callbacks(callbacks)
         self.out_dir = self.run_folder.root
         self.step = 0
@@ -255,6 +279,9 @@ class Trainer:
         self.resume_messages: list[str] = []
         self.resume_warnings: list[str] = []  # shown even with train.progress=none
         self.stop_reason: str | None = None
+        self._pending: list[PendingStep] = []  # the steps since the last reading step
+        self._pending_since = 0.0  # perf_counter at the start of the first of them
+        self._non_finite: torch.Tensor | None = None  # on the device: a pending step had a non-finite value
 
     # ------------------------------------------------------------------ build steps
     @staticmethod
@@ -366,7 +393,7 @@ class Trainer:
         self.wall_before_s = float(state.get("wall_s", 0.0))
         self.validation = ValidationHistory(last=state.get("last_eval"), best_loss=state.get("best_val_loss"))
         self.last_train_loss = state.get("last_train_loss")
-        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["sampler"])
         load_callback_states(self.callbacks, state)
         ckpt_io.restore_rng_states(state["rng"])
         self.last_checkpoint = ckpt
@@ -380,7 +407,7 @@ class Trainer:
         state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
                  "wall_s": self._wall_s(), "best_val_loss": self.validation.best_loss,
                  "last_eval": self.validation.last, "last_train_loss": self.last_train_loss,
-                 "sampler": self.sampler.state_dict()}
+                 "sampler": self.batches.state_dict()}
         state.update(callback_states(self.callbacks))
         state["rng"] = ckpt_io.rng_states()
         return state
@@ -418,18 +445,18 @@ class Trainer:
         """A micro-batch (inputs, targets) on the training device. ``train`` draws (and advances) the
         training sampler; ``val`` draws random validation windows without touching any training state."""
         if split == "train":
-            inputs, targets = self.sampler.next_batch()
-        elif split == "val":
-            if not hasattr(self, "_val_sampler"):
-                self._val_sampler = WindowSampler(self.splits.val, self.cfg.model.context_length,
-                                                  self.cfg.train.batch_size, self.cfg.train.seed + 1)
-            inputs, targets = self._val_sampler.next_batch()
-        else:
+            return self.batches.next_batch()  # already on the device
+        if split != "val":
             raise ValueError(f"split {split!r} is not 'train' or 'val'")
+        if not hasattr(self, "_val_sampler"):
+            self._val_sampler = WindowSampler(self.splits.val, self.cfg.model.context_length,
+                                              self.cfg.train.batch_size, self.cfg.train.seed + 1)
+        inputs, targets = self._val_sampler.next_batch()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Stop after the current step, with a checkpoint (the run is then resumable)."""
+        """Stop after the current step, with a checkpoint (the run is then resumable). Under torchrun the
+        processes agree on it at the next reading step (:meth:`should_read`)."""
         self.stop_reason = reason
 
     def evaluate(self) -> EvalResult:
@@ -448,6 +475,22 @@ class Trainer:
         every = self.cfg.train.checkpoint_every
         return step == self.cfg.train.steps or bool(every and step % every == 0)
 
+    def should_read(self, step: int) -> bool:
+        """Read the losses and norms of the steps so far to the host after step ``step`` (a device sync): at a
+        logging, evaluation or checkpoint step, the last step, a step some callback needs at once
+        (:func:`~spannorm.train.callbacks.needs_step_end_at_once`), and after a stop request in a single
+        process. Under torchrun a stop is agreed at reading steps only, which every process knows alike."""
+        train = self.cfg.train
+        return (should_log(step, train.log_every, train.steps) or self.should_evaluate(step)
+                or self.should_checkpoint(step) or any(needs_step_end_at_once(cb, step) for cb in self.callbacks)
+                or (self.world_size == 1 and self.stop_reason is not None))
+
+    def skips_update_on_device(self) -> bool:
+        """Whether the optimizer can skip a step on the device, given a flag tensor (``found_inf``, the
+        protocol of ``torch.amp.GradScaler``; PyTorch's fused AdamW, which the trainer uses on CUDA): then the
+        non-finite check needs no host read. Otherwise each step reads one flag (the CPU's AdamW)."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             fn = getattr(callback, hook, None)
@@ -455,8 +498,18 @@ class Trainer:
                 fn(self, *args)
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self) -> dict[str, Any]:
+    def _train_step(self) -> bool:
+        """One optimizer step, its losses and norms left on the device (a :class:`PendingStep`). Returns True
+        when they must be read now: a non-finite value that the optimizer cannot skip on the device.
+
+        The non-finite guard must stop the update, so it sits before the optimizer step. Its flag stays raised
+        until the next reading step, and every step it covers is skipped: with the fused AdamW the optimizer
+        skips them on the device (weights, moments and step count unchanged), so no step reads; otherwise
+        this step reads the flag (its one host read) and does not call the optimizer. The reading step then
+        finds the first non-finite step and goes back to the step before it (:meth:`_read_pending`)."""
         cfg = self.cfg
+        if not self._pending:
+            self._pending_since = time.perf_counter()
         step_index = self.step  # 0-based index of the optimizer step being taken
         lr = lr_for(cfg.optim, step_index, cfg.train.steps)
         for group in self.optimizer.param_groups:
@@ -486,36 +539,66 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # global under DDP/FSDP2
         loss_sum, balance_sum, z_sum, load_sum, grad_norm = self.parallel.mean_over_ranks(
             loss_sum, balance_sum, z_sum, load_sum, grad_norm)  # means over processes; nan if nan anywhere
-        train_loss = float(loss_sum) / accum
-        grad_norm_value = float(grad_norm)
-        # The non-finite guard: it must stop the update, so it sits here, before the optimizer step.
-        if self.parallel.any_rank(not math.isfinite(train_loss) or not math.isfinite(grad_norm_value)):
-            what = "loss" if not math.isfinite(train_loss) else "gradient norm"
-            value = train_loss if not math.isfinite(train_loss) else grad_norm_value
-            raise Divergence(f"step {self.step + 1}: non-finite {what} ({value}) detected before the optimizer "
-                             f"step; weights are those after step {self.step}")
-        self.optimizer.step()
+        assert loss_sum is not None and grad_norm is not None
+        non_finite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))  # the same in every process
+        self._non_finite = non_finite if self._non_finite is None else self._non_finite | non_finite
+        read_now = False
+        if self.skips_update_on_device():
+            scaled: Any = self.optimizer  # GradScaler's protocol: step() reads an attribute AdamW does not declare
+            scaled.found_inf = self._non_finite.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del scaled.found_inf
+        elif bool(self._non_finite):  # this step's one host read: the optimizer cannot skip on the device
+            read_now = True
+        else:
+            self.optimizer.step()
         self.step += 1
         self.tokens += cfg.tokens_per_step  # the global batch, whatever the world size
-        record: dict[str, Any] = {"step": self.step, "train_loss": train_loss, "lr": lr,
-                                  "grad_norm": grad_norm_value, "tokens": self.tokens}
+        values = (loss_sum, grad_norm)
         if load_sum is not None:
-            record["balance_loss"] = float(balance_sum) / accum
-            record["z_loss"] = float(z_sum) / accum
-            record["expert_load"] = (load_sum / accum).tolist()
-        self.last_train_loss = train_loss
-        return record
+            assert balance_sum is not None and z_sum is not None
+            values += (balance_sum, z_sum, load_sum / accum)
+        self._pending.append(PendingStep(self.step, lr, self.tokens, values))
+        return read_now
 
-    def _timed_step(self) -> dict[str, Any]:
-        """One optimizer step, its time added to ``train_time_s`` and its rate to the record."""
-        started = time.perf_counter()
-        record = self._train_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
+    def _read_pending(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The records of the pending steps, in step order, read from the device in one transfer (the reading
+        step's host sync). ``tokens_per_s`` is their mean rate: the time from the start of the first to this
+        read, which waited for the device. A non-finite loss or gradient norm ends the list: that step and
+        the ones after it were not applied (see :meth:`_train_step`), so the trainer goes back to the step
+        before it and returns the divergence message with the records before it (None when all are finite)."""
+        pending, self._pending, self._non_finite = self._pending, [], None
+        flat = torch.cat([value.detach().double().reshape(-1) for p in pending for value in p.values]).tolist()
+        elapsed = time.perf_counter() - self._pending_since
         self.train_time_s += elapsed
-        record["tokens_per_s"] = self.cfg.tokens_per_step / elapsed
-        return record
+        tokens_per_s = self.cfg.tokens_per_step * len(pending) / elapsed
+        accum = self.cfg.train.grad_accum
+        records: list[dict[str, Any]] = []
+        offset = 0
+        for p in pending:
+            numbers = flat[offset:offset + sum(value.numel() for value in p.values)]
+            offset += len(numbers)
+            train_loss, grad_norm = numbers[0] / accum, numbers[1]
+            if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
+                undone = self.step - (p.step - 1)
+                self.step -= undone
+                self.tokens -= undone * self.cfg.tokens_per_step
+                what = "loss" if not math.isfinite(train_loss) else "gradient norm"
+                value = train_loss if not math.isfinite(train_loss) else grad_norm
+                return records, (f"step {p.step}: non-finite {what} ({value}) detected before the optimizer "
+                                 f"step; weights are those after step {self.step}")
+            record: dict[str, Any] = {"step": p.step, "train_loss": train_loss, "lr": p.lr, "grad_norm": grad_norm,
+                                      "tokens": p.tokens}
+            if len(p.values) > 2:
+                record["balance_loss"] = numbers[2] / accum
+                record["z_loss"] = numbers[3] / accum
+                record["expert_load"] = _nested(numbers[4:], tuple(p.values[4].shape))
+            record["tokens_per_s"] = tokens_per_s
+            self.last_train_loss = train_loss
+            records.append(record)
+        return records, None
 
     def _evaluate(self, record: dict[str, Any]) -> None:
         result = self.evaluate()
@@ -543,11 +626,16 @@ class Trainer:
         status, message, diverged_step = "completed", "", None
         with ctrl_c_requests_stop(self):
             while self.step < self.cfg.train.steps:
-                try:
-                    record = self._timed_step()
-                except Divergence as err:
-                    status, message, diverged_step = "diverged", self._with_last_good(str(err)), self.step + 1
+                read_now = self._train_step()
+                if not (read_now or self.should_read(self.step)):
+                    continue  # no host sync: the step's values stay on the device
+                records, divergence = self._read_pending()
+                for earlier in records if divergence else records[:-1]:  # the steps that did not read, in order
+                    self._call("on_step_end", earlier["step"], earlier)
+                if divergence:
+                    status, message, diverged_step = "diverged", self._with_last_good(divergence), self.step + 1
                     break
+                record = records[-1]
                 if self.should_evaluate(self.step):
                     self._evaluate(record)
                 self._call("on_step_end", self.step, record)
@@ -581,5 +669,5 @@ class Trainer:
         return summary
 
 
-__all__ = ["Divergence", "RunSummary", "Trainer", "ValidationHistory", "ctrl_c_requests_stop", "resolve_device",
+__all__ = ["PendingStep", "RunSummary", "Trainer", "ValidationHistory", "ctrl_c_requests_stop", "resolve_device",
            "training_objective"]
