@@ -111,7 +111,7 @@ class CustomBlockLM(nn.Module):
         x = self.hook_embed(self.embed(idx) * math.sqrt(self.d_model))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.final_norm(x))
+        logits = F.linear(self.final_norm(x), self.lm_head.weight.to(x.dtype))  # as DecoderLM: no module call
         out = LMOutput(logits=logits)
         if targets is not None:
             out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
