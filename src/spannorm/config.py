@@ -26,7 +26,7 @@ BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
 SpanScaling = Literal["init", "skip", "both"]
 Norm = Literal["rms", "layer"]
 Init = Literal["fan_in", "fixed"]
-HeadInit = Literal["small", "fan_in"]
+HeadInit = Literal["half", "small", "fan_in"]
 SPAN_SCALINGS = typing.get_args(SpanScaling)
 NORMS = typing.get_args(Norm)
 INITS = typing.get_args(Init)
@@ -117,12 +117,14 @@ class ModelConfig:
     """Use the embedding matrix as the output head. A tied head starts as a copy of the input: under fan_in init
     the model predicts its own input token with a logit of about sqrt(d_model), so the initial loss is far above
     ln(vocab_size) (10.2 against 5.55 at d=128, V=256). The default is an untied head (see ``head_init``)."""
-    head_init: HeadInit = "small"
-    """Init of the untied head (ignored when tied: the head is the embedding). ``small``: std init_std/d_model
-    under fan_in init, init_std/sqrt(d_model) under fixed init (the fan_in-style std over a further sqrt(d_model),
-    as muP's readout), so the logits start with std about init_std/sqrt(d_model), the prediction about uniform
-    and the loss within about 1/(2·d_model) nats of ln(vocab_size); not zero, so that every gradient at init is
-    nonzero. ``fan_in``: the std of the other input projections (logits of std ~init_std)."""
+    head_init: HeadInit = "half"
+    """Init of the untied head (ignored when tied: the head is the embedding), as a multiple of the std the other
+    input projections get (init_std/sqrt(d_model) under fan_in init, init_std under fixed). ``half``: half of it,
+    so under fan_in the logits start with std about init_std/2 and the loss about init_std²/8 nats above
+    ln(vocab_size) at any width. ``small``: that std over a further sqrt(d_model), muP's readout (logits of std
+    ~init_std/sqrt(d_model), loss within ~1/(2·d_model) of ln V), which learned slower in a short run
+    (docs/training.md). ``fan_in``: the same std (logits of std ~init_std, about 0.3 nats above ln V). Never
+    zero, so that every gradient at init is nonzero."""
     final_norm: bool | None = None
     """None: the placement's default (SPEC §2): off when the last block already normalizes its output."""
     embed_norm: bool = False

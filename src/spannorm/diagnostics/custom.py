@@ -4,8 +4,8 @@ every measurement (and ``spannorm check``) works on it.
 A block factory is ``factory(d_model, n_heads, layer_index, n_layers) -> nn.Module`` whose module maps the
 residual stream (B, T, d) to (B, T, d), and is named on the command line as ``package.module:factory``.
 The wrapper is: byte embedding (std 1/√d, times √d: a unit-variance stream, as DecoderLM's default fan-in
-init), the user's blocks, a final RMSNorm, and an untied head initialized small (std 1/d, DecoderLM's default
-``head_init="small"``, drawn after the blocks), so the model starts at the loss of a uniform guess. Blocks must
+init), the user's blocks, a final RMSNorm, and an untied head of std 1/(2√d) (DecoderLM's default
+``head_init="half"``, drawn after the blocks), so the model starts near the loss of a uniform guess. Blocks must
 be causal for the language-model loss to mean anything; the wrapper does not check that.
 """
 
@@ -66,7 +66,7 @@ class HookedBlock(nn.Module):
 
 
 class CustomBlockLM(nn.Module):
-    """Embedding, the blocks built by ``factory``, a final RMSNorm and a small untied head."""
+    """Embedding, the blocks built by ``factory``, a final RMSNorm and an untied head at half the fan-in std."""
 
     def __init__(self, factory: BlockFactory, *, n_layers: int, d_model: int = 64, n_heads: int = 4,
                  vocab_size: int = 256):
@@ -89,7 +89,7 @@ class CustomBlockLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        nn.init.normal_(self.lm_head.weight, std=1 / d_model)
+        nn.init.normal_(self.lm_head.weight, std=0.5 / math.sqrt(d_model))
 
     def check_shapes(self, seq_len: int = 8) -> None:
         """Raise :class:`BlockFactoryError` unless every block maps (B, T, d) to (B, T, d)."""

@@ -65,10 +65,10 @@ class DecoderLM(nn.Module):
         return cfg.init_std / math.sqrt(fan_in) if cfg.init == "fan_in" else cfg.init_std
 
     def head_std(self) -> float:
-        """The init std of the untied head (``cfg.head_init``): the fan-in std, over a further sqrt(d) when
-        ``small``."""
+        """The init std of the untied head (``cfg.head_init``): the other input projections' std, halved
+        (``half``), over a further sqrt(d) (``small``) or as is (``fan_in``)."""
         d = self.cfg.d_model
-        return self._std(d) / (math.sqrt(d) if self.cfg.head_init == "small" else 1.0)
+        return self._std(d) * {"half": 0.5, "small": 1 / math.sqrt(d), "fan_in": 1.0}[self.cfg.head_init]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
