@@ -1,6 +1,6 @@
-"""Initial loss on uniformly random tokens (forward only), with the tied head of before and the untied head under
-each ``head_init`` (``half`` is the default), for every placement and for the GPT-2-small shape. Prints the two tables of
-docs/training.md ("The head and the initial loss"). Usage:
+"""Initial loss on uniformly random tokens (forward only), with the tied head of before and the untied head
+under each ``head_init`` (``half`` is the default), for every placement and for the GPT-2-small shape. Prints
+the figures of docs/training.md ("The head and the initial loss"). Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/initial_loss.py
 """
