@@ -123,7 +123,7 @@ class ModelConfig:
     so under fan_in the logits start with std about init_std/2 and the loss about init_std²/8 nats above
     ln(vocab_size) at any width. ``small``: that std over a further sqrt(d_model), muP's readout (logits of std
     ~init_std/sqrt(d_model), loss within ~1/(2·d_model) of ln V), which learned slower in a short run
-    (docs/training.md). ``fan_in``: the same std (logits of std ~init_std, about 0.3 nats above ln V). Never
+    (docs/training.md). ``fan_in``: the same std (logits of std ~init_std, about 0.5 nats above ln V). Never
     zero, so that every gradient at init is nonzero."""
     final_norm: bool | None = None
     """None: the placement's default (SPEC §2): off when the last block already normalizes its output."""
