@@ -47,7 +47,8 @@ def test_interop_does_not_import_transformers():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize("kw", [dict(delta_t=0.5), dict(placement="lns", tie_embeddings=False, bias=True)])
+@pytest.mark.parametrize("kw", [dict(delta_t=0.5, tie_embeddings=True), dict(delta_t=0.5),
+                                dict(placement="lns", tie_embeddings=False, bias=True)])
 def test_export_then_import_computes_the_same_logits(kw, tmp_path):
     """The folds of Δt, the embedding multiplier and LNS's scale are exact: the re-imported plain Llama (embed
     scale 1, Δt 1, no LNS) gives the same logits."""

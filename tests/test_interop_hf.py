@@ -117,6 +117,8 @@ def test_sharded_checkpoints_in_and_out(hf_llama, tmp_path):
 
 @pytest.mark.parametrize("model_kw", [
     # pre under fan-in init: embedding multiplier sqrt(d) with a tied head, Δt = 0.7
+    dict(placement="pre", delta_t=0.7, tie_embeddings=True),
+    # pre with the default untied small head
     dict(placement="pre", delta_t=0.7),
     # lns: 1/sqrt(l+1) on the norm outputs; untied head, biases everywhere
     dict(placement="lns", tie_embeddings=False, bias=True, embed_scale=3.0),

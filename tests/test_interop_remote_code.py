@@ -100,12 +100,12 @@ def test_every_placement_loads_in_transformers_with_our_logits_and_cached_genera
 
 
 @pytest.mark.parametrize("model_kw", [
-    dict(placement="pre", placement_overrides={0: "span", 2: "hybrid"}, delta_t=0.6),
+    dict(placement="pre", placement_overrides={0: "span", 2: "hybrid"}, delta_t=0.6, tie_embeddings=True),
     dict(placement="post", delta_t=0.5, norm="layer", bias=True, tie_embeddings=False),
     dict(placement="peri", embed_norm=True, embed_scale=2.5, final_norm=True),
     dict(placement="span", span_scaling="skip", span_beta=0.7, final_norm=True),
     dict(placement="span", span_scaling="both", span_alpha=1.7, tie_embeddings=False),
-    dict(placement="span_b2t", span_scaling="both"),
+    dict(placement="span_b2t", span_scaling="both", tie_embeddings=True),
     dict(placement="deepnorm", final_norm=True, norm="layer"),
     dict(placement="lns", final_norm=False, init="fixed", init_std=0.02),
     dict(placement="hybrid", n_kv_heads=1, bias=True),

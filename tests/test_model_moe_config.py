@@ -82,7 +82,7 @@ def test_every_expert_with_tokens_gets_gradient_and_aux_is_handed_back():
 
 @pytest.mark.parametrize("kwargs", [
     dict(),
-    dict(n_kv_heads=2, bias=True, norm="layer"),
+    dict(n_kv_heads=2, bias=True, norm="layer", tie_embeddings=True),
     dict(placement="peri", embed_norm=True, tie_embeddings=False),
     dict(placement="hybrid", norm="layer"),
     dict(placement="mixln", n_layers=4, placement_overrides={3: "span"}),

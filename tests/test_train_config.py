@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -104,7 +106,9 @@ def test_presets_have_the_promised_shapes():
     gpt2 = resolve_config("gpt2-small", None, ["model.vocab_size=50257"])
     m = gpt2.model
     assert (m.n_layers, m.n_heads, m.d_model, m.context_length) == (12, 12, 768, 1024)
-    assert 120e6 < param_counts(m).total < 130e6  # 124M class
+    tied = dataclasses.replace(m, tie_embeddings=True)
+    assert 120e6 < param_counts(tied).total < 130e6  # 124M class when tied, as GPT-2
+    assert param_counts(m).total == param_counts(tied).total + 50257 * 768  # the default untied head
     shakes = resolve_config("shakespeare-char")
     m, t, o = shakes.model, shakes.train, shakes.optim
     assert (m.n_layers, m.n_heads, m.d_model, m.context_length, m.placement) == (4, 4, 128, 64, "pre")

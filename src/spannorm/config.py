@@ -26,9 +26,11 @@ BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
 SpanScaling = Literal["init", "skip", "both"]
 Norm = Literal["rms", "layer"]
 Init = Literal["fan_in", "fixed"]
+HeadInit = Literal["half", "small", "fan_in"]
 SPAN_SCALINGS = typing.get_args(SpanScaling)
 NORMS = typing.get_args(Norm)
 INITS = typing.get_args(Init)
+HEAD_INITS = typing.get_args(HeadInit)
 ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -40,6 +42,9 @@ ROPE_SCALINGS = {
 OPTIONAL_FIELDS = ("rope_scaling", "sliding_window")
 """Fields :meth:`ModelConfig.to_dict` writes only when set, so that configs and checkpoints written before they
 existed read and compare the same."""
+LEGACY_TIE_EMBEDDINGS = True
+"""``tie_embeddings`` of a saved model config written before ``head_init`` existed (it lacks that key) that omits
+it: the default of its time. Its head, when untied, had the fan-in init. See :meth:`ModelConfig.from_saved`."""
 
 
 @dataclass
@@ -106,9 +111,20 @@ class ModelConfig:
     scale_out_proj: bool = True
     """Scale the output projections of pre-style blocks (pre, lns, mixln's pre blocks) by 1/sqrt(2L)."""
     embed_scale: float | None = None
-    """Multiplier on the embedding output. None: sqrt(d_model) under fan_in init (unit-variance stream
-    with a tied head whose rows have norm ~1), 1.0 under fixed init."""
-    tie_embeddings: bool = True
+    """Multiplier on the embedding output. None: sqrt(d_model) under fan_in init (a unit-variance stream from
+    embedding rows of norm ~1), 1.0 under fixed init."""
+    tie_embeddings: bool = False
+    """Use the embedding matrix as the output head. A tied head starts as a copy of the input: under fan_in init
+    the model predicts its own input token with a logit of about sqrt(d_model), so the initial loss is far above
+    ln(vocab_size) (10.2 against 5.55 at d=128, V=256). The default is an untied head (see ``head_init``)."""
+    head_init: HeadInit = "half"
+    """Init of the untied head (ignored when tied: the head is the embedding), as a multiple of the std the other
+    input projections get (init_std/sqrt(d_model) under fan_in init, init_std under fixed). ``half``: half of it,
+    so under fan_in the logits start with std about init_std/2 and the loss about init_std²/8 nats above
+    ln(vocab_size) at any width. ``small``: that std over a further sqrt(d_model), muP's readout (logits of std
+    ~init_std/sqrt(d_model), loss within ~1/(2·d_model) of ln V), which learned slower in a short run
+    (docs/training.md). ``fan_in``: the same std (logits of std ~init_std, about 0.5 nats above ln V). Never
+    zero, so that every gradient at init is nonzero."""
     final_norm: bool | None = None
     """None: the placement's default (SPEC §2): off when the last block already normalizes its output."""
     embed_norm: bool = False
@@ -239,6 +255,18 @@ class ModelConfig:
         """Build from a mapping (a ``model_config.json``, a config section): unknown keys refused, values
         coerced to their fields' types."""
         return build(cls, data, "model")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a model config a checkpoint or run saved (``model_config.json``, ``run_config.json``'s
+        model section): as :meth:`from_dict`, except that a config written before ``head_init`` existed reads
+        the fields it omits with the defaults of its time (tied, :data:`LEGACY_TIE_EMBEDDINGS`; an untied head
+        had the fan-in init), so that it loads with the head it was trained with."""
+        if isinstance(data, dict) and "head_init" not in data:
+            data = {"tie_embeddings": LEGACY_TIE_EMBEDDINGS, **data}
+            if not data["tie_embeddings"]:  # a tied head has no init of its own: head_init stays the default
+                data["head_init"] = "fan_in"
+        return cls.from_dict(data)
 
 
 __all__ = ["BLOCK_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]

@@ -4,8 +4,9 @@ every measurement (and ``spannorm check``) works on it.
 A block factory is ``factory(d_model, n_heads, layer_index, n_layers) -> nn.Module`` whose module maps the
 residual stream (B, T, d) to (B, T, d), and is named on the command line as ``package.module:factory``.
 The wrapper is: byte embedding (std 1/√d, times √d: a unit-variance stream, as DecoderLM's default fan-in
-init), the user's blocks, a final RMSNorm, and the head tied to the embedding. Blocks must be causal for the
-language-model loss to mean anything; the wrapper does not check that.
+init), the user's blocks, a final RMSNorm, and an untied head of std 1/(2√d) (DecoderLM's default
+``head_init="half"``, drawn after the blocks), so the model starts near the loss of a uniform guess. Blocks must
+be causal for the language-model loss to mean anything; the wrapper does not check that.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class HookedBlock(nn.Module):
 
 
 class CustomBlockLM(nn.Module):
-    """Embedding, the blocks built by ``factory``, a final RMSNorm and a tied head."""
+    """Embedding, the blocks built by ``factory``, a final RMSNorm and an untied head at half the fan-in std."""
 
     def __init__(self, factory: BlockFactory, *, n_layers: int, d_model: int = 64, n_heads: int = 4,
                  vocab_size: int = 256):
@@ -87,7 +88,8 @@ class CustomBlockLM(nn.Module):
             blocks.append(HookedBlock(block))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(d_model)
-        self.lm_head = None
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.5 / math.sqrt(d_model))
 
     def check_shapes(self, seq_len: int = 8) -> None:
         """Raise :class:`BlockFactoryError` unless every block maps (B, T, d) to (B, T, d)."""
@@ -109,7 +111,7 @@ class CustomBlockLM(nn.Module):
         x = self.hook_embed(self.embed(idx) * math.sqrt(self.d_model))
         for block in self.blocks:
             x = block(x)
-        logits = F.linear(self.final_norm(x), self.embed.weight.to(x.dtype))
+        logits = F.linear(self.final_norm(x), self.lm_head.weight.to(x.dtype))  # as DecoderLM: no module call
         out = LMOutput(logits=logits)
         if targets is not None:
             out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

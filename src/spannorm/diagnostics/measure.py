@@ -238,7 +238,8 @@ class InternalMaxRecorder:
     every norm in :data:`NORMS` (its input), and on every MoE :class:`~spannorm.model.moe.Experts` stack its
     input, its output and its hidden states (:func:`expert_hidden_max`). Each record is one reduction kept on
     the device; :meth:`largest` syncs once. Module names are ``model.named_modules()`` names; the logits are
-    added by the caller with :meth:`add` (the LM head is ``F.linear`` on the embedding, not a module)."""
+    added by the caller with :meth:`add` (the LM head is ``F.linear`` on its weight, the embedding or
+    ``lm_head.weight``, not a module call)."""
 
     def __init__(self, model: nn.Module):
         self.model = model

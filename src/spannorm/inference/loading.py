@@ -34,7 +34,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     run_cfg = None
     if (ckpt / RUN_CONFIG_NAME).is_file():
         try:
-            run_cfg = RunConfig.from_dict(read_json(ckpt / RUN_CONFIG_NAME))
+            run_cfg = RunConfig.from_saved(read_json(ckpt / RUN_CONFIG_NAME))
         except CorruptCheckpoint:
             raise
         except (ConfigError, TypeError, ValueError, KeyError) as err:

@@ -76,7 +76,7 @@ def remote_code_model_config(config: dict[str, Any], context_length: int | None 
         raise InteropError(f"{where}: model_type {REMOTE_CODE_MODEL_TYPE!r} without a 'spannorm_config' object; "
                            "allowed: a folder written by spannorm export-hf")
     try:
-        cfg = ModelConfig.from_dict(data)
+        cfg = ModelConfig.from_saved(data)
     except ConfigError as err:
         raise InteropError(f"{where}: spannorm_config is invalid: {err}") from None
     resolved = {"layer_placements": cfg.layer_placements(), "vocab_size": cfg.vocab_size,
@@ -89,7 +89,7 @@ def remote_code_model_config(config: dict[str, Any], context_length: int | None 
                                f"{value!r}; allowed: a folder written by spannorm export-hf, unedited")
     if context_length is not None:
         try:
-            cfg = ModelConfig.from_dict({**data, "context_length": context_length})
+            cfg = ModelConfig.from_saved({**data, "context_length": context_length})
         except ConfigError as err:
             raise InteropError(f"context_length={context_length} is invalid: {err}") from None
     return cfg

@@ -107,7 +107,7 @@ def model_config_of(directory: Path) -> ModelConfig:
     path = directory / MODEL_CONFIG_FILE
     data = read_json_file(path)
     try:
-        return ModelConfig.from_dict(data)
+        return ModelConfig.from_saved(data)
     except (ConfigError, TypeError, ValueError) as err:
         raise CorruptCheckpoint(path, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 

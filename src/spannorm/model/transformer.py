@@ -1,4 +1,5 @@
-"""The decoder-only LM: embedding, a stack of placement blocks, an optional final norm and a (tied) head."""
+"""The decoder-only LM: embedding, a stack of placement blocks, an optional final norm and a head (untied by
+default, or the embedding itself)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ class DecoderLM(nn.Module):
         self.hook_embed = ResidualHook()
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # skip_init: building the head draws no random numbers, so the embedding and the blocks get the same
+        # draws with and without a head of their own (reset_parameters draws the head's init last)
+        self.lm_head = None if cfg.tie_embeddings else nn.utils.skip_init(
+            nn.Linear, cfg.d_model, cfg.vocab_size, bias=False, device=torch.empty(0).device)
         self._checkpoint_every = 0
         self.loss_chunk_tokens = 0
         self.reset_parameters()
@@ -60,12 +64,16 @@ class DecoderLM(nn.Module):
         cfg = self.cfg
         return cfg.init_std / math.sqrt(fan_in) if cfg.init == "fan_in" else cfg.init_std
 
+    def head_std(self) -> float:
+        """The init std of the untied head (``cfg.head_init``): the other input projections' std, halved
+        (``half``), over a further sqrt(d) (``small``) or as is (``fan_in``)."""
+        d = self.cfg.d_model
+        return self._std(d) * {"half": 0.5, "small": 1 / math.sqrt(d), "fan_in": 1.0}[self.cfg.head_init]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d = self.cfg.d_model
         nn.init.normal_(self.embed.weight, std=self._std(d))
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=self._std(d))
         for module in self.modules():
             if (isinstance(module, (nn.LayerNorm, nn.Embedding, nn.Linear))
                     and getattr(module, "bias", None) is not None):
@@ -74,6 +82,8 @@ class DecoderLM(nn.Module):
                 nn.init.ones_(module.weight)
         for block in self.blocks:
             self._init_block(block, block.init_rule(self.cfg))
+        if self.lm_head is not None:  # last, so that the stream's weights draw what a tied model draws
+            nn.init.normal_(self.lm_head.weight, std=self.head_std())
 
     def _init_block(self, block: Block, rule: BlockInit) -> None:
         attn, ffn = block.attn, block.ffn

@@ -431,9 +431,10 @@ def token_gram(cfg: ModelConfig, tokens: torch.Tensor | np.ndarray | None = None
 
 
 def target_gram(cfg: ModelConfig, targets: torch.Tensor | np.ndarray | None, like: np.ndarray) -> np.ndarray:
-    """Gram of the loss gradient at x_L, up to a constant: at init the softmax is near uniform, so the
-    gradient of token t's logits is ≈ e_{y_t} − 1/V, and the (tied, random) head maps it to a vector whose
-    inner products are [y_t = y_t'] − 1/V. Without ``targets``: independent tokens (the identity)."""
+    """Gram of the loss gradient at x_L, up to a constant: at init the softmax is near uniform (the default
+    untied head, logits of std ~1/2; a tied head instead favours each input token), so the gradient of token
+    t's logits is ≈ e_{y_t} − 1/V, and the random head maps it to a vector whose inner products are [y_t = y_t'] − 1/V.
+    Without ``targets``: independent tokens (the identity)."""
     if targets is None:
         return np.broadcast_to(np.eye(like.shape[-1]), like.shape).copy()
     y = np.asarray(targets)

@@ -246,6 +246,16 @@ class RunConfig:
         """Build and validate a config from nested dicts (missing fields keep their defaults)."""
         return build(cls, data or {}, "")
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "RunConfig":
+        """Build from a run config a checkpoint saved (``run_config.json``): as :meth:`from_dict`, with the model
+        section read by :meth:`ModelConfig.from_saved` (the head it was trained with, also from before
+        ``model.head_init`` existed)."""
+        data = dict(data or {})
+        if isinstance(data.get("model"), dict):
+            data["model"] = ModelConfig.from_saved(data["model"]).to_dict()
+        return cls.from_dict(data)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

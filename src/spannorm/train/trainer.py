@@ -151,8 +151,9 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str) -> tupl
 
 
 def _normalize_model_dict(data: dict[str, Any]) -> dict[str, Any]:
-    """A model config dict after a JSON round trip (placement_overrides keys become strings)."""
-    return ModelConfig.from_dict(json.loads(json.dumps(data))).to_dict()
+    """A saved model config dict after a JSON round trip (placement_overrides keys become strings), with the
+    defaults of its time for the fields it predates (:meth:`ModelConfig.from_saved`)."""
+    return ModelConfig.from_saved(json.loads(json.dumps(data))).to_dict()
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -336,7 +337,7 @@ class Trainer:
             name, was, now = diff
             raise ConfigError(f"cannot resume {str(self.resume_from)!r}: it was trained with {name}={was!r} "
                               f"but the config asks for {now!r}; allowed: the checkpoint's architecture "
-                              "(drop the model overrides) or a new --out")
+                              f"(drop the model overrides, or set --{name}={was}) or a new --out")
         return saved
 
     def _build_device(self) -> torch.device:
