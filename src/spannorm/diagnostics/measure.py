@@ -142,7 +142,8 @@ class Measurement:
         return max(self.max_abs)
 
     def _headroom_candidates(self) -> list[tuple[float, str]]:
-        out = [(value, f"{point} (residual stream)") for value, point in zip(self.max_abs, self.points)]
+        out = [(value, f"{point} ({'dual' if point.endswith('.dual') else 'residual'} stream)")
+               for value, point in zip(self.max_abs, self.points)]
         if self.internal_max_abs is not None:
             out.append((self.internal_max_abs, self.internal_max_where or "inside the model"))
         return out
