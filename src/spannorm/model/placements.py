@@ -1,4 +1,5 @@
-"""One block class per placement of SPEC §2. Every block maps the residual stream x_l -> x_{l+1}.
+"""One block class per placement of SPEC §2 and §9. Every block maps the residual stream x_l -> x_{l+1}, except
+ResiDual's, which maps the pair of streams (x_l, d_l) -> (x_{l+1}, d_{l+1}) (:class:`ResiDualBlock`).
 
 Blocks differ only where their equations differ: read two ``forward`` methods side by side. Norms are named
 by position (``attn_in_norm``, ``attn_out_norm``, ``ffn_in_norm``, ``ffn_out_norm``, ``block_out_norm``).
@@ -17,7 +18,9 @@ A block class is the one place that says what a placement is. Besides its equati
 - ``normalizes_output``: whether x_{l+1} is a norm's output (then the model needs no final norm,
   :func:`has_final_norm`);
 - ``why_not_llama``: why a Llama layer cannot compute it, or None when it can (after folding constants);
-- ``span_variant``: whether it is a reading of SpanNorm (the study compares those against the baselines).
+- ``span_variant``: whether it is a reading of SpanNorm (the study compares those against the baselines);
+- ``dual_stream``: whether it maps a pair of streams (x, d) instead of x (ResiDual; the model, the theory and
+  the diagnostics read it, and the config keeps such a placement on every layer or on none).
 
 Everything else reads these: the theory (:mod:`spannorm.theory.meanfield`, :mod:`spannorm.theory.criterion`),
 counting, the Hugging Face export and the study's results. :data:`PATTERNS` names the placements that are
