@@ -49,9 +49,9 @@ class DecoderLM(nn.Module):
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.hook_embed = ResidualHook()
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         self.dual_final_norm = make_norm(cfg) if has_dual_stream(cfg) else None
         """ResiDual's norm of the dual stream d_L before it joins x_L (None for single-stream placements)."""
+        self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._checkpoint_every = 0
         self.loss_chunk_tokens = 0
