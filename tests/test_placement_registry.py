@@ -72,6 +72,7 @@ def test_every_block_declares_the_registry_attributes(placement):
     assert cls.knob is None or isinstance(cls.knob, Knob)
     assert cls.why_not_llama is None or (isinstance(cls.why_not_llama, str) and "Llama" in cls.why_not_llama)
     assert isinstance(cls.normalizes_output, bool) and isinstance(cls.span_variant, bool)
+    assert isinstance(cls.dual_stream, bool)
     assert isinstance(cls.init_rule(_cfg(placement)), BlockInit)
 
 

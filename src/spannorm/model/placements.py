@@ -316,8 +316,10 @@ class ResiDualBlock(Block):
     f = F(h); x' = N₂(h + Δt·f); d' = d + Δt·(a + f). The model starts both streams at the embedding output
     (d_0 = x_0) and feeds x_L + N_d(d_L) to the head (``DecoderLM.dual_final_norm``), with no final norm after it.
 
-    What we checked (Δt = 1 is the paper's model; Δt scales every branch as in ``post``). The paper's text was
-    not available here; its official code, microsoft/ResiDual at 8682f75, was: ``resi_dual/resi_dual_layers.py``
+    What we checked (Δt = 1 is the paper's model; Δt scales every branch as in ``post``). Only the paper's
+    abstract was available here (it calls the design Pre-Post-LN: a gradient lower bound from the Pre-LN-style
+    connection, diverse representations from the Post-LN one); its official code, microsoft/ResiDual at
+    8682f75, was: ``resi_dual/resi_dual_layers.py``
     adds each sub-layer's output to ``res`` and passes x + output through the sub-layer's LayerNorm (encoder
     layer lines 37-39 and 50-51, decoder layer lines 135-136 and 176-177);
     ``resi_dual/resi_dual.py`` starts ``res`` at the embedding output (lines 107 and 252,
