@@ -318,22 +318,22 @@ class ResiDualBlock(Block):
 
     What we checked (Δt = 1 is the paper's model; Δt scales every branch as in ``post``). Only the paper's
     abstract was available here (it calls the design Pre-Post-LN: a gradient lower bound from the Pre-LN-style
-    connection, diverse representations from the Post-LN one); its official code, microsoft/ResiDual at
-    8682f75, was: ``resi_dual/resi_dual_layers.py``
-    adds each sub-layer's output to ``res`` and passes x + output through the sub-layer's LayerNorm (encoder
-    layer lines 37-39 and 50-51, decoder layer lines 135-136 and 176-177);
+    connection, diverse representations from the Post-LN one). Its official code, microsoft/ResiDual at 8682f75:
+    ``resi_dual/resi_dual_layers.py`` adds each sub-layer's output to ``res`` and passes x + output through the
+    sub-layer's LayerNorm (encoder layer lines 37-39 and 50-51, decoder layer lines 135-136 and 176-177);
     ``resi_dual/resi_dual.py`` starts ``res`` at the embedding output (lines 107 and 252,
     ``res = x * res_input_norm_scale``, with the alternative ``torch.zeros_like(x)`` left in a comment) and,
-    once after the loop (lines 131 and 283), returns ``x * alpha + layer_norm(res)``. The config defaults
-    (``ResiDualConfig``, lines 295-300; the hydra configs do not change them) set ``res_input_norm_scale`` and
-    ``alpha`` to 1. ``res_input_norm_scale`` multiplies d_0 and every addition alike, so the final norm
-    cancels it (up to ε): d carries no scaling of its own. The final norm sits outside the loop (x-transformers
-    once applied it inside, lucidrains/x-transformers#145). We omit the output multiplier ``alpha`` (default
-    1).
+    once after the loop (lines 131 and 283), returns ``x * alpha + layer_norm(res)``. ``ResiDualConfig`` (lines
+    295-300) defaults ``res_input_norm_scale`` and ``alpha`` to 1; ``hydra_config/opus.yaml`` sets the scale to
+    0.05, iwslt to 1. The scale multiplies d_0 and every addition alike, so the final norm cancels it (up to ε;
+    it only keeps d's values small): d carries no scaling of its own. The final norm sits outside the loop
+    (x-transformers once applied it inside, lucidrains/x-transformers#145). We omit the output multiplier
+    ``alpha`` (1 in every official config).
 
     Hook points: ``hook_mid`` sees h (the x stream after the attention sub-layer), ``hook_out`` x_{l+1} (the
     Post-LN stream, unit RMS); ``hook_dual`` sees d_{l+1} (point ``block{l}.dual``), which the stream
-    statistics leave out (they describe x; d grows like ``pre``'s stream)."""
+    statistics leave out (they describe x; d grows like unscaled ``pre``'s stream). The clean skip path is d's,
+    which meets no norm until the head, so ``identity_path_norms`` is empty."""
 
     placement = "residual"
     norm_positions = ("attn_out", "ffn_out")
