@@ -35,6 +35,20 @@ def test_post_gradient_profile_is_depth_unstable():
     assert verdicts["identity path"].status == "warn"
 
 
+def test_residual_x_stream_is_post_ln_and_its_dual_stream_grows_like_pre():
+    """ResiDual at init: its x stream is Post-LN's (unit RMS, and the gradient at x grows toward the input as
+    post's does, by at least as much: d's gradient joins at every branch); d carries no norm until the head
+    (identity path unscaled) and grows about linearly, which the forward verdict reports without judging."""
+    verdicts = _verdicts("residual", [4, 8, 16, 32])
+    assert verdicts["forward"].status == "ok" and verdicts["forward"].label.startswith("constant")
+    assert "dual stream d" in verdicts["forward"].detail and "init: linear" in verdicts["forward"].detail
+    assert verdicts["gradient"].status == "unstable" and verdicts["gradient"].label.startswith("depth-unstable")
+    assert verdicts["identity path"].status == "ok" and verdicts["identity path"].label == "no norm on skip"
+    post = _verdicts("post", [4, 8, 16, 32])
+    per_block = [float(v["gradient"].label.split("×")[1].split("/")[0]) for v in (verdicts, post)]
+    assert per_block[0] >= per_block[1]
+
+
 def test_peri_bound_holds():
     verdicts = _verdicts("peri", [4, 8])
     assert verdicts["peri bound"].status == "ok" and verdicts["peri bound"].label == "holds"

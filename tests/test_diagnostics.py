@@ -81,6 +81,31 @@ def test_measure_gradients_match_backward_and_leave_grad_untouched():
     assert m.grad_ratio == pytest.approx(m.block_input_grad_norm[0] / m.block_input_grad_norm[-1])
 
 
+def test_residual_hook_points_say_which_stream_they_see():
+    """ResiDual: ``hook_mid``/``hook_out`` see the Post-LN stream x (unit RMS, the stream statistics), ``hook_dual``
+    the dual stream d, measured at its own points. d only accumulates, so ∂L/∂d_l is one and the same tensor at
+    every depth, and d_L joins x_L through the model's one dual norm: exact checks of what each point sees."""
+    model = _model("residual")
+    idx, tgt = _batch()
+    m = measure(model, idx, tgt)
+    assert m.points[:4] == ["embed", "block0.mid", "block0.out", "block0.dual"]
+    assert m.stream_points == ["embed", "block0.out", "block1.out", "block2.out"]
+    assert all(r == pytest.approx(1.0, rel=1e-3) for r in m.at_stream(m.rms)[1:])  # x: normalized, gains 1
+    assert len(m.dual_variance) == 4 and m.dual_variance[-1] > 2 * m.dual_variance[0]  # d grows
+    assert m.summary()["dual_variance_ratio"] == pytest.approx(m.dual_variance[-1] / m.dual_variance[0])
+    with ResidualRecorder(model, grads=True) as rec:
+        out = model(idx, tgt)
+        out.loss.backward()
+    dual_grads = [rec.gradients[f"block{layer}.dual"] for layer in range(3)]
+    assert all(torch.equal(g, dual_grads[-1]) for g in dual_grads)
+    x_last, d_last = rec.activations["block2.out"], rec.activations["block2.dual"]
+    expected = F.linear(x_last + model.dual_final_norm(d_last), model.embed.weight)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
+    assert m.identity_product == 1.0  # d is the clean path: no norm on it until the end
+    assert _model("span").blocks[0].__class__.dual_stream is False
+    assert measure(_model("span"), idx, tgt).dual_variance is None
+
+
 def test_attention_logit_max_is_what_sdpa_sees(monkeypatch):
     """Capture q and k inside the real forward (at the SDPA call) and compare the causal max |q·k|/√d_h."""
     model = _model("hybrid", n_layers=2)  # hybrid: per-head q/k norms, the path with most steps

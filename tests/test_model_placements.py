@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spannorm import ModelConfig, MoEConfig, SpanNormLM
-from spannorm.config import BLOCK_PLACEMENTS
+from spannorm.config import BLOCK_PLACEMENTS, ConfigError
 from spannorm.model.placements import BLOCKS, deepnorm_constants, span_constants
 
 D, H, T = 32, 4, 12
@@ -82,6 +82,16 @@ def ref_hybrid(b, x):
     return n + b.ffn(n)
 
 
+def ref_residual(b, stream):
+    """ResiDual, one sub-layer at a time as the paper's streams: x_{k+1} = N_k(x_k + Δt·f_k(x_k)) and
+    d_{k+1} = d_k + Δt·f_k(x_k), with f_0 = A, N_0 = attn_out_norm, then f_1 = F, N_1 = ffn_out_norm."""
+    x, d = stream
+    for branch, norm in ((b.attn, b.attn_out_norm), (b.ffn, b.ffn_out_norm)):
+        f = b.delta_t * branch(x)
+        x, d = norm(x + f), d + f
+    return x, d
+
+
 def _atol(placement, expected):
     """1e-6. For ``hybrid``, whose reference recomputes attention by hand in a different order of fp32 operations,
     1e-6 relative to the largest output: its outputs reach |y| ~ 10, where 1e-6 is about one fp32 ulp, and
@@ -93,7 +103,7 @@ HAND_WRITTEN = {"hybrid"}
 """References that do not reuse the block's sub-module for some part of the computation."""
 
 REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span": ref_span, "span_b2t": ref_span_b2t,
-              "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid}
+              "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid, "residual": ref_residual}
 
 
 def test_every_block_placement_has_a_reference():
@@ -109,10 +119,45 @@ def test_block_matches_reference(placement, moe, norm):
     model = SpanNormLM(cfg)
     _randomize_norms(model)
     x = torch.randn(2, T, D)
+    if BLOCKS[placement].dual_stream:  # ResiDual maps the pair (x, d): give d its own values
+        x = (x, 3.0 * torch.randn(2, T, D))
     for block in model.blocks:
         assert block.placement == placement
         expected = REFERENCES[placement](block, x)
         torch.testing.assert_close(block(x), expected, rtol=0, atol=_atol(placement, expected))
+
+
+# ---------------------------------------------------------------- residual: the whole model, two streams by hand
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_residual_model_matches_the_two_streams_by_hand(norm):
+    """From the embedding to the logits, without the blocks' forward: both streams start at the embedding
+    output (d_0 = x_0, as the official code starts ``res``), every sub-layer updates both, and the head reads
+    x_L + N(d_L) with the one final norm outside the loop."""
+    torch.manual_seed(0)
+    model = SpanNormLM(_cfg("residual", norm=norm, n_layers=3))
+    _randomize_norms(model)
+    idx = torch.randint(0, 256, (2, T))
+    x = d = model.embed(idx) * model.cfg.embedding_multiplier
+    for block in model.blocks:
+        for branch, branch_norm in ((block.attn, block.attn_out_norm), (block.ffn, block.ffn_out_norm)):
+            f = 0.7 * branch(x)  # Δt = 0.7 (_cfg)
+            x, d = branch_norm(x + f), d + f
+    assert model.final_norm is None
+    expected = (x + model.dual_final_norm(d)) @ model.embed.weight.T
+    logits = model(idx).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    # Sensitive to the readings that differ: d starting at zero, or no norm on d_L, is far off.
+    d_zero = d - model.embed(idx) * model.cfg.embedding_multiplier
+    assert (logits - (x + model.dual_final_norm(d_zero)) @ model.embed.weight.T).abs().max() > 1e-2
+    assert (logits - (x + d) @ model.embed.weight.T).abs().max() > 1e-2
+
+
+def test_residual_cannot_be_mixed_with_other_placements():
+    with pytest.raises(ConfigError, match=r"^model\.placement_overrides=.* residual on every layer or on none$"):
+        _cfg("pre", placement_overrides={2: "residual"})
+    with pytest.raises(ConfigError, match=r"^model\.placement_overrides=.*cannot be mixed"):
+        _cfg("residual", placement_overrides={0: "post"})
+    assert _cfg("residual", placement_overrides={1: "residual"}).layer_placements() == ["residual"] * 4
 
 
 # ---------------------------------------------------------------- span/span_b2t with α ≠ 1 and β ≠ 1
@@ -212,7 +257,7 @@ def test_placement_overrides_by_layer_index():
 
 @pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span", False),
                                              ("span_b2t", False), ("deepnorm", False), ("lns", True),
-                                             ("hybrid", True), ("mixln", True)])
+                                             ("hybrid", True), ("mixln", True), ("residual", False)])
 def test_final_norm_defaults(placement, final):
     assert (SpanNormLM(_cfg(placement)).final_norm is not None) is final
     assert (SpanNormLM(_cfg(placement, final_norm=not final)).final_norm is not None) is (not final)

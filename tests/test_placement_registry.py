@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spannorm import DecoderLM, ModelConfig, SpanNormLM, param_counts
-from spannorm.config import BLOCK_PLACEMENTS, PLACEMENTS
+from spannorm.config import BLOCK_PLACEMENTS, DUAL_STREAM_PLACEMENTS, PLACEMENTS
 from spannorm.experiments.results import SPAN_PLACEMENTS
 from spannorm.interop.hf_export import LLAMA_LAYER_PLACEMENTS, llama_incompatibilities
 from spannorm.model.placements import (
@@ -72,6 +72,7 @@ def test_every_block_declares_the_registry_attributes(placement):
     assert cls.knob is None or isinstance(cls.knob, Knob)
     assert cls.why_not_llama is None or (isinstance(cls.why_not_llama, str) and "Llama" in cls.why_not_llama)
     assert isinstance(cls.normalizes_output, bool) and isinstance(cls.span_variant, bool)
+    assert isinstance(cls.dual_stream, bool)
     assert isinstance(cls.init_rule(_cfg(placement)), BlockInit)
 
 
@@ -79,12 +80,15 @@ def test_registry_values():
     """The declared facts, written out once more by hand so that a changed declaration shows here."""
     assert {p: cls.knob for p, cls in BLOCKS.items()} == {
         "pre": DELTA_T, "post": DELTA_T, "peri": DELTA_T, "lns": DELTA_T, "span": SPAN_ALPHA,
-        "span_b2t": SPAN_ALPHA, "deepnorm": DEEPNORM_ALPHA, "hybrid": None}
+        "span_b2t": SPAN_ALPHA, "deepnorm": DEEPNORM_ALPHA, "hybrid": None, "residual": DELTA_T}
     assert placement_knob("mixln") == DELTA_T
     assert [cls.placement for cls in block_classes("mixln")] == ["post", "pre"]
     assert KNOBS == {"pre": "delta_t", "lns": "delta_t", "peri": "delta_t", "post": "delta_t", "mixln": "delta_t",
-                     "span": "alpha", "span_b2t": "alpha", "deepnorm": "alpha", "hybrid": None}
-    assert {p for p, cls in BLOCKS.items() if cls.normalizes_output} == {"post", "span", "span_b2t", "deepnorm"}
+                     "span": "alpha", "span_b2t": "alpha", "deepnorm": "alpha", "hybrid": None,
+                     "residual": "delta_t"}
+    assert {p for p, cls in BLOCKS.items() if cls.normalizes_output} == {"post", "span", "span_b2t", "deepnorm",
+                                                                         "residual"}
+    assert {p for p, cls in BLOCKS.items() if cls.dual_stream} == set(DUAL_STREAM_PLACEMENTS) == {"residual"}
     assert set(LLAMA_LAYER_PLACEMENTS) == {"pre", "lns"}
     assert set(SPAN_PLACEMENTS) == {"span", "span_b2t"}
     assert {p: cls.identity_path_norms for p, cls in BLOCKS.items() if cls.identity_path_norms} == {

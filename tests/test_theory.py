@@ -179,3 +179,25 @@ def test_criterion_keeps_spans_configured_alpha_and_damps_post():
                            seq_len=32)
     assert not post.configured_within_band and post.recommended < 1.0
     assert post.boundary.identity_product >= 0.25
+
+
+def test_residual_two_streams_match_measurement_at_init():
+    """ResiDual: the x stream is Post-LN's (unit mean square), the dual stream d only accumulates branch outputs
+    and grows about linearly, like unscaled ``pre`` (each block adds about the same variance). The joint-Gram
+    prediction of d's mean square at every block, of x's token uniformity and of the gradient ratio (which
+    includes d's gradient reaching every branch) match the measurement."""
+    m, p = _measure_and_predict("residual", 8)
+    assert p.stream_mean_square == pytest.approx([1.0] * 9, rel=1e-6)
+    assert m.variance_ratio == pytest.approx(p.variance_ratio, rel=0.05)
+    assert m.token_uniformity[-1] == pytest.approx(p.token_correlation[-1], abs=0.05)
+    measured_dual = [m.entry_variance[m.points.index(f"block{layer}.dual")] for layer in range(8)]
+    assert "block0.dual" not in m.stream_points  # d is measured at its own point, outside x's statistics
+    assert measured_dual == pytest.approx(p.dual_mean_square[1:], rel=0.1)
+    steps = np.diff(p.dual_mean_square)
+    assert steps.min() > 0.4 and steps.max() / steps.min() < 2  # about linear: a similar increment per block
+    assert m.grad_ratio == pytest.approx(p.grad_ratio, rel=0.35)
+    # the same weights without d (post) give a smaller ratio in both: d's gradient enters at every branch
+    mp, pp = _measure_and_predict("post", 8)
+    assert p.grad_ratio > 1.3 * pp.grad_ratio and m.grad_ratio > 1.3 * mp.grad_ratio
+    assert predict_init(ModelConfig(d_model=64, n_heads=4, n_layers=8, context_length=32),
+                        seq_len=32).dual_mean_square is None  # single-stream placements have no d

@@ -17,8 +17,11 @@ from typing import Any, Literal
 
 from spannorm.configuration import ConfigError, build, check_fields, fail
 
-PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid")
-"""Every placement of SPEC §2. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
+PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid", "residual")
+"""Every placement of SPEC §2 and §9. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
+DUAL_STREAM_PLACEMENTS = ("residual",)
+"""Placements whose blocks carry two streams (ResiDual's x and d) from the embedding to the head: every layer of
+such a model must use them (a test keeps this equal to the block classes' ``dual_stream``)."""
 
 BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
 Placement = Literal[PLACEMENTS]  # type: ignore[valid-type]  # the names are PLACEMENTS, written once
@@ -177,6 +180,11 @@ class ModelConfig:
             fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
         if not 0.0 <= self.mixln_ratio <= 1.0:
             fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
+        dual = [p for p in self.layer_placements() if p in DUAL_STREAM_PLACEMENTS]
+        if dual and len(dual) != self.n_layers:
+            fail(f"{prefix}.placement_overrides", self.placement_overrides,
+                 f"{dual[0]} carries two streams through every block, so it cannot be mixed with other "
+                 f"placements; allowed: {dual[0]} on every layer or on none")
         if self.embed_scale is not None and not self.embed_scale > 0:
             fail(f"{prefix}.embed_scale", self.embed_scale, "must be > 0 or null")
         if self.moe is not None:
@@ -269,4 +277,4 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-__all__ = ["BLOCK_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]
+__all__ = ["BLOCK_PLACEMENTS", "DUAL_STREAM_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]

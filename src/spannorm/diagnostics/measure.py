@@ -45,7 +45,7 @@ class Measurement:
 
     points: list[str]
     """Hook points: ``embed`` (x_0), ``block{l}.mid`` (after block l's attention, where the block has one),
-    ``block{l}.out`` (x_{l+1})."""
+    ``block{l}.out`` (x_{l+1}) and, for ResiDual, ``block{l}.dual`` (its dual stream d_{l+1}; d_0 = x_0)."""
     mean_abs: list[float]
     entry_variance: list[float]
     data_variance: list[float]
@@ -105,8 +105,19 @@ class Measurement:
         return v[-1] / v[0] if v[0] > 0 else math.inf
 
     @property
+    def dual_variance(self) -> list[float] | None:
+        """ResiDual: entry-wise variance of its dual stream d_0 … d_L (d_0 is the embedding output x_0); None for
+        a model with one stream. The stream statistics above describe x, the stream its blocks normalize."""
+        index = {name: i for i, name in enumerate(self.points)}
+        dual = [name for name in self.points if name.endswith(".dual")]
+        if not dual:
+            return None
+        return [self.entry_variance[index[name]] for name in ["embed", *dual]]
+
+    @property
     def block_input_grad_norm(self) -> list[float] | None:
-        """‖∂loss/∂x_l‖ for the block inputs x_0 … x_{L-1}."""
+        """‖∂loss/∂x_l‖ for the block inputs x_0 … x_{L-1}. For ResiDual, x_0 (the embedding output) feeds both
+        streams, so its gradient includes d's; at l ≥ 1 it is the gradient of the Post-LN stream x_l."""
         return None if self.act_grad_norm is None else self.at_stream(self.act_grad_norm)[:-1]
 
     @property
@@ -131,7 +142,8 @@ class Measurement:
         return max(self.max_abs)
 
     def _headroom_candidates(self) -> list[tuple[float, str]]:
-        out = [(value, f"{point} (residual stream)") for value, point in zip(self.max_abs, self.points)]
+        out = [(value, f"{point} ({'dual' if point.endswith('.dual') else 'residual'} stream)")
+               for value, point in zip(self.max_abs, self.points)]
         if self.internal_max_abs is not None:
             out.append((self.internal_max_abs, self.internal_max_where or "inside the model"))
         return out
@@ -189,6 +201,8 @@ class Measurement:
             out["identity_product"] = math.prod(self.identity_factors)  # = self.identity_product
         if self.peri_bound_ratio:
             out["peri_bound_ratio_max"] = max(self.peri_bound_ratio.values())
+        if self.dual_variance is not None:
+            out["dual_variance_ratio"] = self.dual_variance[-1] / self.dual_variance[0]
         return out
 
     def to_dict(self) -> dict:

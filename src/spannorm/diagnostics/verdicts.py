@@ -5,6 +5,8 @@ Architecture:
 - ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
   Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth
   beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN).
+  For ResiDual, x is the Post-LN stream; its dual stream d is described in the detail, not judged (it meets a
+  norm before the head, and its size counts in the precision verdicts).
 - ``gradient``: the first-to-last block gradient ratio r(L) across depths. Beyond the band at the deepest
   depth and exponential in L (a constant factor per block) is depth-unstable; a power law beyond the band
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
@@ -115,7 +117,17 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
               + "; ".join(f"{phase}: {label}" for phase, label in parts) + f" (band ×{_fmt(band)})")
     if peri_bound_holds:
         detail += "; growth is at most linear by the Peri-LN bound, which holds"
+    if deepest.init.dual_variance is not None:
+        detail += "; ResiDual's dual stream d, normalized only once before the head, " + ", ".join(
+            f"{phase}: {_growth_label(m.dual_variance)}" for phase, m in _phases(deepest) if m.dual_variance)
+        detail += " (not judged here: its size counts in the fp16/bf16 headroom)"
     return Verdict("forward", worst(statuses), label, detail + ".")
+
+
+def _growth_label(variances: list[float]) -> str:
+    growth = fit_growth(variances)
+    ratio = variances[-1] / variances[0] if variances[0] > 0 else math.inf
+    return "non-finite" if growth.non_finite else f"{growth.growth_class} ×{_fmt(ratio)}"
 
 
 def gradient_verdict(results: list[DepthResult], band: float) -> Verdict:

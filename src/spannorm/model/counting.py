@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import BLOCKS, has_final_norm
+from spannorm.model.placements import BLOCKS, has_dual_stream, has_final_norm
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
             norms += 3 * _norm_params(cfg, cfg.head_dim)
         total += attention + ffn_total + norms
         active += attention + ffn_active + norms
-    extra = _norm_params(cfg, d) * (int(has_final_norm(cfg)) + int(cfg.embed_norm))
+    extra = _norm_params(cfg, d) * (int(has_final_norm(cfg)) + int(cfg.embed_norm) + int(has_dual_stream(cfg)))
     return ParamCounts(total=total + extra, active=active + extra, embedding=embedding)
 
 

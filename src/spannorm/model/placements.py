@@ -1,4 +1,5 @@
-"""One block class per placement of SPEC §2. Every block maps the residual stream x_l -> x_{l+1}.
+"""One block class per placement of SPEC §2 and §9. Every block maps the residual stream x_l -> x_{l+1}, except
+ResiDual's, which maps the pair of streams (x_l, d_l) -> (x_{l+1}, d_{l+1}) (:class:`ResiDualBlock`).
 
 Blocks differ only where their equations differ: read two ``forward`` methods side by side. Norms are named
 by position (``attn_in_norm``, ``attn_out_norm``, ``ffn_in_norm``, ``ffn_out_norm``, ``block_out_norm``).
@@ -17,7 +18,9 @@ A block class is the one place that says what a placement is. Besides its equati
 - ``normalizes_output``: whether x_{l+1} is a norm's output (then the model needs no final norm,
   :func:`has_final_norm`);
 - ``why_not_llama``: why a Llama layer cannot compute it, or None when it can (after folding constants);
-- ``span_variant``: whether it is a reading of SpanNorm (the study compares those against the baselines).
+- ``span_variant``: whether it is a reading of SpanNorm (the study compares those against the baselines);
+- ``dual_stream``: whether it maps a pair of streams (x, d) instead of x (ResiDual; the model, the theory and
+  the diagnostics read it, and the config keeps such a placement on every layer or on none).
 
 Everything else reads these: the theory (:mod:`spannorm.theory.meanfield`, :mod:`spannorm.theory.criterion`),
 counting, the Hugging Face export and the study's results. :data:`PATTERNS` names the placements that are
@@ -118,6 +121,10 @@ class Block(nn.Module):
     the weights, which :mod:`spannorm.interop.hf_export` does)."""
     span_variant: ClassVar[bool] = False
     """A reading of SpanNorm (the study tests these against the best baseline)."""
+    dual_stream: ClassVar[bool] = False
+    """The block maps a pair of streams (x_l, d_l) -> (x_{l+1}, d_{l+1}) instead of x_l -> x_{l+1}
+    (ResiDual); the model then starts d at the embedding and merges the pair before the head
+    (:class:`~spannorm.model.transformer.DecoderLM`), and every layer must be such a block."""
 
     # The norms of ``norm_positions``, made in ``__init__``: a block has those its positions name.
     attn_in_norm: nn.Module
@@ -302,9 +309,56 @@ class HybridBlock(Block):
         return self.hook_out(n + self.ffn(n))
 
 
+class ResiDualBlock(Block):
+    """ResiDual (Xie et al. 2023, arXiv 2304.14802): a Post-LN stream x and a dual stream d that receives the
+    same branch outputs and is never normalized. Per sub-layer k with branch f_k:
+    x_{k+1} = N(x_k + Δt·f_k(x_k)) and d_{k+1} = d_k + Δt·f_k(x_k); for the block, a = A(x); h = N₁(x + Δt·a);
+    f = F(h); x' = N₂(h + Δt·f); d' = d + Δt·(a + f). The model starts both streams at the embedding output
+    (d_0 = x_0) and feeds x_L + N_d(d_L) to the head (``DecoderLM.dual_final_norm``), with no final norm after it.
+
+    What we checked (Δt = 1 is the paper's model; Δt scales every branch as in ``post``). Only the paper's
+    abstract was available here (it calls the design Pre-Post-LN: a gradient lower bound from the Pre-LN-style
+    connection, diverse representations from the Post-LN one). Its official code, microsoft/ResiDual at 8682f75:
+    ``resi_dual/resi_dual_layers.py`` adds each sub-layer's output to ``res`` and passes x + output through the
+    sub-layer's LayerNorm (encoder layer lines 37-39 and 50-51, decoder layer lines 135-136 and 176-177);
+    ``resi_dual/resi_dual.py`` starts ``res`` at the embedding output (lines 107 and 252,
+    ``res = x * res_input_norm_scale``, with the alternative ``torch.zeros_like(x)`` left in a comment) and,
+    once after the loop (lines 131 and 283), returns ``x * alpha + layer_norm(res)``. ``ResiDualConfig`` (lines
+    295-300) defaults ``res_input_norm_scale`` and ``alpha`` to 1; ``hydra_config/opus.yaml`` sets the scale to
+    0.05, iwslt to 1. The scale multiplies d_0 and every addition alike, so the final norm cancels it (up to ε;
+    it only keeps d's values small): d carries no scaling of its own. The final norm sits outside the loop
+    (x-transformers once applied it inside, lucidrains/x-transformers#145). We omit the output multiplier
+    ``alpha`` (1 in every official config).
+
+    Hook points: ``hook_mid`` sees h (the x stream after the attention sub-layer), ``hook_out`` x_{l+1} (the
+    Post-LN stream, unit RMS); ``hook_dual`` sees d_{l+1} (point ``block{l}.dual``), which the stream
+    statistics leave out (they describe x; d grows like unscaled ``pre``'s stream). The clean skip path is d's,
+    which meets no norm until the head, so ``identity_path_norms`` is empty."""
+
+    placement = "residual"
+    norm_positions = ("attn_out", "ffn_out")
+    normalizes_output = True
+    knob = DELTA_T
+    why_not_llama = ("residual keeps a second, never-normalized stream beside a Post-LN one; a Llama layer has one "
+                     "stream and only normalizes the inputs of its branches")
+    dual_stream = True
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__(cfg, layer_index)
+        self.hook_dual = ResidualHook()
+
+    def forward(self, stream: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, d = stream
+        a = self.delta_t * self.attn(x)
+        h = self.hook_mid(self.attn_out_norm(x + a))
+        f = self.delta_t * self.ffn(h)
+        return self.hook_out(self.ffn_out_norm(h + f)), self.hook_dual(d + a + f)
+
+
 BLOCKS: dict[str, type[Block]] = {
     cls.placement: cls
-    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, DeepNormBlock, LNSBlock, HybridBlock)
+    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, DeepNormBlock, LNSBlock, HybridBlock,
+                ResiDualBlock)
 }
 """The placement registry: block class by placement name. ``mixln`` is not here: it is a pattern."""
 
@@ -335,6 +389,11 @@ def has_final_norm(cfg: ModelConfig) -> bool:
     if cfg.final_norm is not None:
         return cfg.final_norm
     return not BLOCKS[cfg.layer_placements()[-1]].normalizes_output
+
+
+def has_dual_stream(cfg: ModelConfig) -> bool:
+    """Whether the model's blocks carry ResiDual's pair of streams (then every layer does: the config checks)."""
+    return any(BLOCKS[p].dual_stream for p in cfg.layer_placements())
 
 
 def make_block(cfg: ModelConfig, layer_index: int) -> Block:

@@ -15,7 +15,7 @@ from spannorm.config import ModelConfig
 from spannorm.model.layers import ResidualHook, make_norm
 from spannorm.model.loss import chunked_cross_entropy
 from spannorm.model.moe import Experts, MoEFFN
-from spannorm.model.placements import Block, BlockInit, has_final_norm, make_block
+from spannorm.model.placements import Block, BlockInit, has_dual_stream, has_final_norm, make_block
 
 
 @dataclass
@@ -50,6 +50,8 @@ class DecoderLM(nn.Module):
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.hook_embed = ResidualHook()
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
+        self.dual_final_norm = make_norm(cfg) if has_dual_stream(cfg) else None
+        """ResiDual's norm of the dual stream d_L before it joins x_L (None for single-stream placements)."""
         self.final_norm = make_norm(cfg) if has_final_norm(cfg) else None
         # skip_init: building the head draws no random numbers, so the embedding and the blocks get the same
         # draws with and without a head of their own (reset_parameters draws the head's init last)
@@ -131,8 +133,11 @@ class DecoderLM(nn.Module):
             x = self.embed_norm(x)
         x = self.hook_embed(x)
         every = self._checkpoint_every if self.training and torch.is_grad_enabled() else 0
+        # ResiDual (dual_final_norm set): the blocks carry the pair (x, d), d_0 = x_0; the head reads x_L + N(d_L)
+        stream = x if self.dual_final_norm is None else (x, x)
         for layer, block in enumerate(self.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if every and layer % every == 0 else block(x)
+            stream = checkpoint(block, stream, use_reentrant=False) if every and layer % every == 0 else block(stream)
+        x = stream if self.dual_final_norm is None else stream[0] + self.dual_final_norm(stream[1])
         if self.final_norm is not None:
             x = self.final_norm(x)
         if targets is not None and self.loss_chunk_tokens:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import BLOCKS, BlockInit
+from spannorm.model.placements import BLOCKS, BlockInit, has_dual_stream
 from spannorm.theory.gaussian import silu_derivative_kernel, silu_kernel, softmax_collision
 
 IDENTITY_PATH_NORMS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -368,11 +368,83 @@ def _hybrid_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
     return n + F, backward
 
 
+# ---- ResiDual: two streams. The state is the joint Gram of the 2T vectors (x_1 … x_T, d_1 … d_T), i.e. the
+# blocks [[K_x, C], [Cᵀ, K_d]] with C[t, t'] = E[x_t·d_t']/d; gradient Grams are joint the same way. The branch
+# reads x only, and (assumption 1) its output is uncorrelated with both streams' past, so it adds its Gram to
+# K_x's pre-norm sum, to K_d, and to C's pre-norm sum. Backward: d only accumulates, so ∂L/∂d is the same at
+# every depth; each branch output receives the gradient of both streams (the Post-LN path and d's), which is
+# how ResiDual keeps its branches' gradients from vanishing with depth.
+
+def split_streams(J: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K_x, C, K_d) of a joint two-stream Gram (B, 2T, 2T)."""
+    T = J.shape[-1] // 2
+    return J[..., :T, :T], J[..., :T, T:], J[..., T:, T:]
+
+
+def join_streams(Kx: np.ndarray, C: np.ndarray, Kd: np.ndarray) -> np.ndarray:
+    """The joint Gram of blocks K_x, C (x with d) and K_d."""
+    return np.concatenate([np.concatenate([Kx, C], axis=-1),
+                           np.concatenate([np.swapaxes(C, -1, -2), Kd], axis=-1)], axis=-2)
+
+
+def _residual_sublayer(b: BlockTheory, K: np.ndarray, C: np.ndarray, Kd: np.ndarray, branch: np.ndarray):
+    """One ResiDual sub-layer given the branch's output Gram: x' = N(x + Δt·f), d' = d + Δt·f."""
+    dt2 = b.delta_t ** 2
+    s = K + dt2 * branch
+    r = np.sqrt(np.diagonal(s, axis1=-2, axis2=-1))
+    out, n_back = b.norm(s)
+    return out, (C + dt2 * branch) / r[..., :, None], Kd + dt2 * branch, r, n_back
+
+
+def _residual_sublayer_backward(dt2: float, r: np.ndarray, n_back: Backward, f_back: Backward,
+                                G: np.ndarray, Gc: np.ndarray, Gd: np.ndarray):
+    """Gradient Grams (δx, δx with δd, δd) at a sub-layer's input from those at its output."""
+    Gs, Gsc = n_back(G), Gc / r[..., :, None]  # through the norm: each token divided by its RMS
+    Gf = dt2 * (Gs + Gsc + np.swapaxes(Gsc, -1, -2) + Gd)  # the branch output feeds both streams
+    return Gs + f_back(Gf), Gsc, Gd
+
+
+def _residual_step(b: BlockTheory, J: np.ndarray) -> tuple[np.ndarray, Backward]:
+    K, C, Kd = split_streams(J)
+    A, a_back = b.attention(K)
+    b.branch("attn", A, K)
+    h, C, Kd, r1, n1_back = _residual_sublayer(b, K, C, Kd, A)
+    F, f_back = b.ffn(h)
+    b.branch("ffn", F, h)
+    out, C, Kd, r2, n2_back = _residual_sublayer(b, h, C, Kd, F)
+    dt2 = b.delta_t ** 2
+
+    def backward(G):
+        G_h = _residual_sublayer_backward(dt2, r2, n2_back, f_back, *split_streams(G))
+        return join_streams(*_residual_sublayer_backward(dt2, r1, n1_back, a_back, *G_h))
+    return join_streams(out, C, Kd), backward
+
+
+def dual_stream_start(K: np.ndarray) -> np.ndarray:
+    """The joint Gram at the embedding, where d_0 = x_0."""
+    return join_streams(K, K, K)
+
+
+def dual_stream_output_backward(J: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """The joint gradient Gram at (x_L, d_L) for a gradient Gram D at the model's output x_L + N(d_L) (joint
+    forward Gram J): δx_L = δy, δd_L = δy divided per token by the RMS of d_L."""
+    r = np.sqrt(np.diagonal(split_streams(J)[2], axis1=-2, axis2=-1))
+    return join_streams(D, D / r[..., None, :], D / (r[..., :, None] * r[..., None, :]))
+
+
+def dual_stream_input_gradient(G: np.ndarray) -> np.ndarray:
+    """The gradient Gram at the embedding, which feeds both streams: δx_0 + δd_0."""
+    Gx, Gc, Gd = split_streams(G)
+    return Gx + Gc + np.swapaxes(Gc, -1, -2) + Gd
+
+
 STEPS = {
     "pre": _pre_step, "lns": _lns_step, "peri": _peri_step, "post": _post_step, "deepnorm": _deepnorm_step,
     "span": _span_step, "span_b2t": _span_b2t_step, "hybrid": _hybrid_step,
+    "residual": _residual_step,
 }
-"""The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``). Keyed like
+"""The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``); ``residual``'s
+maps the joint two-stream Gram (see :func:`split_streams`). Keyed like
 :data:`~spannorm.model.placements.BLOCKS` (a test holds the keys equal): the Gram algebra is theory, a layer
 above the model, so it lives here rather than on the block class."""
 
@@ -397,6 +469,9 @@ class InitPrediction:
     grad_norm: list[float]
     """Predicted ‖∂L/∂x_l‖ for l = 0 … L-1, relative to the last block's input (1.0 at l = L-1), for a
     gradient at x_L that is independent across tokens."""
+    dual_mean_square: list[float] | None = None
+    """ResiDual only: predicted mean square of its dual stream d_0 … d_L (what ``hook_dual`` sees); None for
+    single-stream placements."""
 
     @property
     def identity_product(self) -> float:
@@ -452,6 +527,9 @@ def predict_init(cfg: ModelConfig, tokens: torch.Tensor | np.ndarray | None = No
     config field). Cost: O(L·B·T³) in numpy (about 10 ms per block at T = 64, B = 8)."""
     K = token_gram(cfg, tokens, seq_len)
     placements = cfg.layer_placements()
+    dual = has_dual_stream(cfg)
+    if dual:  # ResiDual: K is the joint Gram of (x, d) from here on
+        return _predict_dual_stream(cfg, dual_stream_start(K), targets, alpha)
     moments, correlations = [mean_square(K)], [token_correlation(K)]
     branches, names, factors, backwards = [], [], [], []
     for layer, placement in enumerate(placements):
@@ -473,3 +551,32 @@ def predict_init(cfg: ModelConfig, tokens: torch.Tensor | np.ndarray | None = No
     return InitPrediction(placements=placements, stream_mean_square=moments, token_correlation=correlations,
                           branch_variance=branches, identity_factor_names=names, identity_factors=factors,
                           grad_norm=grad_norm)
+
+
+def _predict_dual_stream(cfg: ModelConfig, J: np.ndarray, targets: torch.Tensor | np.ndarray | None,
+                         alpha: float | None) -> InitPrediction:
+    """:func:`predict_init` for ResiDual, on the joint Gram ``J`` of (x, d) at the embedding. The stream
+    statistics are x's (what ``hook_out`` sees); d's mean square goes to ``dual_mean_square``. The gradient
+    starts at the output x_L + N(d_L) (for the single-stream placements it starts at x_(L-1), as there the
+    last block's backward would only rescale it), so every block's backward is applied; ∂L/∂x_0 is the
+    gradient at the embedding, which feeds both streams."""
+    placements = cfg.layer_placements()
+    stream = [split_streams(J)]
+    branches, backwards = [], []
+    for layer, placement in enumerate(placements):
+        block = BlockTheory(cfg, layer, placement, alpha)
+        J, backward = STEPS[placement](block, J)
+        stream.append(split_streams(J))
+        branches.append(dict(block.branch_variances))
+        backwards.append(backward)
+    G = dual_stream_output_backward(J, target_gram(cfg, targets, stream[-1][0]))
+    grad_sq = []  # ‖δx_l‖² for l = L-1 … 0
+    for layer, backward in reversed(list(enumerate(backwards))):
+        G = backward(G)
+        at_x = dual_stream_input_gradient(G) if layer == 0 else split_streams(G)[0]
+        grad_sq.append(float(np.trace(at_x, axis1=-2, axis2=-1).mean()))
+    return InitPrediction(placements=placements, stream_mean_square=[mean_square(Kx) for Kx, _, _ in stream],
+                          token_correlation=[token_correlation(Kx) for Kx, _, _ in stream],
+                          branch_variance=branches, identity_factor_names=[], identity_factors=[],
+                          grad_norm=[math.sqrt(v / grad_sq[0]) for v in reversed(grad_sq)],
+                          dual_mean_square=[mean_square(Kd) for _, _, Kd in stream])

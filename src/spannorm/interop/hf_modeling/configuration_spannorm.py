@@ -26,7 +26,7 @@ class SpanNormConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        # The block placement of every layer: pre, post, peri, span, span_b2t, deepnorm, lns or hybrid.
+        # The block placement of every layer: pre, post, peri, span, span_b2t, deepnorm, lns, hybrid or residual.
         self.layer_placements = list(layer_placements or ["pre"] * num_hidden_layers)
         # rms (RMSNorm with a gain) or layer (LayerNorm with gain and bias).
         self.norm = norm

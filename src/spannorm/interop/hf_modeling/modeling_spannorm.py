@@ -331,8 +331,24 @@ class HybridBlock(Block):
         return n + self.ffn(n)
 
 
+class ResiDualBlock(Block):
+    """ResiDual, two streams: a = A(x); h = N₁(x + Δt·a); f = F(h); x' = N₂(h + Δt·f); d' = d + Δt·(a + f).
+    The model starts with d = x (the embedding output) and feeds x_L + N(d_L) to the head."""
+
+    norm_positions = ("attn_out", "ffn_out")
+
+    def forward(self, stream, ctx):
+        x, d = stream
+        a = self.delta_t * self.attn(x, ctx)
+        h = self.attn_out_norm(x + a)
+        f = self.delta_t * self.ffn(h)
+        return self.ffn_out_norm(h + f), d + a + f
+
+
 BLOCKS = {"pre": PreBlock, "post": PostBlock, "peri": PeriBlock, "span": SpanBlock, "span_b2t": SpanB2TBlock,
-          "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock}
+          "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock, "residual": ResiDualBlock}
+DUAL_STREAM = ("residual",)
+"""Placements whose blocks carry the pair (x, d); a model uses them on every layer or on none."""
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -369,6 +385,8 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
         self.blocks = nn.ModuleList(BLOCKS[placement](config, layer)
                                     for layer, placement in enumerate(config.layer_placements))
         self.final_norm = make_norm(config) if config.final_norm else None
+        dual = any(placement in DUAL_STREAM for placement in config.layer_placements)
+        self.dual_final_norm = make_norm(config) if dual else None  # ResiDual's norm of d_L
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                     bias=False)
         self.post_init()
@@ -426,8 +444,10 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
         cos, sin = rope_tables(self.config, position_ids.to(x.device))
         mask, is_causal = self._attention_mask(attention_mask, T, past, x.device)
         ctx = Context(cos, sin, mask, is_causal, cache)
+        stream = x if self.dual_final_norm is None else (x, x)  # ResiDual: the pair (x, d), d_0 = x_0
         for block in self.blocks:
-            x = block(x, ctx)
+            stream = block(stream, ctx)
+        x = stream if self.dual_final_norm is None else stream[0] + self.dual_final_norm(stream[1])
         if self.final_norm is not None:
             x = self.final_norm(x)
         if logits_to_keep:
