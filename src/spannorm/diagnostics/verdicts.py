@@ -10,7 +10,8 @@ Architecture:
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
 - ``identity path``: ∏ α/σ over the norms on the skip path, measured beside the theory; below 1/band the clean
   path no longer carries the gradient (warn).
-- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update (a violation would be a bug).
+- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update, and span_clean's on every block's
+  (the same argument with one norm per block; a violation would be a bug).
 - ``collapse``: token uniformity of x_L (rank collapse) and whether per-block updates (angular distance)
   decay with depth.
 
@@ -114,7 +115,7 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
     detail = (f"Var(x_l) over the {deepest.n_layers} layers of the deepest model: "
               + "; ".join(f"{phase}: {label}" for phase, label in parts) + f" (band ×{_fmt(band)})")
     if peri_bound_holds:
-        detail += "; growth is at most linear by the Peri-LN bound, which holds"
+        detail += "; growth is at most linear by the weight-free (Peri-LN-type) bound, which holds"
     return Verdict("forward", worst(statuses), label, detail + ".")
 
 
@@ -177,7 +178,8 @@ def peri_bound_verdict(results: list[DepthResult]) -> Verdict | None:
     holds = worst_ratio <= 1 + PERI_BOUND_SLACK
     return Verdict("peri bound", "ok" if holds else "unstable", "holds" if holds else "violated",
                    f"max over tokens, sub-layers, depths and phases of ‖x_(k+1) − x_k‖ / "
-                   f"(Δt(√d‖γ‖∞ + ‖β‖₂)) = {worst_ratio:.3g} (≤ 1 when the bound holds).")
+                   f"(Δt(√d‖γ‖∞ + ‖β‖₂), times span_clean's β for its blocks) = {worst_ratio:.3g} "
+                   f"(≤ 1 when the bound holds).")
 
 
 def collapse_verdict(results: list[DepthResult]) -> Verdict:
