@@ -4,7 +4,9 @@
 Architecture:
 - ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
   Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth
-  beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN).
+  beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN,
+  span_clean). Where the bound holds, the stream's RMS grows at most linearly in l, so a profile the fit calls
+  exponential is not compounding: beyond the band it warns instead.
 - ``gradient``: the first-to-last block gradient ratio r(L) across depths. Beyond the band at the deepest
   depth and exponential in L (a constant factor per block) is depth-unstable; a power law beyond the band
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
@@ -105,9 +107,10 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
         label = "non-finite" if growth.non_finite else f"{growth.growth_class} ×{_fmt(end_to_end)}"
         parts.append((phase, label))
         beyond = not growth.non_finite and growth.factor > band
-        if growth.non_finite or (growth.growth_class == "exponential" and beyond):
+        if growth.non_finite or (growth.growth_class == "exponential" and beyond and not peri_bound_holds):
             statuses.append("unstable")
-        elif growth.growth_class != "constant" and beyond and not peri_bound_holds:
+        elif growth.growth_class != "constant" and beyond and (
+                not peri_bound_holds or growth.growth_class == "exponential"):
             statuses.append("warn")
         else:
             statuses.append("ok")
