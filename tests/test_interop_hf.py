@@ -315,8 +315,8 @@ def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason
     (dict(moe={"n_experts": 4, "top_k": 2}), "moe: Llama's MLP is one dense SwiGLU, not a mixture of experts"),
     (dict(embed_norm=True), "embed_norm: Llama does not normalize the embedding output"),
     (dict(final_norm=False), "final_norm=false: Llama always applies a final RMSNorm"),
-], ids=["post", "peri", "span_b2t", "span_clean", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe", "embed_norm",
-        "no_final_norm"])
+], ids=["post", "peri", "span_b2t", "span_clean", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe",
+        "embed_norm", "no_final_norm"])
 def test_each_non_llama_feature_is_refused_with_its_reason(model_kw, reason, tmp_path, capsys):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, **model_kw)
     model = SpanNormLM(cfg)

@@ -120,8 +120,8 @@ def test_every_placement_loads_in_transformers_with_our_logits_and_cached_genera
     dict(placement="post", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
     dict(placement="deepnorm", rope_scaling={"rope_type": "linear", "factor": 2.0}),
 ], ids=["overrides-dt", "post-layernorm-bias-untied", "peri-embed-norm", "span-skip-beta", "span-both-alpha",
-        "span_b2t-both", "span_clean-fixed-layernorm", "span_clean-learnable-moe", "deepnorm-final", "lns-no-final", "hybrid-mqa-bias", "moe-shared-top1",
-        "moe-shared-top3-bias", "rope-llama3", "rope-yarn", "rope-linear"])
+        "span_b2t-both", "span_clean-fixed-layernorm", "span_clean-learnable-moe", "deepnorm-final", "lns-no-final",
+        "hybrid-mqa-bias", "moe-shared-top1", "moe-shared-top3-bias", "rope-llama3", "rope-yarn", "rope-linear"])
 @torch.no_grad()
 def test_every_model_option_is_carried_into_the_export(model_kw, tmp_path):
     ours = _tiny(seed=3, **model_kw)

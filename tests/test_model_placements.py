@@ -260,8 +260,8 @@ def test_placement_overrides_by_layer_index():
 
 
 @pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span", False),
-                                             ("span_b2t", False), ("span_clean", True), ("deepnorm", False), ("lns", True),
-                                             ("hybrid", True), ("mixln", True)])
+                                             ("span_b2t", False), ("span_clean", True), ("deepnorm", False),
+                                             ("lns", True), ("hybrid", True), ("mixln", True)])
 def test_final_norm_defaults(placement, final):
     assert (SpanNormLM(_cfg(placement)).final_norm is not None) is final
     assert (SpanNormLM(_cfg(placement, final_norm=not final)).final_norm is not None) is (not final)
