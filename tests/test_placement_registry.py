@@ -156,6 +156,9 @@ def test_span_clean_residual_scales_are_the_models_and_the_theorys(extra, beta):
     assert block.beta == BlockTheory(cfg, 0, "span_clean", alpha=5.0).beta == pytest.approx(beta)
     assert BlockTheory(cfg, 0, "span_clean", alpha=5.0).alpha == 1.0 and not hasattr(block, "alpha")
     assert configured_value(cfg) == cfg.delta_t
+    # the field is written only when not at its default, so configs written before it existed compare the same
+    assert ("span_clean_scaling" in cfg.to_dict()) == (cfg.span_clean_scaling != "fixed")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_other_blocks_have_unit_residual_scales():
