@@ -61,6 +61,17 @@ def test_span_is_bounded_forward_with_a_depth_independent_gradient_ratio():
     assert verdicts["gradient"].status == "ok" and verdicts["gradient"].label == "depth-independent"
 
 
+@pytest.mark.parametrize("scaling", ["fixed", "learnable"])
+def test_span_clean_is_bounded_with_a_clean_skip_and_a_depth_independent_gradient_ratio(scaling):
+    """SPEC §9 at init: Var(x_L)/Var(x_0) ≈ 2 at every depth, no norm on the skip, its weight-free bound holds."""
+    verdicts = _verdicts("span_clean", [4, 8, 16], span_clean_scaling=scaling)
+    assert verdicts["forward"].status == "ok"
+    assert float(verdicts["forward"].label.split()[1].lstrip("×")) == pytest.approx(2.0, rel=0.1)  # 1 + Δt²
+    assert verdicts["gradient"].status == "ok" and verdicts["gradient"].label == "depth-independent"
+    assert verdicts["identity path"].label == "no norm on skip"
+    assert verdicts["peri bound"].status == "ok" and verdicts["peri bound"].label == "holds"
+
+
 BLOCKS_SOURCE = textwrap.dedent('''
     import torch
     from torch import nn

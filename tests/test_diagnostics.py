@@ -16,6 +16,7 @@ from spannorm.diagnostics.custom import BlockFactoryError, CustomBlockLM, load_b
 from spannorm.diagnostics.measure import measure
 from spannorm.diagnostics.recorder import ResidualRecorder, hook_point_names
 from spannorm.model.placements import PreBlock
+from spannorm.theory.bounds import norm_output_bound
 
 
 def test_moments_match_hand_written_definitions():
@@ -142,6 +143,44 @@ def test_peri_bound_holds_with_arbitrary_gains(norm):
     assert set(m.peri_bound_ratio) == {f"block{layer}.{s}" for layer in range(3) for s in ("attn", "ffn")}
     assert max(m.peri_bound_ratio.values()) <= 1 + 1e-5
     assert max(m.peri_bound_ratio.values()) > 0.3  # the bound is not vacuous here
+
+
+@pytest.mark.parametrize("scaling", ["fixed", "learnable"])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_span_clean_bound_holds_with_trained_like_weights_and_gains(norm, scaling):
+    """Each span_clean block moves every token by at most Δt·β·(√d‖γₒ‖∞ + ‖bₒ‖₂), whatever the weights:
+    asserted on random gains and biases, and on weights scaled far from init."""
+    model = _model("span_clean", n_layers=3, norm=norm, delta_t=0.7, span_clean_scaling=scaling)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=gen) * 4 - 2)  # gains and biases in [-2, 2]
+            else:
+                p.mul_(1 + 4 * torch.rand((), generator=gen))
+    idx, tgt = _batch()
+    m = measure(model, idx, tgt)
+    assert set(m.peri_bound_ratio) == {f"block{layer}.block" for layer in range(3)}
+    assert max(m.peri_bound_ratio.values()) <= 1 + 1e-5
+    assert max(m.peri_bound_ratio.values()) > 0.3  # the bound is not vacuous here
+    # the bound itself, by hand: Δt·β·(√d·max|γ| + ‖b‖) on the block's own update
+    stream = []
+    points = [model.hook_embed] + [b.hook_out for b in model.blocks]
+    hooks = [p.register_forward_hook(lambda _m, _i, out: stream.append(out)) for p in points]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    beta = 1 / math.sqrt(3) if scaling == "fixed" else 1.0
+    for layer, block in enumerate(model.blocks):
+        bound = 0.7 * beta * norm_output_bound(block.block_out_norm)
+        assert bound == pytest.approx(0.7 * beta * (math.sqrt(block.block_out_norm.weight.numel())
+                                                  * block.block_out_norm.weight.abs().max().item()
+                                                  + (block.block_out_norm.bias.norm().item()
+                                                     if norm == "layer" else 0.0)))
+        step = (stream[layer + 1] - stream[layer]).norm(dim=-1).max().item()
+        assert step <= bound * (1 + 1e-5)
+        assert step / bound == pytest.approx(m.peri_bound_ratio[f"block{layer}.block"], rel=1e-5)
 
 
 def test_identity_factors_are_rms_ratios_at_the_norms():

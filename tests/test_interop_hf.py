@@ -304,6 +304,8 @@ def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason
     (dict(placement="peri"), "peri also normalizes each branch output, N(A(N(x))); a Llama layer has no output "
                              "norms (every layer)"),
     (dict(placement="span_b2t"), "span_b2t normalizes after the attention add and at the block output"),
+    (dict(placement="span_clean"), "span_clean normalizes the sum of both branch outputs, x + β·N(a + f); a Llama "
+                                   "layer adds each branch to the stream unnormalized"),
     (dict(placement="deepnorm"), "deepnorm multiplies the skip by α and normalizes after each add"),
     (dict(placement="hybrid"), "hybrid normalizes Q, K and V per head"),
     # mixln at L = 3, ratio 0.5: block 0 is post; only that layer is named
@@ -315,8 +317,8 @@ def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason
     (dict(moe={"n_experts": 4, "top_k": 2}), "moe: Llama's MLP is one dense SwiGLU, not a mixture of experts"),
     (dict(embed_norm=True), "embed_norm: Llama does not normalize the embedding output"),
     (dict(final_norm=False), "final_norm=false: Llama always applies a final RMSNorm"),
-], ids=["post", "peri", "span_b2t", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe", "embed_norm",
-        "no_final_norm"])
+], ids=["post", "peri", "span_b2t", "span_clean", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe",
+        "embed_norm", "no_final_norm"])
 def test_each_non_llama_feature_is_refused_with_its_reason(model_kw, reason, tmp_path, capsys):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, **model_kw)
     model = SpanNormLM(cfg)

@@ -106,6 +106,9 @@ def test_every_placement_loads_in_transformers_with_our_logits_and_cached_genera
     dict(placement="span", span_scaling="skip", span_beta=0.7, final_norm=True),
     dict(placement="span", span_scaling="both", span_alpha=1.7, tie_embeddings=False),
     dict(placement="span_b2t", span_scaling="both", tie_embeddings=True),
+    dict(placement="span_clean", delta_t=0.8, norm="layer", bias=True),
+    dict(placement="span_clean", span_clean_scaling="learnable", moe={"n_experts": 4, "top_k": 2},
+         placement_overrides={0: "pre"}),
     dict(placement="deepnorm", final_norm=True, norm="layer"),
     dict(placement="lns", final_norm=False, init="fixed", init_std=0.02),
     dict(placement="hybrid", n_kv_heads=1, bias=True),
@@ -117,8 +120,8 @@ def test_every_placement_loads_in_transformers_with_our_logits_and_cached_genera
     dict(placement="post", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
     dict(placement="deepnorm", rope_scaling={"rope_type": "linear", "factor": 2.0}),
 ], ids=["overrides-dt", "post-layernorm-bias-untied", "peri-embed-norm", "span-skip-beta", "span-both-alpha",
-        "span_b2t-both", "deepnorm-final", "lns-no-final", "hybrid-mqa-bias", "moe-shared-top1",
-        "moe-shared-top3-bias", "rope-llama3", "rope-yarn", "rope-linear"])
+        "span_b2t-both", "span_clean-fixed-layernorm", "span_clean-learnable-moe", "deepnorm-final", "lns-no-final",
+        "hybrid-mqa-bias", "moe-shared-top1", "moe-shared-top3-bias", "rope-llama3", "rope-yarn", "rope-linear"])
 @torch.no_grad()
 def test_every_model_option_is_carried_into_the_export(model_kw, tmp_path):
     ours = _tiny(seed=3, **model_kw)

@@ -61,6 +61,14 @@ def ref_span_b2t(b, x):
     return b.block_out_norm(b.alpha * x + b.beta * (h + f))
 
 
+def ref_span_clean(b, x):
+    """SPEC §9 in its default (fixed) form, β = 1/sqrt(L), with Δt on β."""
+    a = b.attn(b.attn_in_norm(x))
+    h = x + a
+    f = b.ffn(b.ffn_in_norm(h))
+    return x + b.delta_t / math.sqrt(b.n_layers) * b.block_out_norm(a + f)
+
+
 def ref_deepnorm(b, x):
     alpha = (2 * b.n_layers) ** 0.25
     h = b.attn_out_norm(alpha * x + b.attn(x))
@@ -103,7 +111,8 @@ HAND_WRITTEN = {"hybrid"}
 """References that do not reuse the block's sub-module for some part of the computation."""
 
 REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span": ref_span, "span_b2t": ref_span_b2t,
-              "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid, "residual": ref_residual}
+              "span_clean": ref_span_clean, "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid,
+              "residual": ref_residual}
 
 
 def test_every_block_placement_has_a_reference():
@@ -212,6 +221,47 @@ def test_span_blocks_match_reference_with_scaled_skip_and_branch(placement, scal
         assert (out - equation(block, x, alpha, 1.0)).abs().max() > 1e-3
 
 
+# ---------------------------------------------------------------- span_clean: both scaling forms
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_span_clean_learnable_form_puts_one_over_sqrt_l_into_the_output_norm_gain(norm):
+    """learnable: β = 1 at run time and Nₒ's gain starts at 1/sqrt(L) (reset_parameters' ones do not win);
+    the other norms start at 1. At init it computes what the fixed form computes."""
+    L = 9
+    torch.manual_seed(0)
+    fixed = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm))
+    torch.manual_seed(0)
+    learnable = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm, span_clean_scaling="learnable"))
+    for b_fixed, b_learn in zip(fixed.blocks, learnable.blocks):
+        assert b_fixed.beta == pytest.approx(1 / 3) and b_learn.beta == 1.0
+        assert torch.equal(b_fixed.block_out_norm.weight, torch.ones(D))
+        torch.testing.assert_close(b_learn.block_out_norm.weight, torch.full((D,), 1 / 3), rtol=0, atol=0)
+        assert torch.equal(b_learn.attn_in_norm.weight, torch.ones(D))
+        if norm == "layer":
+            assert torch.equal(b_learn.block_out_norm.bias, torch.zeros(D))
+    learnable.reset_parameters()  # the block's init wins over reset_parameters' ones every time
+    assert all(torch.allclose(b.block_out_norm.weight, torch.full((D,), 1 / 3)) for b in learnable.blocks)
+    idx = torch.randint(0, 256, (2, T))
+    torch.manual_seed(0)
+    learnable = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm, span_clean_scaling="learnable"))
+    torch.testing.assert_close(learnable(idx).logits, fixed(idx).logits, rtol=1e-5, atol=1e-5)
+    # with trained-like gains, the learnable form is x + Δt·Nₒ(a + f): no hidden 1/sqrt(L) left
+    _randomize_norms(learnable)
+    x = torch.randn(2, T, D)
+    for b in learnable.blocks:
+        a = b.attn(b.attn_in_norm(x))
+        f = b.ffn(b.ffn_in_norm(x + a))
+        torch.testing.assert_close(b(x), x + b.delta_t * b.block_out_norm(a + f), rtol=0, atol=1e-6)
+
+
+def test_span_clean_ignores_span_alpha_beta_and_scaling():
+    torch.manual_seed(0)
+    plain = SpanNormLM(_cfg("span_clean"))
+    torch.manual_seed(0)
+    knobs = SpanNormLM(_cfg("span_clean", span_alpha=3.0, span_beta=0.2, span_scaling="skip"))
+    idx = torch.randint(0, 256, (2, T))
+    torch.testing.assert_close(knobs(idx).logits, plain(idx).logits, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- hybrid: per-head Q/K/V norms, by hand
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("n_kv", [4, 2])
@@ -256,8 +306,9 @@ def test_placement_overrides_by_layer_index():
 
 
 @pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span", False),
-                                             ("span_b2t", False), ("deepnorm", False), ("lns", True),
-                                             ("hybrid", True), ("mixln", True), ("residual", False)])
+                                             ("span_b2t", False), ("span_clean", True), ("deepnorm", False),
+                                             ("lns", True), ("hybrid", True), ("mixln", True),
+                                             ("residual", False)])
 def test_final_norm_defaults(placement, final):
     assert (SpanNormLM(_cfg(placement)).final_norm is not None) is final
     assert (SpanNormLM(_cfg(placement, final_norm=not final)).final_norm is not None) is (not final)

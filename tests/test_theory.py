@@ -56,6 +56,7 @@ def _realized_gain(weight: torch.Tensor, fan_in: int) -> float:
     ("pre", {}), ("pre", {"scale_out_proj": False}), ("post", {}), ("deepnorm", {}), ("span", {}),
     ("span", {"span_scaling": "skip"}), ("span", {"span_scaling": "both"}), ("lns", {}),
     ("post", {"init": "fixed", "init_std": 0.02}), ("span", {"moe": MoEConfig(n_experts=4, top_k=2)}),
+    ("span_clean", {}), ("span_clean", {"span_clean_scaling": "learnable"}),
 ])
 def test_init_gains_are_the_models_init(placement, extra):
     """The theory reads SPEC §3's rules from the config; they must be what the model actually draws."""
@@ -118,7 +119,9 @@ def test_post_identity_path_decays_exponentially_as_predicted_at_depth_8():
 
 @pytest.mark.parametrize("placement,n_layers,extra,rel", [
     ("pre", 8, {"scale_out_proj": False}, 0.1), ("pre", 8, {}, 0.05), ("peri", 8, {}, 0.1),
-    ("hybrid", 4, {}, 0.1), ("lns", 8, {}, 0.05),
+    ("hybrid", 4, {}, 0.1), ("lns", 8, {}, 0.05), ("span_clean", 8, {}, 0.05),
+    ("span_clean", 16, {"span_clean_scaling": "learnable"}, 0.05),
+    ("span_clean", 8, {"moe": MoEConfig(n_experts=4, top_k=2), "delta_t": 0.5}, 0.05),
 ])
 def test_variance_recursion_matches_measurement(placement, n_layers, extra, rel):
     m, p = _measure_and_predict(placement, n_layers, **extra)
@@ -128,6 +131,7 @@ def test_variance_recursion_matches_measurement(placement, n_layers, extra, rel)
 
 @pytest.mark.parametrize("placement,n_layers,extra,rel", [
     ("post", 8, {}, 0.35), ("span", 8, {}, 0.1), ("deepnorm", 8, {}, 0.1), ("pre", 8, {"scale_out_proj": False}, 0.25),
+    ("span_clean", 8, {}, 0.1), ("span_clean", 16, {"span_clean_scaling": "learnable"}, 0.1),
 ])
 def test_gradient_ratio_prediction_on_independent_tokens(placement, n_layers, extra, rel):
     m, p = _measure_and_predict(placement, n_layers, **extra)
@@ -141,6 +145,22 @@ def test_unscaled_pre_variance_grows_linearly_in_the_theory():
     assert per_block[0] > 0.4 and max(per_block) / min(per_block) < 1.5  # linear: the same increment per block
 
 
+@pytest.mark.parametrize("scaling", ["fixed", "learnable"])
+def test_span_clean_variance_grows_by_one_whatever_the_depth(scaling):
+    """SPEC §9: each block adds a unit-RMS term times β = 1/sqrt(L), so Var(x_L)/Var(x_0) = 1 + Δt² at every
+    depth (1/L per block), and every block contributes the same share; no norm sits on the skip."""
+    for L in (4, 16, 64):
+        for dt in (1.0, 0.5):
+            cfg = ModelConfig(d_model=64, n_heads=4, n_layers=L, context_length=32, placement="span_clean",
+                              span_clean_scaling=scaling, delta_t=dt)
+            p = predict_init(cfg, seq_len=32)
+            assert p.variance_ratio == pytest.approx(1 + dt ** 2, rel=1e-6)
+            increments = np.diff(p.stream_mean_square)
+            assert increments == pytest.approx(np.full(L, dt ** 2 / L), rel=1e-6)
+            assert p.identity_product == 1.0 and p.identity_factor_names == []
+            assert 1 < p.grad_ratio < 1 + 1.5 * dt ** 2  # within the band, at every depth
+
+
 def test_peri_bound_constants():
     norm = torch.nn.LayerNorm(16)
     with torch.no_grad():
@@ -150,6 +170,7 @@ def test_peri_bound_constants():
     assert bounds.peri_step_bound(norm, 0.1) == pytest.approx(0.1 * 14)
     cfg = ModelConfig(n_layers=6, delta_t=0.5)
     assert bounds.peri_depth_bound(cfg) == pytest.approx(6.0)
+    assert bounds.span_clean_step_bound(norm, 0.5, 0.25) == pytest.approx(0.125 * 14)
 
 
 def test_published_scalings():

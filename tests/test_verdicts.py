@@ -23,6 +23,7 @@ from spannorm.diagnostics.verdicts import (
     HEADROOM_WARN_LOG2,
     attention_verdict,
     clipping_verdict,
+    forward_verdict,
     gradient_verdict,
     identity_verdict,
     judge,
@@ -104,6 +105,30 @@ def test_attention_logit_growth_warns_even_at_small_values_and_at_any_depth():
 
 def test_attention_verdict_is_absent_without_attention():
     assert attention_verdict([result(attn=None)]) is None
+
+
+# ------------------------------------------------------------------------------------------- forward
+def _growing(n_layers: int, per_block: float, bound_ratio: float | None) -> Measurement:
+    """A measurement whose stream variance grows ×per_block per block; ``bound_ratio``: a weight-free bound's
+    worst ratio (Peri-LN or span_clean), or None (no such bound)."""
+    m = measurement(n_layers)
+    m.entry_variance = [per_block ** layer for layer in range(n_layers + 1)]
+    if bound_ratio is not None:
+        m.peri_bound_ratio = {"block0.block": bound_ratio}
+    return m
+
+
+@pytest.mark.parametrize("bound_ratio, status", [(None, "unstable"), (0.9, "warn"), (1.01, "unstable")])
+def test_exponential_growth_beyond_the_band_is_unstable_unless_a_weight_free_bound_holds(bound_ratio, status):
+    grown = _growing(32, 1.08, bound_ratio)  # ×11.8 over 32 blocks: exponential, beyond the band
+    v = forward_verdict([DepthResult(32, init=_growing(32, 1.0, bound_ratio), trained=grown)], BAND)
+    assert v.label.endswith(f"exponential ×{1.08 ** 32:.3g}") and v.status == status
+
+
+def test_exponential_growth_within_the_band_is_ok():
+    grown = _growing(32, 1.02, None)  # ×1.88
+    v = forward_verdict([DepthResult(32, init=_growing(32, 1.0, None), trained=grown)], BAND)
+    assert v.status == "ok"
 
 
 # ------------------------------------------------------------------------------------------- clipping

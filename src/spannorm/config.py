@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from spannorm.configuration import ConfigError, build, check_fields, fail
 
-PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "deepnorm", "mixln", "lns", "hybrid", "residual")
+PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "span_clean", "deepnorm", "mixln", "lns", "hybrid",
+              "residual")
 """Every placement of SPEC §2 and §9. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
 DUAL_STREAM_PLACEMENTS = ("residual",)
 """Placements whose blocks carry two streams (ResiDual's x and d) from the embedding to the head: every layer of
@@ -27,6 +28,7 @@ BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
 Placement = Literal[PLACEMENTS]  # type: ignore[valid-type]  # the names are PLACEMENTS, written once
 BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
 SpanScaling = Literal["init", "skip", "both"]
+SpanCleanScaling = Literal["fixed", "learnable"]
 Norm = Literal["rms", "layer"]
 Init = Literal["fan_in", "fixed"]
 HeadInit = Literal["half", "small", "fan_in"]
@@ -42,9 +44,9 @@ ROPE_SCALINGS = {
 """RoPE scaling types (Hugging Face ``rope_type``) -> the keys each one requires (see
 ``spannorm.model.layers.rope_frequencies``). yarn also reads ``beta_fast``, ``beta_slow``, ``attention_factor``,
 ``mscale``, ``mscale_all_dim`` and ``truncate`` when present."""
-OPTIONAL_FIELDS = ("rope_scaling", "sliding_window")
-"""Fields :meth:`ModelConfig.to_dict` writes only when set, so that configs and checkpoints written before they
-existed read and compare the same."""
+OPTIONAL_FIELDS = ("rope_scaling", "sliding_window", "span_clean_scaling")
+"""Fields :meth:`ModelConfig.to_dict` writes only when they differ from their default, so that configs and
+checkpoints written before they existed read and compare the same."""
 LEGACY_TIE_EMBEDDINGS = True
 """``tie_embeddings`` of a saved model config written before ``head_init`` existed (it lacks that key) that omits
 it: the default of its time. Its head, when untied, had the fan-in init. See :meth:`ModelConfig.from_saved`."""
@@ -98,13 +100,18 @@ class ModelConfig:
     """``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias)."""
     norm_eps: float = 1e-6
     delta_t: float = 1.0
-    """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.)."""
+    """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.), and on span_clean's
+    one block update x + Δt·β·Nₒ(a + f)."""
     span_scaling: SpanScaling = "init"
     """SpanNorm's variance-aware scaling (SPEC §3): init, skip or both."""
     span_alpha: float | None = None
     """Override the clean-skip multiplier α of span/span_b2t. None: from span_scaling."""
     span_beta: float = 1.0
-    """Run-time branch multiplier β_run of span/span_b2t."""
+    """Run-time branch multiplier β_run of span/span_b2t. span_alpha, span_beta and span_scaling do not apply
+    to span_clean (its skip is the clean stream, its β comes from span_clean_scaling)."""
+    span_clean_scaling: SpanCleanScaling = "fixed"
+    """span_clean's variance-aware scaling (SPEC §9): ``fixed``, a run-time multiplier β = 1/sqrt(L) with the
+    block-output norm's gain at 1; ``learnable``, β = 1 and that gain initialized at 1/sqrt(L)."""
     mixln_ratio: float = 0.25
     """Mix-LN: the first floor(ratio·L) blocks are post, the rest pre."""
     init: Init = "fan_in"
@@ -253,8 +260,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in OPTIONAL_FIELDS:
-            if data[name] is None:
+            if data[name] == defaults[name]:
                 del data[name]
         return data
 

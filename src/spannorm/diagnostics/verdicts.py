@@ -4,7 +4,9 @@
 Architecture:
 - ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
   Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth
-  beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN).
+  beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN,
+  span_clean). Where the bound holds, the stream's RMS grows at most linearly in l, so a profile the fit calls
+  exponential is not compounding: beyond the band it warns instead.
   For ResiDual, x is the Post-LN stream; its dual stream d is described in the detail, not judged (it meets a
   norm before the head, and its size counts in the precision verdicts).
 - ``gradient``: the first-to-last block gradient ratio r(L) across depths. Beyond the band at the deepest
@@ -12,7 +14,8 @@ Architecture:
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
 - ``identity path``: ∏ α/σ over the norms on the skip path, measured beside the theory; below 1/band the clean
   path no longer carries the gradient (warn).
-- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update (a violation would be a bug).
+- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update, and span_clean's on every block's
+  (the same argument with one norm per block; a violation would be a bug).
 - ``collapse``: token uniformity of x_L (rank collapse) and whether per-block updates (angular distance)
   decay with depth.
 
@@ -106,9 +109,10 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
         label = "non-finite" if growth.non_finite else f"{growth.growth_class} ×{_fmt(end_to_end)}"
         parts.append((phase, label))
         beyond = not growth.non_finite and growth.factor > band
-        if growth.non_finite or (growth.growth_class == "exponential" and beyond):
+        if growth.non_finite or (growth.growth_class == "exponential" and beyond and not peri_bound_holds):
             statuses.append("unstable")
-        elif growth.growth_class != "constant" and beyond and not peri_bound_holds:
+        elif growth.growth_class != "constant" and beyond and (
+                not peri_bound_holds or growth.growth_class == "exponential"):
             statuses.append("warn")
         else:
             statuses.append("ok")
@@ -116,7 +120,7 @@ def forward_verdict(results: list[DepthResult], band: float) -> Verdict:
     detail = (f"Var(x_l) over the {deepest.n_layers} layers of the deepest model: "
               + "; ".join(f"{phase}: {label}" for phase, label in parts) + f" (band ×{_fmt(band)})")
     if peri_bound_holds:
-        detail += "; growth is at most linear by the Peri-LN bound, which holds"
+        detail += "; growth is at most linear by the weight-free (Peri-LN-type) bound, which holds"
     if deepest.init.dual_variance is not None:
         detail += "; ResiDual's dual stream d, normalized only once before the head, " + ", ".join(
             f"{phase}: {_growth_label(m.dual_variance)}" for phase, m in _phases(deepest) if m.dual_variance)
@@ -189,7 +193,8 @@ def peri_bound_verdict(results: list[DepthResult]) -> Verdict | None:
     holds = worst_ratio <= 1 + PERI_BOUND_SLACK
     return Verdict("peri bound", "ok" if holds else "unstable", "holds" if holds else "violated",
                    f"max over tokens, sub-layers, depths and phases of ‖x_(k+1) − x_k‖ / "
-                   f"(Δt(√d‖γ‖∞ + ‖β‖₂)) = {worst_ratio:.3g} (≤ 1 when the bound holds).")
+                   f"(Δt(√d‖γ‖∞ + ‖β‖₂), times span_clean's β for its blocks) = {worst_ratio:.3g} "
+                   f"(≤ 1 when the bound holds).")
 
 
 def collapse_verdict(results: list[DepthResult]) -> Verdict:

@@ -59,6 +59,8 @@ class BlockInit:
     xavier_gain: float | None = None
     """DeepNet init: Xavier-normal with this gain on V, attention out and every FFN matrix; Xavier-normal
     with gain 1 on Q and K."""
+    block_out_gain: float = 1.0
+    """The initial gain of the block-output norm Nₒ, where the block has one (span_clean's learnable form)."""
 
 
 def deepnorm_constants(n_layers: int) -> tuple[float, float]:
@@ -79,6 +81,14 @@ def span_constants(cfg: ModelConfig) -> tuple[float, BlockInit]:
         alpha, gain = deepnorm_constants(L)
         init = BlockInit(xavier_gain=gain)
     return (cfg.span_alpha if cfg.span_alpha is not None else alpha), init
+
+
+def span_clean_constants(cfg: ModelConfig) -> tuple[float, float]:
+    """span_clean's run-time multiplier β and the initial gain of its norm Nₒ for ``cfg.span_clean_scaling``
+    (SPEC §9): ``fixed``: β = 1/sqrt(L), gain 1; ``learnable``: β = 1, gain 1/sqrt(L). Either way each block
+    adds a term of RMS 1/sqrt(L) at init, so Var(x_L) ≤ Var(x_0) + 1 for uncorrelated block outputs."""
+    scale = 1 / math.sqrt(cfg.n_layers)
+    return (scale, 1.0) if cfg.span_clean_scaling == "fixed" else (1.0, scale)
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,47 @@ class SpanB2TBlock(SpanBlock):
         return self.hook_out(self.block_out_norm(self.alpha * x + self.beta * (h + f)))
 
 
+class SpanCleanBlock(Block):
+    """SpanNorm, third reading (PreNorm's clean path, SPEC §9): a = A(N₁(x)); h = x + a; f = F(N₂(h));
+    x' = x + Δt·β·Nₒ(a + f).
+
+    The stream is never normalized: from the embedding to the final norm it is only added to. The block's
+    aggregated output (both branches) is normalized before it joins the stream, so each block moves a token
+    by at most Δt·β·(√d·‖γ‖∞ + ‖b‖) whatever its weights (the Peri-LN argument with one norm per block).
+    β (``model.span_clean_scaling``): ``fixed`` multiplies by β = 1/sqrt(L) at run time; ``learnable`` puts
+    1/sqrt(L) into Nₒ's initial gain instead (β = 1), so training can move it. The output projections keep the
+    standard init: Nₒ divides out their scale, and β does the variance-aware scaling.
+
+    The knob is Δt, on β: the block has one additive update to a clean stream, like pre and peri, and a
+    larger step is less damped. A knob on a skip multiplier α would compound as α^L along the stream instead
+    of scaling each block's share, so there is no α; span_alpha, span_beta and span_scaling do not apply."""
+
+    placement = "span_clean"
+    norm_positions = ("attn_in", "ffn_in", "block_out")
+    knob = DELTA_T
+    why_not_llama = ("span_clean normalizes the sum of both branch outputs, x + β·N(a + f); a Llama layer adds "
+                     "each branch to the stream unnormalized and has no block-output norm")
+    span_variant = True
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__(cfg, layer_index)
+        self.beta = self.residual_scales(cfg)[1]
+
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
+        return BlockInit(block_out_gain=span_clean_constants(cfg)[1])
+
+    @classmethod
+    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
+        return 1.0, span_clean_constants(cfg)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.attn_in_norm(x))
+        h = self.hook_mid(x + a)
+        f = self.ffn(self.ffn_in_norm(h))
+        return self.hook_out(x + self.delta_t * self.beta * self.block_out_norm(a + f))
+
+
 class DeepNormBlock(Block):
     """DeepNet: h = N₁(α·x + A(x)); x' = N₂(α·h + F(h)), α = (2L)^(1/4), Xavier gain (8L)^(-1/4)."""
 
@@ -357,8 +408,8 @@ class ResiDualBlock(Block):
 
 BLOCKS: dict[str, type[Block]] = {
     cls.placement: cls
-    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, DeepNormBlock, LNSBlock, HybridBlock,
-                ResiDualBlock)
+    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, SpanCleanBlock, DeepNormBlock, LNSBlock,
+                HybridBlock, ResiDualBlock)
 }
 """The placement registry: block class by placement name. ``mixln`` is not here: it is a pattern."""
 

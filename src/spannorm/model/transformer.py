@@ -89,6 +89,8 @@ class DecoderLM(nn.Module):
 
     def _init_block(self, block: Block, rule: BlockInit) -> None:
         attn, ffn = block.attn, block.ffn
+        if "block_out" in block.norm_positions:  # after reset_parameters' ones: the block's init wins
+            block.block_out_norm.weight.fill_(rule.block_out_gain)
         if rule.xavier_gain is not None:
             for linear in (attn.q_proj, attn.k_proj):
                 nn.init.xavier_normal_(linear.weight, gain=1.0)

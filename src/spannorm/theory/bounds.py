@@ -7,6 +7,10 @@ Euclidean norm at most √d·‖γ‖∞ + ‖β‖₂ whatever its input, so pe
 
 for every sub-layer k and any weights. Summed over the 2L sub-layers, the stream's norm grows at most
 linearly in depth, and its second moment at most quadratically.
+
+``span_clean`` (SpanNorm's third reading, SPEC §9) obeys the same argument with one norm per block: each block
+adds Δt·β·Nₒ(a + f), so per token ‖x_{l+1} − x_l‖₂ ≤ Δt·β·(√d·‖γₒ‖∞ + ‖bₒ‖₂), and with β = 1/√L the stream's
+RMS grows by at most Δt·√L·(‖γ‖∞ + ‖b‖₂/√d) over the whole model.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def peri_step_bound(norm: nn.Module, delta_t: float) -> float:
     return delta_t * norm_output_bound(norm)
 
 
+def span_clean_step_bound(norm: nn.Module, delta_t: float, beta: float) -> float:
+    """span_clean's bound Δt·β·(√d·‖γₒ‖∞ + ‖bₒ‖₂) on one block's per-token update, for its norm Nₒ."""
+    return delta_t * beta * norm_output_bound(norm)
+
+
 def peri_depth_bound(cfg: ModelConfig, gain_max: float = 1.0, bias_norm: float = 0.0) -> float:
     """Upper bound on RMS(x_L) − RMS(x_0) per token for a ``peri`` model of ``cfg`` whose output norms have
     ‖γ‖∞ ≤ gain_max and ‖β‖₂ ≤ bias_norm (at init 1 and 0): 2L·Δt·(‖γ‖∞ + ‖β‖₂/√d)."""
@@ -44,7 +53,8 @@ def peri_depth_bound(cfg: ModelConfig, gain_max: float = 1.0, bias_norm: float =
 
 
 def peri_bound_ratios(delta: torch.Tensor, bound: float) -> float:
-    """max over tokens of ‖Δx‖₂ / bound for a sub-layer's update Δx of shape (…, d): ≤ 1 when the bound holds."""
+    """max over tokens of ‖Δx‖₂ / bound for a sub-layer's (or span_clean block's) update Δx of shape (…, d):
+    ≤ 1 when the bound holds."""
     return (delta.float().norm(dim=-1).max() / bound).item()
 
 

@@ -353,6 +353,24 @@ def _span_b2t_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]
     return out, backward
 
 
+def _span_clean_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
+    step2 = (b.delta_t * b.beta) ** 2
+    n1, n1_back = b.norm(K)
+    A, a_back = b.attention(n1)
+    b.branch("attn", A, n1)
+    h = K + A
+    n2, n2_back = b.norm(h)
+    F, f_back = b.ffn(n2)
+    b.branch("ffn", F, n2)
+    out, no_back = b.norm(A + F, block_init_rule(b.cfg, b.placement).block_out_gain)
+
+    def backward(D):
+        D_s = step2 * no_back(D)  # what reaches s = a + f
+        D_h = n2_back(f_back(D_s))  # what reaches h = x + a through f
+        return D + D_h + n1_back(a_back(D_s + D_h))
+    return K + step2 * out, backward
+
+
 def _hybrid_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
     A, a_back = b.attention(K, qkv_norm=True)
     b.branch("attn", A, K)
@@ -440,7 +458,7 @@ def dual_stream_input_gradient(G: np.ndarray) -> np.ndarray:
 
 STEPS = {
     "pre": _pre_step, "lns": _lns_step, "peri": _peri_step, "post": _post_step, "deepnorm": _deepnorm_step,
-    "span": _span_step, "span_b2t": _span_b2t_step, "hybrid": _hybrid_step,
+    "span": _span_step, "span_b2t": _span_b2t_step, "span_clean": _span_clean_step, "hybrid": _hybrid_step,
     "residual": _residual_step,
 }
 """The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``); ``residual``'s

@@ -16,6 +16,7 @@ class SpanNormConfig(PretrainedConfig):
     def __init__(self, vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=None, intermediate_size=352, max_position_embeddings=256,
                  layer_placements=None, norm="rms", norm_eps=1e-6, delta_t=1.0, span_alpha=1.0, span_beta=1.0,
+                 span_clean_beta=1.0,
                  embedding_multiplier=1.0, embed_norm=False, final_norm=True, rotary_theta=10000.0,
                  rotary_scaling=None, attention_window=None, bias=False, tie_embeddings=True, moe=None,
                  spannorm_config=None, use_cache=True, **kwargs):
@@ -26,16 +27,18 @@ class SpanNormConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        # The block placement of every layer: pre, post, peri, span, span_b2t, deepnorm, lns, hybrid or residual.
+        # The block placement of every layer: pre, post, peri, span, span_b2t, span_clean, deepnorm, lns, hybrid or residual.
         self.layer_placements = list(layer_placements or ["pre"] * num_hidden_layers)
         # rms (RMSNorm with a gain) or layer (LayerNorm with gain and bias).
         self.norm = norm
         self.norm_eps = norm_eps
-        # Residual step Δt of pre, post, peri and lns.
+        # Residual step Δt of pre, post, peri, lns and span_clean.
         self.delta_t = delta_t
         # The clean-skip multiplier α of span and span_b2t (resolved from spannorm's span_scaling).
         self.span_alpha = span_alpha
         self.span_beta = span_beta
+        # span_clean's run-time β (1/sqrt(L) in its fixed form, 1 in its learnable form, whose Nₒ gain holds it).
+        self.span_clean_beta = span_clean_beta
         self.embedding_multiplier = embedding_multiplier
         self.embed_norm = embed_norm
         self.final_norm = final_norm

@@ -293,6 +293,21 @@ class SpanB2TBlock(SpanBlock):
         return self.block_out_norm(self.alpha * x + self.beta * (h + self.ffn(h)))
 
 
+class SpanCleanBlock(Block):
+    """a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = x + Δt·β·Nₒ(a + f) (the stream is never normalized)."""
+
+    norm_positions = ("attn_in", "ffn_in", "block_out")
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.beta = config.span_clean_beta
+
+    def forward(self, x, ctx):
+        a = self.attn(self.attn_in_norm(x), ctx)
+        f = self.ffn(self.ffn_in_norm(x + a))
+        return x + self.delta_t * self.beta * self.block_out_norm(a + f)
+
+
 class DeepNormBlock(Block):
     """h = N₁(α·x + A(x)); x' = N₂(α·h + F(h)), α = (2L)^(1/4)."""
 
@@ -346,7 +361,8 @@ class ResiDualBlock(Block):
 
 
 BLOCKS = {"pre": PreBlock, "post": PostBlock, "peri": PeriBlock, "span": SpanBlock, "span_b2t": SpanB2TBlock,
-          "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock, "residual": ResiDualBlock}
+          "span_clean": SpanCleanBlock, "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock,
+          "residual": ResiDualBlock}
 DUAL_STREAM = ("residual",)
 """Placements whose blocks carry the pair (x, d); a model uses them on every layer or on none."""
 
