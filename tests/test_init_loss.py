@@ -99,10 +99,11 @@ def test_the_stream_draws_what_the_tied_model_draws(placement):
     for key, model in (("tied", tied), ("untied", untied)):
         model.hook_embed.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach().clone()))
         for block in model.blocks:
-            block.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach().clone()))
+            block.register_forward_hook(lambda m, i, o, key=key: seen[key].extend(  # residual: the pair (x, d)
+                t.detach().clone() for t in (o if isinstance(o, tuple) else (o,))))
         with torch.no_grad():
             model(torch.arange(16).view(1, 16))
-    assert len(seen["tied"]) == 1 + cfg.n_layers
+    assert len(seen["tied"]) == 1 + cfg.n_layers * (2 if placement == "residual" else 1)
     for a, b in zip(seen["tied"], seen["untied"]):
         assert torch.equal(a, b)
 

@@ -152,7 +152,7 @@ def test_residual_model_matches_the_two_streams_by_hand(norm):
             f = 0.7 * branch(x)  # Δt = 0.7 (_cfg)
             x, d = branch_norm(x + f), d + f
     assert model.final_norm is None
-    expected = (x + model.dual_final_norm(d)) @ model.embed.weight.T
+    expected = (x + model.dual_final_norm(d)) @ model.head_weight.T
     logits = model(idx).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     # Sensitive to the readings that differ: d starting at zero, or no norm on d_L, is far off.

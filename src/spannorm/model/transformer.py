@@ -68,9 +68,13 @@ class DecoderLM(nn.Module):
 
     def head_std(self) -> float:
         """The init std of the untied head (``cfg.head_init``): the other input projections' std, halved
-        (``half``), over a further sqrt(d) (``small``) or as is (``fan_in``)."""
+        (``half``), over a further sqrt(d) (``small``) or as is (``fan_in``). A dual-stream model (ResiDual)
+        hands the head x_L + N(d_L), the sum of two unit-RMS terms, whose RMS is at most 2 (triangle
+        inequality); its head std is halved again so that its logits are no larger than a one-stream model's."""
         d = self.cfg.d_model
-        return self._std(d) * {"half": 0.5, "small": 1 / math.sqrt(d), "fan_in": 1.0}[self.cfg.head_init]
+        output_terms = 1 if self.dual_final_norm is None else 2
+        scale = {"half": 0.5, "small": 1 / math.sqrt(d), "fan_in": 1.0}[self.cfg.head_init]
+        return self._std(d) * scale / output_terms
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

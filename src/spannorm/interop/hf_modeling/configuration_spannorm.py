@@ -27,7 +27,8 @@ class SpanNormConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        # The block placement of every layer: pre, post, peri, span, span_b2t, span_clean, deepnorm, lns, hybrid or residual.
+        # The block placement of every layer: pre, post, peri, span, span_b2t, span_clean, deepnorm, lns, hybrid
+        # or residual.
         self.layer_placements = list(layer_placements or ["pre"] * num_hidden_layers)
         # rms (RMSNorm with a gain) or layer (LayerNorm with gain and bias).
         self.norm = norm
