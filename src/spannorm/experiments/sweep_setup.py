@@ -1,8 +1,8 @@
 """How a sweep uses the machine: how many worker processes, how many torch threads each, and, for the runs
 whose plan names no ``train.precision``, whether they train in fp32 or bf16.
 
-The rule (``spannorm sweep --help`` and docs/experiments.md say it in words; docs/benchmarks.md holds the
-measurement behind it):
+The rule (``spannorm sweep --help`` and docs/training.md, "Sweeps: workers, threads and precision", say it in
+words; docs/benchmarks.md holds the measurement behind it):
 
 - **workers** ``auto`` on a CPU: one worker per usable physical core
   (:func:`~spannorm.hardware.devices.usable_cpu_cores`: the affinity mask, hyper-threads counted once, a
