@@ -14,8 +14,14 @@ from spannorm.cli.main import main
 from spannorm.experiments import sweep_setup
 from spannorm.experiments.plan import Cell, RunSpec, parse_plan
 from spannorm.experiments.runner import run_sweep
-from spannorm.experiments.sweep_setup import (AUTO, choose_setup, names_precision, parse_workers, run_device,
-                                              sweep_overrides)
+from spannorm.experiments.sweep_setup import (
+    AUTO,
+    choose_setup,
+    names_precision,
+    parse_workers,
+    run_device,
+    sweep_overrides,
+)
 from spannorm.hardware import calibrate, devices
 from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP, PrecisionChoice, fastest_cpu_precision
 

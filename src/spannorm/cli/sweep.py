@@ -9,8 +9,8 @@ from spannorm.cli.main import UsageError
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
 from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
-from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
 from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
+from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
 from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
 from spannorm.train.run_lock import hold_run_folder
@@ -23,18 +23,19 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "ones not finished under DIR/runs/. Finished runs (with a summary.json) are skipped, so "
                     "a killed sweep continues where it stopped. DIR/index.json lists every run and its "
                     "status; DIR/runs.jsonl logs each event. Precision: runs whose plan names no "
-                    f"train.precision train in fp32, or in bf16 on a CPU where a calibration matmul measures bf16 "
-                    f"at least {BF16_MIN_SPEEDUP:g}x faster than fp32 (CPUs with AMX); chosen at the folder's first start and kept. "
-                    "On CUDA they keep the config default. A precision in the plan always wins. The chosen "
-                    "workers, threads and precision, and why, are printed and stored in DIR/index.json.")
+                    "train.precision train in fp32, or in bf16 on a CPU where a calibration matmul measures "
+                    f"bf16 at least {BF16_MIN_SPEEDUP:g}x faster than fp32 (CPUs with AMX); the choice is made "
+                    "at the folder's first start and kept. On CUDA they keep the config default. A precision "
+                    "in the plan always wins. The sweep prints the workers, threads and precision it uses, and "
+                    "why, and stores them in DIR/index.json (docs/training.md, 'Sweeps').")
     p.add_argument("plan", help="the sweep plan (YAML; see studies/ for examples)")
     p.add_argument("--out", required=True, help="the sweep directory (created if missing)")
-    p.add_argument("--workers", type=parse_workers, default=AUTO,
+    p.add_argument("--workers", type=parse_workers, default=AUTO, metavar="{auto,N}",
                    help="worker processes (spawn), or 0 to train in this process. Default auto: on a CPU, one "
                         "worker per usable physical core (affinity mask, hyper-threads counted once) divided by "
-                        "--threads, since two 1-thread workers measured 2-3x the throughput of one 2-thread "
-                        "worker (docs/benchmarks.md); on CUDA one worker (explicit N workers all share the "
-                        "first GPU)")
+                        "--threads, since two 1-thread workers trained several times the tokens/s of one "
+                        "2-thread worker on a shared 2-core CPU (docs/benchmarks.md); on CUDA one worker "
+                        "(N workers there all share the first GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default: 1; 0 leaves torch's default)")
     p.add_argument("--max-runs", type=int, default=None, help="start at most this many runs, then stop")

@@ -152,10 +152,10 @@ def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
 
 
 def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
-                measure: dict[str, Any], sweep_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+                measure: dict[str, Any], added_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one run (in a worker process or in-process) and return its index record.
 
-    ``sweep_overrides`` are the sweep's own settings (the precision it chose), applied after the plan's
+    ``added_overrides`` are the sweep's own settings (the precision it chose), applied after the plan's
     overrides and recorded in ``run.json`` apart from them. Never raises: an exception becomes a ``failed``
     record with the error's last line."""
     spec = RunSpec.from_dict(spec_data)
@@ -166,12 +166,12 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     try:
         summary = read_summary(path)
         if summary is None:
-            cfg = resolve_config(spec.preset, None, [*spec.overrides, *sweep_overrides],
+            cfg = resolve_config(spec.preset, None, [*spec.overrides, *added_overrides],
                                  init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)
             with hold_run_folder(path):  # one process per run folder (two sweeps on one folder: one trains it)
-                _write_json_atomic(path / RUN_INFO_NAME, {**spec.to_dict(), "sweep_overrides": list(sweep_overrides)})
+                _write_json_atomic(path / RUN_INFO_NAME, {**spec.to_dict(), "sweep_overrides": list(added_overrides)})
                 with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
                         contextlib.redirect_stderr(log):
                     # unattended: a damaged latest checkpoint falls back to the newest intact one (noted in the log)
