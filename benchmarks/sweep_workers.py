@@ -11,6 +11,7 @@ first start to the last exit (process start-up included, as in a sweep's first r
 
 Usage: python benchmarks/sweep_workers.py [--rounds 3] [--cells 12/dense/fp32 48/moe/fp32 ...]
        [--variants 2x1 1x2 1x1] [--steps fp32=40 bf16=8] [--out results.json]
+       python benchmarks/sweep_workers.py --summarize results.json [...]
 """
 import argparse
 import json
@@ -34,10 +35,11 @@ parser.add_argument("--variants", nargs="+", default=["2x1", "1x2"], help="WORKE
 parser.add_argument("--runs", type=int, default=2, help="runs per cell and variant")
 parser.add_argument("--steps", nargs="+", default=["fp32=40", "bf16=8"], help="steps per run, per precision")
 parser.add_argument("--out", default=None, help="write every measurement here as JSON")
+parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the tables of files written by --out")
 args = parser.parse_args()
 steps = {k: int(v) for k, v in (s.split("=") for s in args.steps)}
 variants = [tuple(int(x) for x in v.split("x")) for v in args.variants]
-work = tempfile.mkdtemp(prefix="sweep-workers-")
 
 
 def start(out, cell, threads):
@@ -65,6 +67,41 @@ def measure(cell, workers, threads):
     return wall, sum(s["tokens"] for s in summaries), max(loop_by_worker)
 
 
+def summarize(records, cells, variants):
+    """Markdown rows: median tokens/s per variant (wall, and trainer in brackets) and the paired ratio of each
+    variant to the first, per round (median and range), by wall and by trainer time."""
+    rounds = len({x["round"] for x in records})
+    lines = [f"medians over {rounds} rounds; ratios paired per round to {variants[0]} (median, range)",
+             "| cell | " + " | ".join(f"{v} tokens/s (trainer)" for v in variants) + " | " +
+             " | ".join(f"{v} / {variants[0]}, wall | trainer" for v in variants[1:]) + " | load |",
+             "|---" + "|---:" * (3 * len(variants) - 2) + "|---|"]
+    for cell in cells:
+        by = {v: sorted((x for x in records if x["cell"] == cell and x["variant"] == v), key=lambda x: x["round"])
+              for v in variants}
+        row = [f"{statistics.median(x['tokens_per_s'] for x in by[v]):.0f} "
+               f"({statistics.median(x['loop_tokens_per_s'] for x in by[v]):.0f})" for v in variants]
+        for v in variants[1:]:
+            shown = []
+            for key in ("tokens_per_s", "loop_tokens_per_s"):
+                ratios = [b[key] / a[key] for a, b in zip(by[variants[0]], by[v])]
+                shown.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+            row.append(" | ".join(shown))
+        loads = [x["load_before"] for v in variants for x in by[v]]
+        lines.append(f"| {cell} | " + " | ".join(row) + f" | {min(loads):.1f}–{max(loads):.1f} |")
+    return "\n".join(lines)
+
+
+if args.summarize:
+    for path in args.summarize:
+        data = json.load(open(path))
+        recs = data["records"]
+        order = lambda seq: list(dict.fromkeys(seq))  # noqa: E731 - first-seen order
+        print(f"{path}: {' '.join(data['argv'])}")
+        print(summarize(recs, order(x["cell"] for x in recs), order(x["variant"] for x in recs)), "\n")
+    raise SystemExit(0)
+
+
+work = tempfile.mkdtemp(prefix="sweep-workers-")
 records = []
 for r in range(args.rounds):
     for c, cell in enumerate(args.cells):
@@ -82,17 +119,7 @@ for r in range(args.rounds):
                     json.dump({"argv": sys.argv[1:], "cpu_count": os.cpu_count(), "records": records}, fh,
                               indent=1)
 
-print(f"\nmedians over {args.rounds} rounds ({args.runs} runs per cell and variant; paired ratio to "
-      f"{args.variants[0]} per round, range)")
-print("| cell | " + " | ".join(f"{v} tokens/s (loop)" for v in args.variants) + " | " +
-      " | ".join(f"{v} / {args.variants[0]}" for v in args.variants[1:]) + " |")
-for cell in args.cells:
-    by = {v: [x for x in records if x["cell"] == cell and x["variant"] == v] for v in args.variants}
-    row = [f"{statistics.median(x['tokens_per_s'] for x in by[v]):.0f} "
-           f"({statistics.median(x['loop_tokens_per_s'] for x in by[v]):.0f})" for v in args.variants]
-    for v in args.variants[1:]:
-        ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(by[args.variants[0]], by[v])]
-        row.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
-    print(f"| {cell} | " + " | ".join(row) + " |")
+print()
+print(summarize(records, args.cells, args.variants))
 print("load average at the end:", os.getloadavg())
 shutil.rmtree(work, ignore_errors=True)
