@@ -6,9 +6,9 @@ words; docs/benchmarks.md holds the measurement behind it):
 
 - **workers** ``auto`` on a CPU: one worker per usable physical core
   (:func:`~spannorm.hardware.devices.usable_cpu_cores`: the affinity mask, hyper-threads counted once, a
-  cgroup quota), divided by the threads per worker. Measured on the project's 2-core machine, two 1-thread
-  workers trained 2 to 3× the tokens per second of one 2-thread worker: a 2-thread OpenMP team stalls
-  whenever another process holds one of its cores. On a CUDA device: one worker (every worker would train on
+  cgroup quota), divided by the threads per worker. Measured on the project's shared 2-core machine, two
+  1-thread workers trained 1.9 to 5× the tokens per second of one 2-thread worker (a 2-thread OpenMP team
+  stalls whenever another process holds one of its cores), and as much as one 1-thread worker or more. On a CUDA device: one worker (every worker would train on
   the same GPU; pinning workers to GPUs is not built). ``--workers N`` is used as given.
 - **precision**, for runs whose plan (preset, base config, overrides, variant or FFN overrides) names no
   ``train.precision``: on a CPU, bf16 only where a calibration matmul measures bf16 at least
