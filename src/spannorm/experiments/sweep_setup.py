@@ -8,7 +8,8 @@ words; docs/benchmarks.md holds the measurement behind it):
   (:func:`~spannorm.hardware.devices.usable_cpu_cores`: the affinity mask, hyper-threads counted once, a
   cgroup quota), divided by the threads per worker. Measured on the project's shared 2-core machine, two
   1-thread workers trained 1.9 to 5× the tokens per second of one 2-thread worker (a 2-thread OpenMP team
-  stalls whenever another process holds one of its cores), and as much as one 1-thread worker or more. On a CUDA device: one worker (every worker would train on
+  stalls whenever another process holds one of its cores), and 1.7 to 1.9× one 1-thread worker when the
+  machine was quiet (about as much as one under other jobs' load). On a CUDA device: one worker (every worker would train on
   the same GPU; pinning workers to GPUs is not built). ``--workers N`` is used as given.
 - **precision**, for runs whose plan (preset, base config, overrides, variant or FFN overrides) names no
   ``train.precision``: on a CPU, bf16 only where a calibration matmul measures bf16 at least
