@@ -335,6 +335,7 @@ CASES: list[tuple[str, str, str | None]] = [
     ("sweep-bad-protocol", "sweep {w}/plan_bad_protocol.yaml --out {w}/sw", "magic"),
     ("sweep-shared-lr-not-in-grid", "sweep {w}/plan_shared_lr_not_in_grid.yaml --out {w}/sw", "shared_lr"),
     ("sweep-workers-negative", "sweep {w}/plan_ok.yaml --out {w}/sw --workers -1", "workers"),
+    ("sweep-workers-word", "sweep {w}/plan_ok.yaml --out {w}/sw --workers many", "allowed: auto"),
     ("sweep-threads-negative", "sweep {w}/plan_ok.yaml --out {w}/sw --threads -1", "threads"),
     ("sweep-max-runs-zero", "sweep {w}/plan_ok.yaml --out {w}/sw --max-runs 0", "max-runs"),
     ("sweep-order-bogus", "sweep {w}/plan_ok.yaml --out {w}/sw --order random", "order"),

@@ -9,6 +9,8 @@ from spannorm.cli.main import UsageError
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
 from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
+from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
+from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
 from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
 from spannorm.train.run_lock import hold_run_folder
@@ -20,11 +22,20 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Expand PLAN.yaml into runs with stable ids (e.g. span-L24-moe-lr3e-3-s1) and train the "
                     "ones not finished under DIR/runs/. Finished runs (with a summary.json) are skipped, so "
                     "a killed sweep continues where it stopped. DIR/index.json lists every run and its "
-                    "status; DIR/runs.jsonl logs each event.")
+                    "status; DIR/runs.jsonl logs each event. Precision: runs whose plan names no "
+                    "train.precision train in fp32, or in bf16 on a CPU where a calibration matmul measures "
+                    f"bf16 at least {BF16_MIN_SPEEDUP:g}x faster than fp32 (CPUs with AMX); the choice is made "
+                    "at the folder's first start and kept. On CUDA they keep the config default. A precision "
+                    "in the plan always wins. The sweep prints the workers, threads and precision it uses, and "
+                    "why, and stores them in DIR/index.json (docs/training.md, 'Sweeps').")
     p.add_argument("plan", help="the sweep plan (YAML; see studies/ for examples)")
     p.add_argument("--out", required=True, help="the sweep directory (created if missing)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (spawn); 0 trains in this process (default: 1)")
+    p.add_argument("--workers", type=parse_workers, default=AUTO, metavar="{auto,N}",
+                   help="worker processes (spawn), or 0 to train in this process. Default auto: on a CPU, one "
+                        "worker per usable physical core (affinity mask, hyper-threads counted once) divided by "
+                        "--threads, since two 1-thread workers trained several times the tokens/s of one "
+                        "2-thread worker on a shared 2-core CPU (docs/benchmarks.md); on CUDA one worker "
+                        "(N workers there all share the first GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default: 1; 0 leaves torch's default)")
     p.add_argument("--max-runs", type=int, default=None, help="start at most this many runs, then stop")
@@ -38,8 +49,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 0:
-        raise UsageError(f"--workers={args.workers} is invalid: must be >= 0")
     if args.threads < 0:
         raise UsageError(f"--threads={args.threads} is invalid: must be >= 0")
     if args.max_runs is not None and args.max_runs < 1:
@@ -55,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:
         resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
         check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
+    setup = choose_setup(specs, args.workers, args.threads or None, stored=stored_setup(out),
+                         earlier_runs=bool(index))
+    print(f"[sweep] {setup.describe()}")
     if args.dry_run:
         for spec in specs:
             done = read_summary(out / RUNS_DIR / spec.run_id)
@@ -63,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
         return 0
     with hold_run_folder(out):  # one sweep per folder at a time
-        outcome = run_sweep(plan, out, workers=args.workers, threads=args.threads or None,
+        outcome = run_sweep(plan, out, workers=setup.workers, threads=setup.threads,
                             plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
-                            order=args.order, plan_path=args.plan)
+                            order=args.order, precision=setup.precision, setup=setup.to_dict(),
+                            plan_path=args.plan)
     print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
           f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")

@@ -28,7 +28,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,6 +38,7 @@ from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
+from spannorm.experiments.sweep_setup import sweep_overrides
 from spannorm.experiments.worker_guard import guard_worker
 from spannorm.files import atomic_write_text
 from spannorm.interop.init_from import run_config_layer
@@ -152,10 +153,12 @@ def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
 
 
 def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
-                measure: dict[str, Any]) -> dict[str, Any]:
+                measure: dict[str, Any], added_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one run (in a worker process or in-process) and return its index record.
 
-    Never raises: an exception becomes a ``failed`` record with the error's last line."""
+    ``added_overrides`` are the sweep's own settings (the precision it chose), applied after the plan's
+    overrides and recorded in ``run.json`` apart from them. Never raises: an exception becomes a ``failed``
+    record with the error's last line."""
     spec = RunSpec.from_dict(spec_data)
     path = Path(run_dir)
     started = time.time()
@@ -164,11 +167,12 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
     try:
         summary = read_summary(path)
         if summary is None:
-            cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
+            cfg = resolve_config(spec.preset, None, [*spec.overrides, *added_overrides],
+                                 init_from_layer=run_config_layer)
             resume = _has_checkpoint(path)
             path.mkdir(parents=True, exist_ok=True)
             with hold_run_folder(path):  # one process per run folder (two sweeps on one folder: one trains it)
-                _write_json_atomic(path / RUN_INFO_NAME, spec.to_dict())
+                _write_json_atomic(path / RUN_INFO_NAME, {**spec.to_dict(), "sweep_overrides": list(added_overrides)})
                 with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
                         contextlib.redirect_stderr(log):
                     # unattended: a damaged latest checkpoint falls back to the newest intact one (noted in the log)
@@ -212,12 +216,16 @@ def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads: int | None = 1,
               plan_text: str | None = None, log: Callable[[str], None] = print,
-              max_runs: int | None = None, order: str = "longest",
+              max_runs: int | None = None, order: str = "longest", precision: str | None = None,
+              setup: Mapping[str, Any] | None = None,
               plan_path: str | Path | None = None) -> SweepOutcome:
     """Run every run of ``plan`` that is not finished under ``out_dir``.
 
     ``workers`` processes (spawn context) train runs in parallel, each with ``threads`` torch threads
-    (None: leave torch's default); ``workers=0`` trains in this process, one run at a time. ``max_runs``
+    (None: leave torch's default); ``workers=0`` trains in this process, one run at a time. ``precision``
+    trains the runs whose plan names no ``train.precision`` in it (None: their config's default). ``setup``
+    (:meth:`~spannorm.experiments.sweep_setup.SweepSetup.to_dict`: how this sweep was started, and why) is
+    stored in ``index.json`` and logged to ``runs.jsonl``. ``max_runs``
     stops after starting that many runs (the rest stay pending for the next call). Runs start stage by
     stage (LR search, best LR, shared LR); within a stage ``order="longest"`` starts the deepest runs first
     (the shortest total time), ``"shortest"`` the cheapest first (the most runs finished by any deadline);
@@ -265,8 +273,11 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         counts: dict[str, int] = {}
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
-        _write_json_atomic(out / "index.json", {"plan": plan.name, "updated": time.time(), "counts": counts,
-                                                "starts": starts, "runs": rows})
+        index = {"plan": plan.name, "updated": time.time(), "counts": counts, "starts": starts,
+                 "runs": rows}
+        if setup is not None:
+            index["setup"] = dict(setup)
+        _write_json_atomic(out / "index.json", index)
 
     # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
     def absorb_finished(specs: list[RunSpec]) -> None:
@@ -282,7 +293,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             record = record_from_summary(spec, summary)
             if plan.measure.layer_stats and record["status"] == "done" \
                     and not (runs_root / spec.run_id / LAYER_STATS_NAME).is_file():
-                record = execute_run(spec.to_dict(), str(runs_root / spec.run_id), None, measure)
+                record = execute_run(spec.to_dict(), str(runs_root / spec.run_id), None, measure,
+                                     sweep_overrides(spec, precision))
             note(record, "found")
             outcome.skipped.append(spec.run_id)
 
@@ -290,6 +302,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=guard_worker, initargs=(os.getpid(),))  # workers die with this process
     attempted: set[str] = set()
+    if setup is not None:
+        events.write(json.dumps({"event": "start", "time": round(time.time(), 3), "setup": dict(setup)}) + "\n")
+        events.flush()
     try:
         while True:
             specs = plan.expand(records)
@@ -313,11 +328,12 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                     running[spec.run_id] = None
                     write_index(specs)
                     log(f"[sweep] start {spec.run_id}")
-                    record = execute_run(spec.to_dict(), run_dir, None, measure)
+                    record = execute_run(spec.to_dict(), run_dir, None, measure, sweep_overrides(spec, precision))
                     del running[spec.run_id]
                     _finish(record, outcome, note, log)
                 else:
-                    running[spec.run_id] = pool.submit(execute_run, spec.to_dict(), run_dir, threads, measure)
+                    running[spec.run_id] = pool.submit(execute_run, spec.to_dict(), run_dir, threads, measure,
+                                                       sweep_overrides(spec, precision))
                     log(f"[sweep] start {spec.run_id}")
             write_index(plan.expand(records))
             if not running:

@@ -97,6 +97,45 @@ def measured_peak_tflops(device: torch.device | str, dtype: str) -> float:
     return _CACHE[key].tflops
 
 
+BF16_MIN_SPEEDUP = 3.0
+"""bf16 is chosen for CPU training only where its calibrated matmul peak is at least this many times the fp32
+peak. A training step gains far less than its matmuls: the rest of the step (norms, softmax, casts, the
+optimizer) does not speed up in bf16 and some of it slows down. On the issue-14 Xeon (AMX) a 7× faster bf16
+matmul made a 1.27× faster step; on this project's AVX2 EPYC a 0.3× matmul made a 16× slower step."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The faster training precision of a CPU, from one calibration per dtype at ``threads`` threads."""
+
+    precision: str
+    fp32_tflops: float
+    bf16_tflops: float
+    threads: int
+
+    @property
+    def reason(self) -> str:
+        ratio = self.bf16_tflops / self.fp32_tflops if self.fp32_tflops > 0 else float("inf")
+        verdict = ">=" if self.precision == "bf16" else "<"
+        return (f"measured bf16 matmul {self.bf16_tflops * 1e3:.1f} GFLOP/s = {ratio:.2f}x fp32 "
+                f"{self.fp32_tflops * 1e3:.1f} GFLOP/s at {self.threads} thread(s), {verdict} "
+                f"{BF16_MIN_SPEEDUP:g}x")
+
+
+def fastest_cpu_precision(threads: int = 1) -> PrecisionChoice:
+    """``bf16`` when this CPU's measured bf16 matmul peak at ``threads`` torch threads is at least
+    :data:`BF16_MIN_SPEEDUP` times its fp32 peak (CPUs with AMX), else ``fp32``. Calibrations are cached per
+    thread count for the process (:func:`measured_peak_tflops`); the thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fp32 = measured_peak_tflops("cpu", "fp32")
+        bf16 = measured_peak_tflops("cpu", "bf16")
+    finally:
+        torch.set_num_threads(before)
+    return PrecisionChoice("bf16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "fp32", fp32, bf16, threads)
+
+
 def cached_calibrations() -> list[Calibration]:
     """Every calibration this process has measured."""
     return list(_CACHE.values())
@@ -107,5 +146,5 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["CALIBRATION_DTYPES", "GROW_BELOW_S", "LAYOUTS", "MEASURED", "SIZES", "Calibration",
-           "cached_calibrations", "calibrate", "measured_peak_tflops"]
+__all__ = ["BF16_MIN_SPEEDUP", "CALIBRATION_DTYPES", "GROW_BELOW_S", "LAYOUTS", "MEASURED", "SIZES", "Calibration",
+           "PrecisionChoice", "cached_calibrations", "calibrate", "fastest_cpu_precision", "measured_peak_tflops"]

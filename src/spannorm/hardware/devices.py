@@ -8,6 +8,7 @@ MFU is then reported as n/a unless the user passes ``--peak-tflops``.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -111,6 +112,38 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+CPU_TOPOLOGY = "/sys/devices/system/cpu/cpu{}/topology/{}"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpu_cores() -> int:
+    """Physical cores this process may use: the CPUs of its affinity mask (``taskset``, a cpuset), one per
+    core where Linux's topology shows hyper-threads of one core, and no more than a cgroup CPU quota
+    (``cpu.max``) allows. ``os.cpu_count()`` where there is no affinity mask (macOS, Windows)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        try:
+            ids = tuple(_read(CPU_TOPOLOGY.format(cpu, name)) for name in ("physical_package_id", "core_id"))
+        except OSError:
+            ids = ("cpu", str(cpu))  # no topology: count the CPU as a core of its own
+        cores.add(ids)
+    count = max(1, len(cores))
+    try:
+        quota, period = _read(CGROUP_CPU_MAX).split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip()
 
 
 def process_peak_rss_bytes() -> int:
