@@ -420,7 +420,21 @@ def _parsable(data: dict) -> dict:
     return data
 
 
-@pytest.mark.parametrize("path", sorted(STUDIES.glob("study16_*.yaml")), ids=lambda p: p.name)
+STUDY16_PLANS = sorted(p for p in STUDIES.glob("study16_*.yaml") if p.name != "study16_head_ablation.yaml")
+
+
+def test_the_head_ablation_is_the_pilot_with_the_tied_head_of_before():
+    """Issue 16 item 0: the pilot's placements and LRs at the study's depth-12 settings, the head tied."""
+    data = yaml.safe_load((STUDIES / "study16_head_ablation.yaml").read_text())
+    study = yaml.safe_load((STUDIES / "study16_shakespeare.yaml").read_text())
+    plan = parse_plan(_parsable(data))
+    assert data["base"]["config"]["model"].pop("tie_embeddings") is True
+    assert data["base"]["config"] == study["base"]["config"]
+    assert {v.name for v in plan.placements} == {"pre", "peri", "span", "span_clean"}
+    assert plan.depths == [12] and sorted(plan.lrs) == [3e-3, 1e-2] and plan.seeds == [0]
+
+
+@pytest.mark.parametrize("path", STUDY16_PLANS, ids=lambda p: p.name)
 def test_study16_plans_are_valid_and_match_the_issue(path):
     data = yaml.safe_load(path.read_text())
     plan = parse_plan(_parsable(data))
