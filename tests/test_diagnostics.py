@@ -100,7 +100,7 @@ def test_residual_hook_points_say_which_stream_they_see():
     dual_grads = [rec.gradients[f"block{layer}.dual"] for layer in range(3)]
     assert all(torch.equal(g, dual_grads[-1]) for g in dual_grads)
     x_last, d_last = rec.activations["block2.out"], rec.activations["block2.dual"]
-    expected = F.linear(x_last + model.dual_final_norm(d_last), model.embed.weight)
+    expected = F.linear(x_last + model.dual_final_norm(d_last), model.head_weight)
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
     assert m.identity_product == 1.0  # d is the clean path: no norm on it until the end
     assert _model("span").blocks[0].__class__.dual_stream is False

@@ -157,8 +157,8 @@ def test_residual_model_matches_the_two_streams_by_hand(norm):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     # Sensitive to the readings that differ: d starting at zero, or no norm on d_L, is far off.
     d_zero = d - model.embed(idx) * model.cfg.embedding_multiplier
-    assert (logits - (x + model.dual_final_norm(d_zero)) @ model.embed.weight.T).abs().max() > 1e-2
-    assert (logits - (x + d) @ model.embed.weight.T).abs().max() > 1e-2
+    assert (logits - (x + model.dual_final_norm(d_zero)) @ model.head_weight.T).abs().max() > 1e-2
+    assert (logits - (x + d) @ model.head_weight.T).abs().max() > 1e-2
 
 
 def test_residual_cannot_be_mixed_with_other_placements():
