@@ -14,9 +14,10 @@ steps), then takes the variants' steady step time in ``--rounds`` rounds of ``--
 and rotated round by round, so that the load of other jobs falls on all alike. The compile time is the time
 of the compiled variant's first steps less as many steady compiled steps, and the break-even run length is
 that cost over the steady time saved per step. The evaluation (16 batches, as in the study) is timed twice
-for ``eager`` and ``compiled``: the compiled model compiles its evaluation graph on the first call. The losses of the first ``--first`` steps of each variant
-are compared with ``eager``'s (max absolute difference). Last, the optimizer step alone: the for-loop and the
-fused AdamW stepped alternately on the eager model's gradients, ``--opt-reps`` times each.
+for ``eager`` and ``compiled``: the compiled model compiles its evaluation graph on the first call. The
+losses of the first ``--first`` steps of each variant are compared with ``eager``'s (max absolute
+difference). Last, the optimizer step alone: the for-loop and the fused AdamW stepped alternately on the
+eager model's gradients, ``--opt-reps`` times each.
 
 The inductor cache is a fresh folder for the process (``TORCHINDUCTOR_CACHE_DIR``) and dynamo is reset before
 every compiled model, so each shape's compile is cold but for kernels an earlier shape of the same process
