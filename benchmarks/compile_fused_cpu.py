@@ -21,10 +21,12 @@ eager model's gradients, ``--opt-reps`` times each.
 
 The inductor cache is a fresh folder for the process (``TORCHINDUCTOR_CACHE_DIR``) and dynamo is reset before
 every compiled model, so each shape's compile is cold but for kernels an earlier shape of the same process
-already built. Usage:
+already built. With ``--cache-dir DIR`` the cache is DIR and is kept: a second run with the same DIR measures
+the compile of a later run of a sweep, whose earlier runs of the same shape filled the cache. Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/compile_fused_cpu.py [--data FILE] [--shapes study-L12-pre,...]
-        [--first 20] [--rounds 4] [--block 3] [--out benchmarks/results/compile_fused_cpu.json]
+        [--variants eager,fused,compiled] [--cache-dir DIR] [--first 20] [--rounds 4] [--block 3]
+        [--out benchmarks/results/compile_fused_cpu.json]
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ def optimizer_step_ms(trainer: Trainer, reps: int) -> dict[str, float]:
 
 
 def measure(shape: str, args: argparse.Namespace, cache: Path, run_root: Path) -> dict:
+    variants = args.variants.split(",")
     trainers: dict[str, Trainer] = {}
     first: dict[str, dict] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         if variant == "compiled":
             torch._dynamo.reset()
         trainer = Trainer(config(shape, variant, args.data, cache), run_root / f"{shape}-{variant}", callbacks=[],
@@ -115,8 +118,8 @@ def measure(shape: str, args: argparse.Namespace, cache: Path, run_root: Path) -
         trainers[variant] = trainer
         first[variant] = {"step_s": times, "loss": losses}
         print(f"{shape} {variant}: first steps {', '.join(f'{t:.2f}' for t in times[:3])} s ...", flush=True)
-    steady: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    names = list(VARIANTS)
+    steady: dict[str, list[float]] = {variant: [] for variant in variants}
+    names = variants
     for round_index in range(args.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for variant in order:
@@ -144,12 +147,12 @@ def measure(shape: str, args: argparse.Namespace, cache: Path, run_root: Path) -
         "first_steps": first,
         "steady_step_ms_rounds": {v: [t * 1e3 for t in values] for v, values in steady.items()},
         "steady_step_ms": {v: t * 1e3 for v, t in step_s.items()},
-        "ratio_to_eager": {v: step_s[v] / step_s["eager"] for v in VARIANTS},
-        "ratio_to_eager_rounds": {v: [a / b for a, b in zip(steady[v], steady["eager"])] for v in VARIANTS},
+        "ratio_to_eager": {v: step_s[v] / step_s["eager"] for v in variants},
+        "ratio_to_eager_rounds": {v: [a / b for a, b in zip(steady[v], steady["eager"])] for v in variants},
         "compile_s": compile_s,
         "break_even_steps": compile_s / saved if saved > 0 else None,
         "max_abs_loss_diff": {v: max(abs(a - b) for a, b in zip(first[v]["loss"], first["eager"]["loss"]))
-                              for v in VARIANTS if v != "eager"},
+                              for v in variants if v != "eager"},
         "evaluation": evaluation,
         "eval_compile_s": evaluation["compiled"]["first_s"] - evaluation["compiled"]["second_s"],
         "optimizer_step": optimizer_step_ms(trainers["eager"], args.opt_reps),
@@ -168,18 +171,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--block", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--opt-reps", type=int, default=20)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, eager and compiled among them, of {', '.join(VARIANTS)}")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="inductor cache folder to use and keep (a second run with it measures a warm cache); "
+                             "default: a fresh one, removed at the end")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if not {"eager", "compiled"} <= set(args.variants.split(",")) <= set(VARIANTS):
+        parser.error(f"--variants: {args.variants!r}; allowed: eager and compiled, and optionally fused")
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; allowed: {', '.join(SHAPES)}")
     report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor(),
-                    "load_average_start": os.getloadavg(), "settings": vars(args) | {"out": str(args.out)},
+                    "load_average_start": os.getloadavg(),
+                    "settings": vars(args) | {"out": str(args.out), "cache_dir": str(args.cache_dir)},
                     "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # cold compiles for this process
+        inductor = args.cache_dir if args.cache_dir is not None else Path(tmp) / "inductor"
+        report["warm_cache"] = inductor.exists()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)  # cold compiles unless --cache-dir names a used one
         for shape in shapes:
             report["shapes"][shape] = measure(shape, args, Path(tmp) / "cache", Path(tmp) / "runs")
             r = report["shapes"][shape]
