@@ -1,10 +1,10 @@
 """No host sync in a training step that does not read (issue 15, item 3).
 
 A test double wraps every call that reads a tensor's value to the host (each one a device sync on a GPU) and
-counts them per training step, on the CPU. With the fused AdamW (the CUDA path: it skips a non-finite step on
-the device) a step that does not read holds none; with the CPU's AdamW it holds exactly one of the trainer's,
-the non-finite flag, and the skip that the fused optimizer does on the device leaves weights and optimizer
-state exactly as they were.
+counts them per training step, on the CPU. With the fused AdamW (the CUDA path, and ``optim.fused=true`` on a
+CPU: it skips a non-finite step on the device) a step that does not read holds none; with the CPU's default
+AdamW it holds exactly one of the trainer's, the non-finite flag, and the skip that the fused optimizer does
+on the device leaves weights and optimizer state exactly as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from spannorm.data.dataset import BatchesAhead, WindowSampler
 from spannorm.diagnostics.callback import DiagnosticsCallback
 from spannorm.train.callbacks import Callback, needs_step_end_at_once
 from spannorm.train.config import RunConfig, resolve_config
-from spannorm.train.optimizer import build_optimizer
 from spannorm.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,9 +79,9 @@ class StepMarks:
         return {step: self.reads.calls[start:end] for (step, start), end in zip(self.marks, ends)}
 
 
-def fused_on_cpu(trainer: Trainer) -> Trainer:
-    """The trainer with the fused AdamW that CUDA runs use (PyTorch has a CPU kernel of it too)."""
-    trainer.optimizer = build_optimizer(trainer.model, trainer.cfg.optim, fused=True)
+def fused_on_cpu(tmp_path, run, callbacks) -> Trainer:
+    """A trainer with the fused AdamW that CUDA runs use, on the CPU (``optim.fused=true``)."""
+    trainer = Trainer(tiny_cfg(tmp_path, *SETTINGS, "optim.fused=true"), run, callbacks=callbacks)
     assert trainer.skips_update_on_device()
     return trainer
 
@@ -93,7 +92,7 @@ NOT_READING = (1, 2, 3, 5, 6, 7)
 
 
 def test_a_step_that_does_not_read_holds_no_host_read_with_the_fused_optimizer(tmp_path, monkeypatch):
-    trainer = fused_on_cpu(Trainer(tiny_cfg(tmp_path, *SETTINGS), tmp_path / "run", callbacks=[]))
+    trainer = fused_on_cpu(tmp_path, tmp_path / "run", callbacks=[])
     reads = HostReads(monkeypatch)
     marks = StepMarks(reads)
     trainer.callbacks.insert(0, marks)
@@ -140,7 +139,7 @@ def test_a_non_finite_step_between_reads_is_skipped_on_the_device_and_reported_w
     step 8 reads, finds step 5, and the run ends as if it had stopped at step 5."""
     poison = NaNGradientAt(5)
     run = tmp_path / "run"
-    trainer = fused_on_cpu(Trainer(tiny_cfg(tmp_path, *SETTINGS), run, callbacks=[poison]))
+    trainer = fused_on_cpu(tmp_path, run, callbacks=[poison])
     summary = trainer.run()
     assert summary.status == "diverged" and summary.diverged_step == 5 and summary.steps == 4
     assert summary.tokens == 4 * trainer.cfg.tokens_per_step

@@ -191,6 +191,37 @@ def test_resume_gives_identical_losses(tmp_path, precision, accum):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_optim_fused_trains_with_the_fused_adamw_on_cpu_and_unset_keeps_the_for_loop_kernel(tmp_path):
+    """optim.fused unset: the CPU's for-loop AdamW, as before the switch (and no key in run_config.json);
+    optim.fused=true: the fused kernel, which trains to nearly the same losses (its own rounding), resumes
+    exactly, and is kept when a run saved with the for-loop kernel is resumed with the switch on."""
+    def groups(run, step):
+        return ckpt_io.read_json(run / "checkpoints" / f"step_{step:08d}" / "optimizer.json")["param_groups"]
+
+    def saved_optim(run):
+        return ckpt_io.read_json(run / "checkpoints" / "step_00000006" / "run_config.json")["optim"]
+
+    plain, fused, split = tmp_path / "plain", tmp_path / "fused", tmp_path / "split"
+    default = Trainer(tiny_cfg(tmp_path), plain)
+    assert default.cfg.optim.fused is None and not default.skips_update_on_device()
+    default.run()
+    assert "fused" not in saved_optim(plain)
+    assert {g["fused"] for g in groups(plain, 6)} == {None}
+    train(tiny_cfg(tmp_path, "optim.fused=true"), fused)
+    assert saved_optim(fused)["fused"] is True
+    assert {g["fused"] for g in groups(fused, 6)} == {True}
+    a, b = read_metrics(plain), read_metrics(fused)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a, b)) < 1e-4
+    train(tiny_cfg(tmp_path, "optim.fused=true"), split, callbacks=[StopAt(3)])
+    train(tiny_cfg(tmp_path, "optim.fused=true"), split, resume=True)
+    assert [r["train_loss"] for r in read_metrics(split)] == [r["train_loss"] for r in b]
+    switched = Trainer(tiny_cfg(tmp_path, "optim.fused=true", "train.steps=8"), plain, resume=True)
+    switched.run()  # saved with the for-loop kernel at step 6; load_state_dict would have taken it back
+    assert {g["fused"] for g in switched.optimizer.param_groups} == {True} and switched.skips_update_on_device()
+    assert {g["fused"] for g in groups(plain, 8)} == {True}
+
+
 def test_resume_drops_metrics_past_the_checkpoint_and_can_extend_the_run(tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2", "optim.schedule=constant"), run)

@@ -65,6 +65,7 @@ def test_round_trip_through_yaml_and_dict():
     (["modle.n_layers=3"], "modle is not a known config key (did you mean 'model'?)"),
     (["model.moe.experts=3"], "model.moe.experts is not a known config key"),
     (["train.compile=maybe"], "train.compile='maybe' is invalid: must be true or false"),
+    (["optim.fused=maybe"], "optim.fused='maybe' is invalid: must be true or false"),
     (["optim.schedule=linear"], "optim.schedule='linear' is invalid: allowed: cosine, wsd, constant"),
     (["model.n_layers"], "override 'model.n_layers' is invalid: it has no '='; write KEY=VALUE"),
 ])
@@ -74,6 +75,16 @@ def test_bad_values_raise_one_line_config_errors(override, fragment):
     message = str(err.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_optim_fused_is_written_only_when_set():
+    """Unset (None: the fused AdamW on CUDA only) it is left out of the dict, so run configs written before the
+    switch existed read back equal; set, it round-trips."""
+    assert "fused" not in resolve_config("tiny", None, []).to_dict()["optim"]
+    assert RunConfig.from_dict(resolve_config("tiny", None, []).to_dict()).optim.fused is None
+    for value in (True, False):
+        cfg = resolve_config("tiny", None, [f"optim.fused={str(value).lower()}"])
+        assert cfg.to_dict()["optim"]["fused"] is value and RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_unknown_keys_in_files_and_presets(tmp_path):

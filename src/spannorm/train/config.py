@@ -116,6 +116,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool | None = None
+    """PyTorch's fused AdamW kernel (one kernel for all parameters; it skips a non-finite step on the device,
+    so a step that does not log reads nothing to the host): true or false, or None (the default) for the fused
+    kernel on CUDA only. The fused kernel changes the last digits of fp32 losses against the for-loop kernel."""
 
     def validate(self, prefix: str = "optim") -> None:
         check_fields(self, prefix)
@@ -239,7 +243,10 @@ class RunConfig:
         return self.train.batch_size * self.train.grad_accum * self.model.context_length
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model": self.model.to_dict()}  # model: optional fields only when set
+        data = {**dataclasses.asdict(self), "model": self.model.to_dict()}  # model: optional fields only when set
+        if self.optim.fused is None:  # unset: run configs stay as they were before the switch existed
+            del data["optim"]["fused"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":

@@ -65,7 +65,7 @@ from spannorm.train.config import RunConfig
 from spannorm.train.distributed import SingleProcess
 from spannorm.train.evaluation import EvalResult, autocast_context, evaluate
 from spannorm.train.layout import RunFolder
-from spannorm.train.optimizer import build_optimizer
+from spannorm.train.optimizer import build_optimizer, load_keeping_kernel, uses_fused
 from spannorm.train.schedule import lr_for
 
 TRAINER_STATE_KEYS = ("step", "tokens", "train_time_s", "wall_s", "best_val_loss", "last_eval", "last_train_loss",
@@ -264,7 +264,7 @@ class Trainer:
             self.saved_run_config = self._check_resume()
             self.device = self._build_device()
         self.model, self.forward_model = self._build_model()
-        self.optimizer = build_optimizer(self.model, self.cfg.optim, fused=self.device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, fused=uses_fused(self.cfg.optim, self.device))
         self.sampler = self.parallel.train_sampler(self.splits.train, self.cfg.model.context_length,
                                                    self.cfg.train.batch_size, self.cfg.train.seed)
         self.batches = BatchesAhead(self.sampler, self.device)
@@ -387,7 +387,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _restore(self, ckpt: Path) -> None:
-        state = self.parallel.load_checkpoint(ckpt, self.model, self.optimizer, device=self.device)
+        state = load_keeping_kernel(self.optimizer, lambda: self.parallel.load_checkpoint(
+            ckpt, self.model, self.optimizer, device=self.device))  # the kernel optim.fused asks for now
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
@@ -488,8 +489,9 @@ class Trainer:
 
     def skips_update_on_device(self) -> bool:
         """Whether the optimizer can skip a step on the device, given a flag tensor (``found_inf``, the
-        protocol of ``torch.amp.GradScaler``; PyTorch's fused AdamW, which the trainer uses on CUDA): then the
-        non-finite check needs no host read. Otherwise each step reads one flag (the CPU's AdamW)."""
+        protocol of ``torch.amp.GradScaler``; PyTorch's fused AdamW, which the trainer uses on CUDA or with
+        ``optim.fused=true``): then the non-finite check needs no host read. Otherwise each step reads one
+        flag (the CPU's for-loop AdamW)."""
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     def _call(self, hook: str, *args: Any) -> None:
