@@ -83,7 +83,9 @@ def names_precision(spec: RunSpec) -> bool:
     """Whether the plan sets ``train.precision`` for this run: in its overrides or in its preset."""
     if any(tuple(parse_override(text)[0]) == PRECISION_KEY for text in spec.overrides):
         return True
-    return bool(spec.preset) and "precision" in (load_preset(spec.preset).get("train") or {})
+    if not spec.preset:
+        return False
+    return "precision" in (load_preset(spec.preset).get("train") or {})
 
 
 def sweep_overrides(spec: RunSpec, precision: str | None) -> tuple[str, ...]:
