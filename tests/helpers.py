@@ -1,10 +1,24 @@
-"""Constants shared by several test modules (fixtures live in conftest.py). Import as ``from helpers import ...``:
-pytest puts this folder on ``sys.path``."""
+"""Constants and small builders shared by several test modules (fixtures live in conftest.py). Import as
+``from helpers import ...``: pytest puts this folder on ``sys.path``."""
 
 import inspect
 import json
 import textwrap
 
+from spannorm.train.config import RunConfig, resolve_config
+
 TEXT = (inspect.getsource(json.decoder) + inspect.getsource(textwrap)).encode()
 """A small training corpus: real Python source from the standard library, the same bytes on every machine with
 the same Python."""
+
+
+def tiny_run_config(tmp_path, *overrides: str) -> RunConfig:
+    """A 2-layer, width-32 run on :data:`TEXT` written into ``tmp_path``, fp32 on the CPU; ``overrides`` on top."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_bytes(TEXT)
+    base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32",
+            f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
+            "train.eval_batches=2", "train.precision=fp32", "train.progress=none", "train.tensorboard=false",
+            "optim.lr=3e-3", "optim.warmup_steps=2", "train.device=cpu"]
+    return resolve_config(None, None, base + list(overrides))

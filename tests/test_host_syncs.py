@@ -15,25 +15,13 @@ import sys
 import pytest
 import torch
 
-from helpers import TEXT
+from helpers import tiny_run_config
 from spannorm.data.dataset import BatchesAhead, WindowSampler
 from spannorm.diagnostics.callback import DiagnosticsCallback
 from spannorm.train.callbacks import Callback, needs_step_end_at_once
-from spannorm.train.config import RunConfig, resolve_config
 from spannorm.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_bytes(TEXT)
-    base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32",
-            f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
-            "train.eval_batches=2", "train.precision=fp32", "train.progress=none", "train.tensorboard=false",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "train.device=cpu"]
-    return resolve_config(None, None, base + list(overrides))
 
 
 def read_metrics(run) -> list[dict]:
@@ -81,7 +69,7 @@ class StepMarks:
 
 def fused_on_cpu(tmp_path, run, callbacks) -> Trainer:
     """A trainer with the fused AdamW that CUDA runs use, on the CPU (``optim.fused=true``)."""
-    trainer = Trainer(tiny_cfg(tmp_path, *SETTINGS, "optim.fused=true"), run, callbacks=callbacks)
+    trainer = Trainer(tiny_run_config(tmp_path, *SETTINGS, "optim.fused=true"), run, callbacks=callbacks)
     assert trainer.skips_update_on_device()
     return trainer
 
@@ -105,7 +93,7 @@ def test_a_step_that_does_not_read_holds_no_host_read_with_the_fused_optimizer(t
 
 
 def test_without_a_device_side_skip_a_step_reads_only_the_non_finite_flag(tmp_path, monkeypatch):
-    trainer = Trainer(tiny_cfg(tmp_path, *SETTINGS), tmp_path / "run", callbacks=[])
+    trainer = Trainer(tiny_run_config(tmp_path, *SETTINGS), tmp_path / "run", callbacks=[])
     assert not trainer.skips_update_on_device()  # the CPU's AdamW (for-loop kernel)
     reads = HostReads(monkeypatch)
     marks = StepMarks(reads)
@@ -172,8 +160,8 @@ def test_records_read_late_equal_records_read_at_once(tmp_path):
     """The same run logging every step (every step reads) and every 4th: identical metrics but the timings;
     a callback that does not need a step at once gets every step, in order, at the reading steps."""
     late = LateLog()
-    every = Trainer(tiny_cfg(tmp_path, *SETTINGS[:1], "train.log_every=1", *SETTINGS[2:]), tmp_path / "every")
-    fourth = Trainer(tiny_cfg(tmp_path, *SETTINGS), tmp_path / "fourth", callbacks=[late])
+    every = Trainer(tiny_run_config(tmp_path, *SETTINGS[:1], "train.log_every=1", *SETTINGS[2:]), tmp_path / "every")
+    fourth = Trainer(tiny_run_config(tmp_path, *SETTINGS), tmp_path / "fourth", callbacks=[late])
     every.run()
     fourth.run()
     timing = ("tokens_per_s", "achieved_tflops", "mfu", "peak_mem_bytes")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TEXT
+from helpers import tiny_run_config
 from spannorm.config import ModelConfig, MoEConfig
 from spannorm.inference import generate
 from spannorm.launch import train
@@ -20,7 +20,7 @@ from spannorm.model.transformer import SpanNormLM
 from spannorm.train import checkpoint as ckpt_io
 from spannorm.train import trainer as trainer_module
 from spannorm.train.callbacks import SpikeScore
-from spannorm.train.config import RunConfig, resolve_config
+from spannorm.train.config import RunConfig
 from spannorm.train.distributed import SingleProcess
 from spannorm.train.progress import Progress
 from spannorm.train.schedule import lr_at
@@ -30,15 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(tmp_path, *overrides: str) -> RunConfig:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_bytes(TEXT)
-    base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32",
-            f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
-            "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3",
-            "train.precision=fp32", "train.progress=none", "train.tensorboard=false", "optim.lr=3e-3",
-            "optim.warmup_steps=2", "train.device=cpu"]
-    return resolve_config(None, None, base + list(overrides))
+    return tiny_run_config(tmp_path, "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", *overrides)
 
 
 def read_metrics(run) -> list[dict]:
