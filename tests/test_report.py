@@ -19,7 +19,7 @@ PLAN = {
     "name": "fake",
     "grid": {"placements": ["pre", "post", "span", "span_b2t",
                             {"name": "peri-dt0.1", "placement": "peri", "overrides": ["model.delta_t=0.1"]},
-                            "peri"],
+                            "peri", "residual"],
              "depths": [2, 4], "ffn": {"dense": []}, "lrs": [1e-3, 1e-2], "seeds": [0, 1, 2]},
     "protocol": {"kind": "full", "shared_lr": 1e-3},
 }
@@ -61,6 +61,10 @@ def _write_run(root: Path, placement: str, depth: int, lr: float, seed: int, los
                  "max_abs": [4.0 * growth ** i for i in range(depth + 1)],
                  "grad_norm": [0.1 * (depth + 1 - i) for i in range(depth + 1)],
                  "param_grad_norm": [0.2] * depth}
+        if placement == "residual":  # ResiDual: x_l is Post-LN (flat), its dual stream d_l grows
+            layer |= {"dual_mean_abs": [0.8 * 2.0 ** i for i in range(depth + 1)],
+                      "dual_variance": [4.0 ** i for i in range(depth + 1)],
+                      "dual_max_abs": [4.0 * 2.0 ** i for i in range(depth + 1)]}
         (run_dir / "layer_stats.json").write_text(json.dumps(layer))
     return {"run_id": run_id, "placement": placement, "depth": depth, "ffn": "dense", "lr": lr, "seed": seed,
             "stage": "grid", "preset": None, **summary, "status": "diverged" if diverged else "done"}
@@ -75,6 +79,7 @@ def make_fake_sweep(root: Path) -> None:
         for lr in (1e-3, 1e-2):
             losses[("peri", depth, lr)] = [2.9, 3.0, 3.1]
             losses[("peri-dt0.1", depth, lr)] = [2.95, 3.0, 3.05]
+            losses[("residual", depth, lr)] = [2.9, 3.0, 3.1]
     for (placement, depth, lr), values in losses.items():
         for seed, loss in enumerate(values):
             records.append(_write_run(root, placement, depth, lr, seed, loss))
@@ -149,7 +154,7 @@ def test_divergence_table_and_csv_list_every_run(report_dir):
     assert "| `post` | 4 | dense | 1e-3 | 3 / 3 | 7, 7, 7 |" in section
     with open(report_dir / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(LOSSES) * 3 + 2 * 2 * 2 * 3
+    assert len(rows) == len(LOSSES) * 3 + 3 * 2 * 2 * 3
     assert sum(r["status"] == "diverged" for r in rows) == 7
 
 
@@ -167,6 +172,9 @@ def test_plots_are_written_and_linked(report_dir):
     assert "| `pre` | 1e-3 | 0.8 | 4.05 | 5.06 |" in kan
     assert "`peri-dt0.1`" in kan
     assert "| `span` | 1e-2 |" in kan  # issue 16 item 4: SpanNorm beside Peri-LN (span, span_clean, residual)
+    # ResiDual: its Post-LN x_l and, on a row of its own, the dual stream d_l that grows (2x per layer)
+    assert "| `residual` | 1e-3 | 0.8 | 1.17 | 1.46 |" in kan  # the fake x_l grows by 1.1 per layer
+    assert "| `residual` dual stream d_l | 1e-3 | 0.8 | 12.8 | 16 | 256 | 64 |" in kan
 
 
 @pytest.mark.slow

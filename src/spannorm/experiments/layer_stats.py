@@ -4,7 +4,10 @@ One forward and backward of the next-token loss, recorded at the residual stream
 :class:`~spannorm.diagnostics.recorder.ResidualRecorder`. For every stream point x_0 … x_L (the embedding
 output, then each block's output) it records the RMS, the mean absolute value, the entry-wise variance and
 max |x|, and the norm of the activation gradient ∂loss/∂x_l; for every block, the norm of its parameter
-gradient. The richer stability toolkit lives in :mod:`spannorm.diagnostics`; this is the small summary the
+gradient. ResiDual (``residual``) has a second stream, d_0 … d_L (d_0 = x_0, then ``block{l}.dual``), which
+only accumulates the branch outputs and is never normalized, while its x_l is a Post-LN stream: the same
+moments of d_l are recorded under ``dual_*`` keys, so that a plot never passes x_l off as the stream that
+grows. The richer stability toolkit lives in :mod:`spannorm.diagnostics`; this is the small summary the
 study report plots.
 """
 
@@ -21,6 +24,18 @@ from spannorm.model import DecoderLM
 from spannorm.model.io import load_model
 
 STREAM_STATS = ("rms", "mean_abs", "variance", "max_abs", "grad_norm")
+DUAL_STATS = tuple(f"dual_{name}" for name in STREAM_STATS)
+"""ResiDual's dual stream d_0 … d_L, recorded beside x_0 … x_L (absent for single-stream placements)."""
+
+
+def _moments(stream: list[torch.Tensor], grads: list[torch.Tensor], prefix: str = "") -> dict[str, list[float]]:
+    return {
+        f"{prefix}rms": [h.pow(2).mean().sqrt().item() for h in stream],
+        f"{prefix}mean_abs": [h.abs().mean().item() for h in stream],
+        f"{prefix}variance": [h.var(dim=-1, unbiased=False).mean().item() for h in stream],
+        f"{prefix}max_abs": [h.abs().max().item() for h in stream],
+        f"{prefix}grad_norm": [g.norm().item() for g in grads],
+    }
 
 
 def fixed_val_batch(data_cfg: Any, context_length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +52,8 @@ def measure_layer_stats(model: DecoderLM, inputs: torch.Tensor, targets: torch.T
     """Moments of x_0 … x_L and gradient norms after one forward/backward on (inputs, targets), in fp32.
 
     Returns a JSON-ready dict: ``loss``, ``n_layers``, one list of L+1 values per name of
-    :data:`STREAM_STATS`, and ``param_grad_norm`` (one value per block)."""
+    :data:`STREAM_STATS`, ``param_grad_norm`` (one value per block) and, for ResiDual, one list per name of
+    :data:`DUAL_STATS` (d_0 … d_L, d_0 being x_0)."""
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -51,16 +67,12 @@ def measure_layer_stats(model: DecoderLM, inputs: torch.Tensor, targets: torch.T
         for block in model.blocks:
             squares = [p.grad.float().pow(2).sum() for p in block.parameters() if p.grad is not None]
             param_grads.append(torch.stack(squares).sum().sqrt().item() if squares else 0.0)
-        stats: dict[str, Any] = {
-            "loss": out.loss.item(),
-            "n_layers": len(model.blocks),
-            "rms": [h.pow(2).mean().sqrt().item() for h in stream],
-            "mean_abs": [h.abs().mean().item() for h in stream],
-            "variance": [h.var(dim=-1, unbiased=False).mean().item() for h in stream],
-            "max_abs": [h.abs().max().item() for h in stream],
-            "grad_norm": [g.norm().item() for g in grads],
-            "param_grad_norm": param_grads,
-        }
+        stats: dict[str, Any] = {"loss": out.loss.item(), "n_layers": len(model.blocks),
+                                 **_moments(stream, grads), "param_grad_norm": param_grads}
+        dual = ["embed"] + [name for name in rec.activations if name.endswith(".dual")]
+        if len(dual) > 1:
+            stats.update(_moments([rec.activations[n].float() for n in dual],
+                                  [rec.gradients[n].float() for n in dual], prefix="dual_"))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

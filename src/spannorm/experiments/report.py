@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spannorm.experiments.layer_stats import DUAL_STATS, STREAM_STATS
 from spannorm.experiments.plan import format_lr, rank_key
 from spannorm.experiments.results import SPAN_PLACEMENTS, GroupStats, StudyResults
 from spannorm.experiments.unigram import LEARNED_MARGIN, NOT_LEARNED_MARGIN
@@ -438,7 +439,7 @@ def mean_layer_stats(results: StudyResults, placement: str, depth: int, ffn: str
     if not stats:
         return None
     out = {}
-    for key in ("rms", "mean_abs", "variance", "max_abs", "grad_norm", "param_grad_norm"):
+    for key in (*STREAM_STATS, *DUAL_STATS, "param_grad_norm"):
         columns = [s[key] for s in stats if key in s]
         if columns and all(len(c) == len(columns[0]) for c in columns):
             out[key] = [sum(v) / len(v) for v in zip(*columns)]
@@ -493,7 +494,8 @@ def kan_placements(results: StudyResults) -> list[str]:
 def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
     """Kan et al.'s picture: mean |x_l|, entry-wise variance and max |x_l| per layer after training, for pre,
     peri and peri with a small Δt (and span, span_clean, residual when present), dense, at the deepest depth
-    where pre, peri and its variants all have stats; the others are drawn where they have stats there."""
+    where pre, peri and its variants all have stats; the others are drawn where they have stats there.
+    ResiDual's x_l is its Post-LN stream; its dual stream d_l, where recorded, is drawn dashed beside it."""
     names = kan_placements(results)
     core = [p for p in names if p == "pre" or results.base_placement(p) == "peri"]
     if len(core) < 2 or "dense" not in results.ffns:
@@ -513,9 +515,13 @@ def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
         stats = mean_layer_stats(results, placement, depth, "dense")
         assert stats is not None
         layers = list(range(len(stats["mean_abs"])))
+        dual = "dual_mean_abs" in stats
+        label = f"{placement} @{format_lr(stats['lr'][0])}" + (": x_l" if dual else "")
         for ax, key in zip(axes, ("mean_abs", "variance", "max_abs")):
-            ax.plot(layers, stats[key], marker=".", label=f"{placement} @{format_lr(stats['lr'][0])}",
-                    color=colors[placement])
+            ax.plot(layers, stats[key], marker=".", label=label, color=colors[placement])
+            if dual:
+                ax.plot(layers, stats[f"dual_{key}"], marker=".", linestyle="--", color=colors[placement],
+                        label=f"{placement} @{format_lr(stats['lr'][0])}: dual stream d_l")
     for ax, title in zip(axes, ("mean |x_l|", "entry-wise variance of x_l", "max |x_l|")):
         ax.set_yscale("log")
         ax.set_xlabel("layer l (0 = embedding)")
@@ -536,9 +542,13 @@ def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
         s = mean_layer_stats(results, placement, depth, "dense")
         if not s:
             continue
-        rows.append([f"`{placement}`", format_lr(s["lr"][0]), f"{s['mean_abs'][0]:.3g}", f"{s['mean_abs'][-1]:.3g}",
-                     f"{s['mean_abs'][-1] / s['mean_abs'][0]:.3g}", f"{s['variance'][-1] / s['variance'][0]:.3g}",
-                     f"{max(s['max_abs']):.3g}"])
+        for name, prefix in ((f"`{placement}`", ""), (f"`{placement}` dual stream d_l", "dual_")):
+            if f"{prefix}mean_abs" not in s:
+                continue
+            mean_abs, variance = s[f"{prefix}mean_abs"], s[f"{prefix}variance"]
+            rows.append([name, format_lr(s["lr"][0]), f"{mean_abs[0]:.3g}", f"{mean_abs[-1]:.3g}",
+                         f"{mean_abs[-1] / mean_abs[0]:.3g}", f"{variance[-1] / variance[0]:.3g}",
+                         f"{max(s[f'{prefix}max_abs']):.3g}"])
     return _table(header, rows)
 
 
