@@ -174,7 +174,8 @@ def test_plots_are_written_and_linked(report_dir):
     assert "| `span` | 1e-2 |" in kan  # issue 16 item 4: SpanNorm beside Peri-LN (span, span_clean, residual)
     # ResiDual: its Post-LN x_l and, on a row of its own, the dual stream d_l that grows (2x per layer)
     assert "| `residual` | 1e-3 | 0.8 | 1.17 | 1.46 |" in kan  # the fake x_l grows by 1.1 per layer
-    assert "| `residual` dual stream d_l | 1e-3 | 0.8 | 12.8 | 16 | 256 | 64 |" in kan
+    assert "| `residual` dual stream d_l | 1e-3 | 0.8 | 12.8 | 16 | 256 | 64 | 3 |" in kan  # 3 runs averaged
+    assert "L=4, dense; `runs`" in kan
 
 
 @pytest.mark.slow

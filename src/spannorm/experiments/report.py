@@ -45,7 +45,8 @@ def fmt_p(p: float | None) -> str:
 
 
 def fmt_cell(group: GroupStats | None, metric: str = "final", with_lr: bool = True) -> str:
-    """``2.345 ± 0.012 @1e-2``, with ``(k/n div)`` when runs diverged, ``diverged (n/n)`` when all did."""
+    """``2.345 ± 0.012 @1e-2``, with ``(k/n div)`` when runs diverged, ``diverged (n/n)`` when all did, and
+    ``(k pending)`` while k runs the plan asks for at that LR are unfinished (the numbers are partial)."""
     if group is None or group.n == 0:
         return "—"
     if not (group.final if metric == "final" else group.best):
@@ -58,6 +59,8 @@ def fmt_cell(group: GroupStats | None, metric: str = "final", with_lr: bool = Tr
             text += f" ({group.n_diverged}/{group.n} div)"
     if with_lr:
         text += f" @{format_lr(group.lr)}"
+    if group.missing:
+        text += f" ({group.missing} pending)"
     return text
 
 
@@ -200,7 +203,8 @@ def preregistered_section(results: StudyResults) -> list[str]:
                 continue
             rows.append([f"`{name}`", format_lr(group["lr"]), fmt_loss(group["final_mean"], group["final_std"]),
                          f"{len(group['final_val_loss'])}" + (f" ({group['n_diverged']} diverged)"
-                                                               if group["n_diverged"] else "")])
+                                                               if group["n_diverged"] else "")
+                         + (f" ({group['missing']} pending)" if group.get("missing") else "")])
         lines += _table(["placement", "LR", "final val loss", "runs"], rows) + [""]
         delta = out.get("delta")
         lines += [f"Outcome: **{out['verdict']}**"
@@ -259,7 +263,9 @@ def significance_table(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
         delta = None if r["mean"] is None or r["baseline_mean"] is None else r["mean"] - r["baseline_mean"]
-        if delta is None:
+        if r.get("missing"):
+            verdict = f"pending ({r['missing']} run(s) unfinished)"
+        elif delta is None:
             verdict = "n/a"
         elif min(r.get("n", 2), r.get("baseline_n", 2)) < 2:
             verdict = "not tested (fewer than 2 runs on a side)"
@@ -536,7 +542,7 @@ def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
 
 def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
     header = ["placement", "LR", "mean abs x_0", "mean abs x_L", "ratio", "Var(x_L)/Var(x_0)",
-              "max abs x (all layers)"]
+              "max abs x (all layers)", "runs"]
     rows = []
     for placement in names:
         s = mean_layer_stats(results, placement, depth, "dense")
@@ -548,7 +554,7 @@ def kan_table(results: StudyResults, depth: int, names: list[str]) -> list[str]:
             mean_abs, variance = s[f"{prefix}mean_abs"], s[f"{prefix}variance"]
             rows.append([name, format_lr(s["lr"][0]), f"{mean_abs[0]:.3g}", f"{mean_abs[-1]:.3g}",
                          f"{mean_abs[-1] / mean_abs[0]:.3g}", f"{variance[-1] / variance[0]:.3g}",
-                         f"{max(s[f'{prefix}max_abs']):.3g}"])
+                         f"{max(s[f'{prefix}max_abs']):.3g}", f"{int(s['n_runs'][0])}"])
     return _table(header, rows)
 
 
@@ -613,8 +619,8 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
     for which in WHICH:
         lines += [f"## SpanNorm against the best baseline at {WHICH[which]} (Welch's t-test, final val loss){tag}",
                   "", "The best baseline is the non-SpanNorm placement with the lowest mean at that depth and FFN; "
-                  "a depth where some baseline has no finished run at that LR is left out. `verdict` reads "
-                  "p < 0.05 (two-sided).", ""]
+                  "a depth where a run of some baseline at that LR is unfinished is left out, and a variant with a run "
+                  "unfinished is `pending`, not tested. `verdict` reads p < 0.05 (two-sided).", ""]
         lines += significance_table(significance_rows(results, which)) + [""]
     lines += [f"## Divergences{tag}", ""] + divergence_table(results) + [""]
     for ffn in results.ffns:
@@ -644,7 +650,8 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
     if kan is not None:
         depth, names = kan
         lines += [f"## Kan et al.'s picture: hidden-state moments per layer after training{tag}", "",
-                  f"![Kan et al. moments]({name})", ""] + kan_table(results, depth, names) + [""]
+                  f"![Kan et al. moments]({name})", "",
+                  f"L={depth}, dense; `runs`: the runs at the best LR whose stats the row averages.", ""] + kan_table(results, depth, names) + [""]
     return lines
 
 

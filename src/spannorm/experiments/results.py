@@ -68,6 +68,14 @@ class GroupStats:
     final: list[float]
     """Final validation losses of the runs that did not diverge."""
     best: list[float]
+    missing: int = 0
+    """Runs the plan asks for at this LR (its seeds) that have not finished yet: while any is missing, the
+    group's numbers are partial and no test or choice is made from them."""
+
+    @property
+    def complete(self) -> bool:
+        """Every run the plan asks for at this LR has finished."""
+        return self.missing == 0
 
     @staticmethod
     def _mean(values: list[float]) -> float | None:
@@ -96,7 +104,7 @@ class GroupStats:
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "n": self.n, "n_diverged": self.n_diverged, "final_val_loss": self.final,
                 "best_val_loss": self.best, "final_mean": self.final_mean, "final_std": self.final_std,
-                "best_mean": self.best_mean, "best_std": self.best_std}
+                "best_mean": self.best_mean, "best_std": self.best_std, "missing": self.missing}
 
 
 def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -227,13 +235,47 @@ class StudyResults:
                 if math.isclose(float(r.record["lr"]), lr, rel_tol=1e-9)
                 and (seeds is None or int(r.record["seed"]) in seeds)]
 
+    @cached_property
+    def _planned(self) -> dict[str, list[tuple[float, set[int]]]]:
+        """Cell key -> (LR, the seeds its plan asks for at that LR), as the plan expands given the finished
+        runs (:meth:`~spannorm.experiments.plan.StudyPlan.expand`: the search, then each best and shared LR)."""
+        records = {r.run_id: r.record for runs in self.runs.values() for r in runs}
+        planned: dict[str, list[tuple[float, set[int]]]] = {}
+        plans = {id(plan): plan for plan in self.plan_of.values()}
+        for plan in plans.values():
+            for spec in plan.expand(records):
+                key = spec.cell.key
+                if self.plan_of.get(key) is not plan:
+                    continue
+                entries = planned.setdefault(key, [])
+                entry = next((e for e in entries if math.isclose(e[0], spec.lr, rel_tol=1e-9)), None)
+                if entry is None:
+                    entries.append((float(spec.lr), {int(spec.seed)}))
+                else:
+                    entry[1].add(int(spec.seed))
+        return planned
+
+    def planned_seeds(self, cell: Cell, lr: float) -> set[int]:
+        """The seeds the cell's plan asks for at ``lr``, given the finished runs (empty when none). The shared
+        LR of an ``lr_search`` plan with ``shared_runs`` counts every seed even before the cell's search has
+        finished (the plan adds those runs once it has), so a search run there is never a whole group."""
+        seeds = next((set(seeds) for at, seeds in self._planned.get(cell.key, [])
+                      if math.isclose(at, lr, rel_tol=1e-9)), set())
+        plan = self.plan_of.get(cell.key)
+        if (plan is not None and plan.protocol == "lr_search" and plan.shared_runs
+                and math.isclose(plan.reference_lr, lr, rel_tol=1e-9)):
+            seeds |= set(plan.seeds)
+        return seeds
+
     def group(self, cell: Cell, lr: float) -> GroupStats:
         runs = self.runs_at(cell, lr)
         ok = [r for r in runs if not r.diverged and r.record.get("final_val_loss") is not None]
+        missing = self.planned_seeds(cell, lr) - {int(r.record["seed"]) for r in runs}
         return GroupStats(lr=lr, n=len(runs), n_diverged=sum(r.diverged for r in runs),
                           final=[float(r.record["final_val_loss"]) for r in ok],
                           best=[float(r.record["best_val_loss"]) for r in ok
-                                if r.record.get("best_val_loss") is not None])
+                                if r.record.get("best_val_loss") is not None],
+                          missing=len(missing))
 
     def lrs(self, cell: Cell) -> list[float]:
         """Every LR of the cell: its grid, the LRs bracketing added, and any other LR it has runs at."""
@@ -264,8 +306,9 @@ class StudyResults:
     # ------------------------------------------------------------------ significance
     def best_baseline(self, depth: int, ffn: str, which: str = "best") -> tuple[str, GroupStats] | None:
         """The non-SpanNorm placement with the lowest mean final val loss at ``which`` LR (a divergence ranks
-        below every cell without one). None while any baseline of that depth and FFN has no finished run
-        at that LR: a best chosen among some baselines only would not be the best baseline."""
+        below every cell without one). None while any baseline of that depth and FFN has a run the plan asks
+        for at that LR unfinished: a best chosen among some baselines only, or from some seeds only, would not
+        be the best baseline."""
         candidates = []
         for placement in self.placements:
             if self.base_placement(placement) in SPAN_PLACEMENTS:
@@ -274,7 +317,7 @@ class StudyResults:
             if cell is None:
                 continue
             group = self.at(cell, which)
-            if group is None or group.n == 0:
+            if group is None or group.n == 0 or not group.complete:
                 return None
             records = [{"status": "diverged"}] * group.n_diverged + [{"final_val_loss": v} for v in group.final]
             candidates.append((rank_key(records), placement, group))
@@ -285,7 +328,9 @@ class StudyResults:
 
     def welch(self, placement: str, depth: int, ffn: str, which: str = "best") -> dict[str, Any] | None:
         """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
-        the best baseline's, at ``which`` LR. None when either side has fewer than two finished runs."""
+        the best baseline's, at ``which`` LR (None while the best baseline is not known). No test while a run
+        the plan asks for on either side is unfinished (``missing``), or either side has fewer than two
+        finished runs."""
         # Start-up time: scipy.stats takes seconds to import; only the Welch test needs it.
         from scipy import stats
 
@@ -299,8 +344,8 @@ class StudyResults:
                                "lr": group.lr, "mean": group.final_mean, "n": len(group.final),
                                "n_diverged": group.n_diverged, "baseline": base_name, "baseline_lr": base_group.lr,
                                "baseline_mean": base_group.final_mean, "baseline_n": len(base_group.final),
-                               "t": None, "p": None}
-        if len(group.final) >= 2 and len(base_group.final) >= 2:
+                               "missing": group.missing + base_group.missing, "t": None, "p": None}
+        if group.complete and base_group.complete and len(group.final) >= 2 and len(base_group.final) >= 2:
             result = stats.ttest_ind(group.final, base_group.final, equal_var=False)
             t, p = float(result.statistic), float(result.pvalue)
             out["t"] = t if math.isfinite(t) else None
@@ -339,7 +384,8 @@ class StudyResults:
     def preregistered_outcome(self, sweep: Sweep, pre: Preregistered) -> dict[str, Any]:
         """The declared comparison's numbers and verdict: ``a`` against ``b`` at the declared depth, FFN and
         LR choice, Welch's t-test (two-sided) on the final val losses of the runs that did not diverge.
-        The verdict stays ``undecided`` until each side has two such runs."""
+        The verdict stays ``undecided`` until every run the plan asks for on each side has finished and each
+        side has two runs that did not diverge."""
         # Start-up time: scipy.stats takes seconds to import; only the tests need it.
         from scipy import stats
 
@@ -353,6 +399,11 @@ class StudyResults:
             sides[side] = group
             out[side + "_stats"] = None if group is None else group.to_dict()
         a, b = sides["a"], sides["b"]
+        pending = [f"`{getattr(pre, side)}` {group.missing}" for side, group in sides.items()
+                   if group is not None and group.missing]
+        if pending:
+            out["verdict"] = f"undecided (runs the plan asks for are unfinished: {', '.join(pending)})"
+            return out
         if a is None or b is None or len(a.final) < 2 or len(b.final) < 2:
             out["verdict"] = "undecided (each side needs two finished runs that did not diverge)"
             return out
