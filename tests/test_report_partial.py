@@ -12,7 +12,8 @@ import yaml
 from scipy import stats
 
 from spannorm.experiments.plan import format_lr
-from spannorm.experiments.report import loss_table, preregistered_section, significance_rows, significance_table
+from spannorm.experiments.report import (collapse_table, loss_table, preregistered_section, significance_rows,
+                                         significance_table)
 from spannorm.experiments.results import load_results
 
 PLAN = {"name": "partial",
@@ -40,13 +41,13 @@ def _record(root: Path, placement: str, lr: float, seed: int, loss: float | None
     return {**record, **summary, "status": "done"}
 
 
-def _sweep(root: Path, finished: dict[str, int]) -> Path:
+def _sweep(root: Path, finished: dict[str, int], plan: dict | None = None, more_seeds: dict | None = None) -> Path:
     """A sweep whose LR searches have all finished; ``finished[placement]`` of the two extra seeds at the best
     LR have finished too, the others are pending."""
     root.mkdir(parents=True)
-    (root / "plan.yaml").write_text(yaml.safe_dump(PLAN))
+    (root / "plan.yaml").write_text(yaml.safe_dump(plan or PLAN))
     records = [_record(root, p, lr, 0, loss) for p, losses in SEARCH.items() for lr, loss in losses.items()]
-    for placement, losses in MORE_SEEDS.items():
+    for placement, losses in (more_seeds or MORE_SEEDS).items():
         for seed, loss in enumerate(losses, 1):
             records.append(_record(root, placement, 3e-3, seed, loss if seed <= finished[placement] else None))
     (root / "index.json").write_text(json.dumps({"plan": PLAN["name"], "runs": records}))
@@ -114,3 +115,17 @@ def test_the_shared_lr_of_a_cell_whose_search_is_unfinished_is_partial(tmp_path)
     group = results.at(cell, "shared")
     assert group.final == [1.30] and group.missing == 2
     assert "| `span` | 1.300 @3e-3 (2 pending) |" in "\n".join(loss_table(results, "dense", "shared"))
+
+
+def test_a_run_that_collapsed_to_the_unigram_loss_is_marked_in_its_cell_and_listed(tmp_path):
+    corpus = tmp_path / "letters.txt"
+    corpus.write_bytes(b"abcdefgh\n" * 400)  # byte-unigram loss ln 9 = 2.197: a run above 2.097 collapsed
+    plan = {**PLAN, "base": {"config": {"data": {"path": str(corpus)}}}}
+    root = _sweep(tmp_path / "s", {"pre": 2, "peri": 2, "span": 2}, plan,
+                  {**MORE_SEEDS, "span": [2.19, 1.32]})  # span's seed 1 ends at byte frequencies
+    results = load_results([root])
+    table = "\n".join(loss_table(results, "dense", "best"))
+    assert "| `span` | 1.603 ± 0.508 @3e-3 (1/3 at the unigram loss) |" in table
+    assert "| `pre` | 1.520 ± 0.020 @3e-3 |" in table
+    listed = "\n".join(collapse_table(results))
+    assert "| `span` | 4 | dense | 3e-3 | 1 / 3 | 2.190 |" in listed and "`pre`" not in listed

@@ -79,6 +79,15 @@ def not_learned(results: StudyResults, group: GroupStats | None) -> bool:
             and group.final_mean > unigram - NOT_LEARNED_MARGIN)
 
 
+def n_collapsed(results: StudyResults, group: GroupStats | None) -> int:
+    """Runs of ``group`` that finished (no divergence) within :data:`NOT_LEARNED_MARGIN` of the unigram loss
+    (or above it): collapsed to byte frequencies. They count in the mean like any run, so a cell marks them."""
+    unigram = results.unigram.loss
+    if unigram is None or group is None:
+        return 0
+    return sum(v > unigram - NOT_LEARNED_MARGIN for v in group.final)
+
+
 def edge_mark(results: StudyResults, cell) -> str:
     """`` (LR at edge)`` when the plan brackets LRs and the cell's best LR is still at an edge of its search."""
     plan = results.plan_of[cell.key]
@@ -102,6 +111,8 @@ def loss_table(results: StudyResults, ffn: str, which: str, metric: str = "final
             text = fmt_cell(group, metric)
             if metric == "final" and group is not None and group.n and not_learned(results, group):
                 text += " (not learned)"
+            elif metric == "final" and group is not None and 0 < n_collapsed(results, group) < len(group.final):
+                text += f" ({n_collapsed(results, group)}/{len(group.final)} at the unigram loss)"
             if which == "best" and cell is not None and group is not None:
                 text += edge_mark(results, cell)
             row.append(text)
@@ -297,6 +308,31 @@ def divergence_table(results: StudyResults) -> list[str]:
     if not rows:
         return ["No run diverged."]
     return _table(header, rows)
+
+
+def collapse_table(results: StudyResults) -> list[str]:
+    """Per cell and LR: runs that finished without diverging but within :data:`NOT_LEARNED_MARGIN` of the
+    unigram loss (only cells with such a run). Like a divergence, a collapse is a failure of training; unlike
+    one, its loss is finite and counts in the cell's mean, so it is listed here to be seen."""
+    unigram = results.unigram.loss
+    if unigram is None:
+        return []
+    header = ["placement", "depth", "ffn", "LR", "at the unigram loss / finished runs", "final val loss"]
+    rows = []
+    for cell in results.cells:
+        for lr in results.lrs(cell):
+            runs = [r for r in results.runs_at(cell, lr) if not r.diverged
+                    and r.record.get("final_val_loss") is not None]
+            bad = [r for r in runs if float(r.record["final_val_loss"]) > unigram - NOT_LEARNED_MARGIN]
+            if bad:
+                rows.append([f"`{cell.placement}`", str(cell.depth), cell.ffn, format_lr(lr),
+                             f"{len(bad)} / {len(runs)}",
+                             ", ".join(f"{float(r.record['final_val_loss']):.3f}" for r in bad)])
+    intro = (f"Runs that did not diverge but ended within {NOT_LEARNED_MARGIN:g} nats of the unigram loss "
+             f"({unigram:.3f}): collapsed to byte frequencies. They count in the means above.")
+    if not rows:
+        return [intro.split(":")[0] + ": none."]
+    return [intro, ""] + _table(header, rows)
 
 
 def lr_table(results: StudyResults, ffn: str) -> list[str]:
@@ -623,6 +659,9 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
                   "unfinished is `pending`, not tested. `verdict` reads p < 0.05 (two-sided).", ""]
         lines += significance_table(significance_rows(results, which)) + [""]
     lines += [f"## Divergences{tag}", ""] + divergence_table(results) + [""]
+    collapsed = collapse_table(results)
+    if collapsed:
+        lines += collapsed + [""]
     for ffn in results.ffns:
         lines += [f"## LR search ({ffn}): mean final val loss on the search seeds{tag}", ""]
         lines += lr_table(results, ffn) + [""]
@@ -651,7 +690,8 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
         depth, names = kan
         lines += [f"## Kan et al.'s picture: hidden-state moments per layer after training{tag}", "",
                   f"![Kan et al. moments]({name})", "",
-                  f"L={depth}, dense; `runs`: the runs at the best LR whose stats the row averages.", ""] + kan_table(results, depth, names) + [""]
+                  f"L={depth}, dense; `runs`: the runs at the best LR whose stats the row averages.", ""]
+        lines += kan_table(results, depth, names) + [""]
     return lines
 
 
@@ -685,6 +725,6 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
     return out / "report.md"
 
 
-__all__ = ["bracketing_section", "build_report", "corpus_body", "divergence_table", "fmt_cell", "loss_table",
-           "mean_layer_stats", "plot_kan", "preregistered_section", "ranking_side_by_side", "results_json",
-           "significance_rows", "significance_table", "unigram_section", "write_csv"]
+__all__ = ["bracketing_section", "build_report", "collapse_table", "corpus_body", "divergence_table", "fmt_cell",
+           "loss_table", "mean_layer_stats", "plot_kan", "preregistered_section", "ranking_side_by_side",
+           "results_json", "significance_rows", "significance_table", "unigram_section", "write_csv"]
