@@ -96,9 +96,17 @@ def check_declared_first(starts: Sequence[Mapping[str, Any]],
     where = (f"plan file `{first.get('plan_file')}` at commit {commit[:12]} ({first.get('commit_date')})"
              + ("" if first.get("committed") else ", with uncommitted changes") if commit
              else "plan file not under git")
+    # The rest of the plan (grid, seeds, steps) may change without touching the declaration; say so, so that
+    # a protocol changed after results were seen is visible beside the comparison.
+    edited = [s for s in starts[1:] if s.get("plan_sha256") != first.get("plan_sha256")]
+    note = ""
+    if edited:
+        at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(edited[0].get("time", 0))))
+        note = (f"; the plan's text changed later (first at the start of {at}, "
+                f"{edited[0].get('finished_before', 0)} run(s) finished then), its declaration did not")
     return DeclarationCheck(True, f"declared before any run: the first sweep start ({when}, no run finished "
                                   f"yet) carried this declaration (sha256 {digest[:12] if digest else '-'}; "
-                                  f"{where}), and every later start the same", first)
+                                  f"{where}), and every later start the same{note}", first)
 
 
 __all__ = ["DeclarationCheck", "check_declared_first", "declaration_digest", "plan_file_commit", "start_record"]
