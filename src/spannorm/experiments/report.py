@@ -160,26 +160,43 @@ def unigram_section(results: StudyResults) -> list[str]:
     return lines
 
 
+def learned_at_no_lr(results: StudyResults, cell, lrs) -> bool:
+    """Every finished search run of ``cell`` at ``lrs`` diverged or ended within :data:`NOT_LEARNED_MARGIN` of
+    the unigram loss: the search's best LR then ranks losses that differ by noise, and brackets nothing."""
+    unigram = results.unigram.loss
+    if unigram is None:
+        return False
+    plan = results.plan_of[cell.key]
+    seeds = plan.search_seeds if plan.protocol == "lr_search" else plan.seeds
+    runs = [r for lr in lrs for r in results.runs_at(cell, lr, seeds)]
+    return bool(runs) and all(r.diverged or r.record.get("final_val_loss") is None
+                              or float(r.record["final_val_loss"]) > unigram - NOT_LEARNED_MARGIN for r in runs)
+
+
 def bracketing_section(results: StudyResults) -> list[str]:
-    """How each searched cell's best LR was bracketed: the LRs searched, the extensions, and the cells whose
-    best LR is still at an edge of what was searched."""
+    """How each searched cell's best LR was bracketed: the LRs searched, the extensions, the cells whose
+    best LR is still at an edge of what was searched, and the cells where no LR learned (nothing bracketed)."""
     searched = [c for c in results.cells if results.plan_of[c.key].search_cell(c) == c]
     states = {c.key: results.search_state(c) for c in searched}
     done = [c for c in searched if states[c.key].best is not None]
-    interior = [c for c in done if states[c.key].edge is None]
+    failed = [c for c in done if learned_at_no_lr(results, c, states[c.key].lrs)]
+    interior = [c for c in done if states[c.key].edge is None and c not in failed]
     extended = [c for c in searched if states[c.key].extensions]
     caps = sorted({results.plan_of[c.key].max_extensions for c in searched})
     lines = [f"Searched cells: {len(searched)}; finished: {len(done)}; best LR inside the searched LRs: "
-             f"{len(interior)}; extended beyond the grid: {len(extended)} (cap: "
+             f"{len(interior)}; no LR learned: {len(failed)}; extended beyond the grid: {len(extended)} (cap: "
              f"{', '.join(str(c) for c in caps) or '—'} extension(s) per cell; 0 = no bracketing).", ""]
     rows = []
     for cell in searched:
         state = states[cell.key]
-        if state.best is not None and state.edge is None and not state.extensions:
+        if state.best is not None and state.edge is None and not state.extensions and cell not in failed:
             continue
         lrs = ", ".join(format_lr(lr) for lr in sorted(state.lrs))
         if state.best is None:
             status = "search unfinished"
+        elif cell in failed:
+            status = (f"**no LR learned** (every search run diverged or ended within {NOT_LEARNED_MARGIN:g} nats "
+                      "of the unigram loss: the best LR is noise)")
         elif state.edge is None:
             status = "bracketed"
         else:
