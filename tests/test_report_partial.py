@@ -1,6 +1,7 @@
 """The report of a sweep caught mid-way: a cell whose best LR is known but whose seeds are still running
 gives partial numbers, marked as such, and no choice or test is made from them (issue 16's study reports
-stage by stage while the sweep runs)."""
+stage by stage while the sweep runs). Also: runs that collapsed to the unigram loss, and runs that diverged
+in the pre-registered comparison, are named where their numbers are used."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import yaml
 from scipy import stats
 
 from spannorm.experiments.plan import format_lr
-from spannorm.experiments.report import (collapse_table, loss_table, preregistered_section, significance_rows,
-                                         significance_table)
+from spannorm.experiments.report import (
+    collapse_table,
+    loss_table,
+    preregistered_section,
+    significance_rows,
+    significance_table,
+)
 from spannorm.experiments.results import load_results
 
 PLAN = {"name": "partial",
@@ -129,3 +135,16 @@ def test_a_run_that_collapsed_to_the_unigram_loss_is_marked_in_its_cell_and_list
     assert "| `pre` | 1.520 ± 0.020 @3e-3 |" in table
     listed = "\n".join(collapse_table(results))
     assert "| `span` | 4 | dense | 3e-3 | 1 / 3 | 2.190 |" in listed and "`pre`" not in listed
+
+
+def test_the_preregistered_outcome_names_the_runs_that_diverged_and_were_left_out(tmp_path):
+    root = _sweep(tmp_path / "s", {"pre": 2, "peri": 2, "span": 2}, more_seeds={**MORE_SEEDS, "pre": [1.52, 1.56]})
+    index = json.loads((root / "index.json").read_text())
+    for record in index["runs"]:
+        if record["run_id"] == "pre-L4-dense-lr3e-3-s2":
+            record.update(status="diverged", final_val_loss=None, diverged=True)
+    (root / "index.json").write_text(json.dumps(index))
+    section = "\n".join(preregistered_section(load_results([root])))
+    p = stats.ttest_ind([1.30, 1.31, 1.32], [1.50, 1.52], equal_var=False).pvalue
+    assert "| `pre` | 3e-3 | 1.510 ± 0.014 | 2 (1 diverged) |" in section
+    assert f"p = {p:.3f}. Diverged runs, left out of the test: `pre` 1." in section

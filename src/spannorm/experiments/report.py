@@ -235,9 +235,12 @@ def preregistered_section(results: StudyResults) -> list[str]:
                          + (f" ({group['missing']} pending)" if group.get("missing") else "")])
         lines += _table(["placement", "LR", "final val loss", "runs"], rows) + [""]
         delta = out.get("delta")
+        diverged = [f"`{getattr(pre, side)}` {out[side + '_stats']['n_diverged']}" for side in ("a", "b")
+                    if out[side + "_stats"] is not None and out[side + "_stats"]["n_diverged"]]
         lines += [f"Outcome: **{out['verdict']}**"
                   + ("" if delta is None else f"; Δ = {delta:+.3f} nats, t = "
-                     f"{'n/a' if out['t'] is None else format(out['t'], '.3f')}, p = {fmt_p(out['p'])}") + ".", ""]
+                     f"{'n/a' if out['t'] is None else format(out['t'], '.3f')}, p = {fmt_p(out['p'])}") + "."
+                  + (f" Diverged runs, left out of the test: {', '.join(diverged)}." if diverged else ""), ""]
     return lines
 
 
