@@ -57,6 +57,16 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
 A *cell* is one (placement, depth, ffn) triple; its runs differ in learning rate and seed. Run ids are
 ``{placement}-L{depth}-{ffn}-lr{lr}-s{seed}``, e.g. ``span-L24-moe-lr3e-3-s1``; an LR added by bracketing is
 a new run id, and a resumed sweep works out again, from the finished runs, which LRs were added.
+
+A cell whose every search run ended at the corpus's byte-unigram loss learned nothing at any LR, and its
+losses differ by noise: without more, its "best" LR is that noise, and may sit inside the grid (called
+bracketed) or at the top (extended upward). ``protocol.collapse_margin`` (e.g. 0.1 nats, the report's "not
+learned" margin) ranks a search run that ended within that margin of the unigram loss like a diverged run,
+in the sweep and in the report alike (:func:`~spannorm.experiments.lr_search.rank_key`); such a grid ties, the
+tie goes to the smallest LR, and bracketing extends it downward. A grid where some LR learned chooses as
+without it (one search seed). The unigram loss is computed once per plan from the base's data, which must be
+a byte-level text corpus: another tokenizer is refused when the plan is read, an unreadable corpus when the
+sweep starts. The report's bracketing table names the search runs that ranked as collapsed.
 """
 
 from __future__ import annotations
