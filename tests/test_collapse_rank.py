@@ -17,7 +17,7 @@ from spannorm.config import ConfigError
 from spannorm.experiments import plan as plan_module
 from spannorm.experiments.lr_search import bracket_search, is_collapsed, rank_key, select_best_lr
 from spannorm.experiments.plan import format_lr, parse_plan
-from spannorm.experiments.report import bracketing_section
+from spannorm.experiments.report import bracketing_section, corpus_json
 from spannorm.experiments.results import load_results
 from spannorm.experiments.runner import load_index
 
@@ -246,8 +246,12 @@ def test_the_report_chooses_the_best_lr_the_sweep_ran_seeds_at(corpus, tmp_path,
         assert "Collapse rule (protocol.collapse_margin 0.1)" in text and "It applied in 2 cell(s)" in text
         assert "| `post` | 4 | dense | 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 | 2 | 1e-4 | 6/6 | **no LR learned**" in text
         assert "| `pre` | 4 | dense | 1e-3, 3e-3, 1e-2, 3e-2 | 0 | 3e-3 | 1/4 | bracketed |" in text  # 3e-2 collapsed
+        cells = corpus_json(results)["cells"]
+        assert [(c["placement"], c["search_runs_collapsed"], c["collapse_margin"]) for c in cells] == \
+            [("pre", 1, 0.1), ("post", 6, 0.1)]
     else:
         assert "Collapse rule" not in text and "ranked as collapsed" not in text and "| `pre` |" not in text
+        assert not any("search_runs_collapsed" in c for c in corpus_json(results)["cells"])
         assert "| `post` | 4 | dense | 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 | 1 | 1e-3 | **no LR learned**" in text
 
 

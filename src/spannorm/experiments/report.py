@@ -667,6 +667,10 @@ def corpus_json(results: StudyResults) -> dict[str, Any]:
                                  "best_lr": state.best, "shared_lr": results.shared_lr(cell),
                                  "lrs_searched": sorted(state.lrs), "extensions": state.extensions,
                                  "best_lr_edge": state.edge}
+        plan = results.plan_of[cell.key]
+        if plan.collapse_margin is not None:  # the search runs its collapse rule ranked like diverged runs
+            entry["collapse_margin"] = plan.collapse_margin
+            entry["search_runs_collapsed"] = collapsed_search_runs(results, plan.search_cell(cell), state.lrs)[0]
         for which in WHICH:
             group = results.at(cell, which)
             entry[which] = None if group is None else group.to_dict()
