@@ -204,8 +204,9 @@ def bracketing_section(results: StudyResults) -> list[str]:
     if rule:
         applied = [c for c in searched if collapsed[c.key][0]]
         given = sorted({f"{m:g}" for m in margins.values() if m is not None})
+        unigram = "" if results.unigram.loss is None else f" ({results.unigram.loss:.3f})"
         lines += [f"Collapse rule (protocol.collapse_margin {', '.join(given)}): a search run that ended within "
-                  f"that many nats of the unigram loss ({results.unigram.loss:.3f}) ranked like a diverged run, so "
+                  f"that many nats of the unigram loss{unigram} ranked like a diverged run, so "
                   "a grid where no LR learned ties and extends downward. It applied in "
                   f"{len(applied)} cell(s) (column 'ranked as collapsed').", ""]
     rows = []
