@@ -35,6 +35,9 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
       bracket:                # a best LR at an edge of its grid adds one LR beyond that edge, and again,
         max_extensions: 2     # until the best is interior or this many were added (see lr_search.py)
         factor: null          # the step beyond an edge (null: the grid's own pattern)
+      collapse_margin: null   # a search run ending within this many nats of the corpus's byte-unigram loss
+                              # ranks like a diverged run, so a grid where no LR learned extends downward
+                              # (null: off; needs a byte-level text corpus)
       order: stage            # stage: every LR search first; depth: the shallowest depth (then each FFN
                               # kind, in grid.ffn's order) first, so that whole depths finish early
       preregistered:          # one comparison fixed before any run (its declaration is recorded in the
@@ -54,6 +57,16 @@ A plan looks like this (every key but ``grid.placements`` and ``grid.depths`` ha
 A *cell* is one (placement, depth, ffn) triple; its runs differ in learning rate and seed. Run ids are
 ``{placement}-L{depth}-{ffn}-lr{lr}-s{seed}``, e.g. ``span-L24-moe-lr3e-3-s1``; an LR added by bracketing is
 a new run id, and a resumed sweep works out again, from the finished runs, which LRs were added.
+
+A cell whose every search run ended at the corpus's byte-unigram loss learned nothing at any LR, and its
+losses differ by noise: without more, its "best" LR is that noise, and may sit inside the grid (called
+bracketed) or at the top (extended upward). ``protocol.collapse_margin`` (e.g. 0.1 nats, the report's "not
+learned" margin) ranks a search run that ended within that margin of the unigram loss like a diverged run,
+in the sweep and in the report alike (:func:`~spannorm.experiments.lr_search.rank_key`); such a grid ties, the
+tie goes to the smallest LR, and bracketing extends it downward. A grid where some LR learned chooses as
+without it (one search seed). The unigram loss is computed once per plan from the base's data, which must be
+a byte-level text corpus: another tokenizer is refused when the plan is read, an unreadable corpus when the
+sweep starts. The report's bracketing table names the search runs that ranked as collapsed.
 """
 
 from __future__ import annotations
@@ -67,8 +80,11 @@ import yaml
 
 from spannorm.config import ConfigError, Placement
 from spannorm.configuration import build, fail, parse_override
+from spannorm.data.dataset import prepared_folder
 from spannorm.experiments.lr_search import FINISHED, SearchState, bracket_search, rank_key, select_best_lr
 from spannorm.experiments.plan_checks import check_plan, exact_lr_tag
+from spannorm.experiments.unigram import UnigramReference, unigram_reference
+from spannorm.train.config import DataConfig, resolve_config
 
 Protocol = Literal["full", "lr_search"]
 PROTOCOLS = typing.get_args(Protocol)
@@ -180,6 +196,39 @@ class StudyPlan:
     bracket_factor: float | None = None
     start_order: StartOrder = "stage"
     preregistered: Preregistered | None = None
+    collapse_margin: float | None = None
+    """``protocol.collapse_margin``: a search run whose final val loss is within this many nats of the corpus's
+    byte-unigram loss (or above it) ranks like a diverged run (None: off)."""
+    _unigram: UnigramReference | None = field(default=None, init=False, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ the corpus's unigram reference
+    def base_data(self) -> DataConfig | None:
+        """The data config of the plan's base (None when it does not resolve here)."""
+        try:
+            return resolve_config(self.preset, None, list(self.base_overrides)).data
+        except ConfigError:
+            return None
+
+    def unigram_reference(self) -> UnigramReference:
+        """The byte-unigram loss of the base's corpus (:mod:`~spannorm.experiments.unigram`), computed once."""
+        if self._unigram is None:
+            data = self.base_data()
+            self._unigram = (UnigramReference("unknown corpus", None, "the plan's base config does not resolve here")
+                             if data is None else unigram_reference(data))
+        return self._unigram
+
+    def collapsed_above(self) -> float | None:
+        """The final val loss above which a search run counts as collapsed (the unigram loss less
+        ``collapse_margin``), or None with no ``collapse_margin``. Raises :class:`ConfigError` when the corpus
+        has no unigram loss here, so a sweep fails at its start and a report before it ranks anything."""
+        if self.collapse_margin is None:
+            return None
+        ref = self.unigram_reference()
+        if ref.loss is None:
+            raise ConfigError(f"plan.protocol.collapse_margin={self.collapse_margin!r} needs the byte-unigram loss "
+                              f"of the corpus ({ref.corpus}), and it has none here: {ref.reason}; allowed: a "
+                              "byte-level text corpus that can be read, or no collapse_margin")
+        return ref.loss - self.collapse_margin
 
     # ------------------------------------------------------------------ cells and runs
     def cells(self) -> list[Cell]:
@@ -213,7 +262,8 @@ class StudyPlan:
         def records_at(lr: float) -> list:
             return [results.get(self.run_spec(search, lr, s, stage).run_id) for s in seeds]
 
-        return bracket_search(self.grid_lrs(search), records_at, self.max_extensions, self.bracket_factor)
+        return bracket_search(self.grid_lrs(search), records_at, self.max_extensions, self.bracket_factor,
+                              self.collapsed_above())
 
     def search_specs(self, cell: Cell, results: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunSpec]:
         """The runs of the LR search that decides ``cell``'s best LR, as far as ``results`` have extended it."""
@@ -435,11 +485,16 @@ class PlanProtocol:
     bracket: PlanBracket | None = None
     order: StartOrder = "stage"
     preregistered: Preregistered | None = None
+    collapse_margin: float | None = None
+    """A search run within this many nats of the byte-unigram loss ranks like a diverged run (None: off)."""
 
     def validate(self, prefix: str = "plan.protocol") -> None:
         for name in ("search_seeds", "search_depths"):
             if getattr(self, name) is not None:
                 _check_distinct(f"{prefix}.{name}", getattr(self, name))
+        if self.collapse_margin is not None and not self.collapse_margin > 0:
+            fail(f"{prefix}.collapse_margin", self.collapse_margin,
+                 "must be > 0 (nats below the byte-unigram loss), or null for off")
 
 
 @dataclass
@@ -532,6 +587,24 @@ def _check_preregistered(pre: Preregistered, variants: list[PlacementVariant], g
             fail(f"{path}.ffn", pre.ffn, f"{variant.name} runs with {', '.join(variant.ffn)} only")
 
 
+def _check_collapse_corpus(plan: StudyPlan) -> None:
+    """``collapse_margin`` needs the byte-unigram loss: refuse, when the plan is read, a base whose data have
+    none (another tokenizer, a prepared token folder). Reading the corpus waits for the first ranking (the
+    sweep's start), where :meth:`StudyPlan.collapsed_above` refuses a corpus that cannot be read."""
+    data = plan.base_data()
+    if data is None:
+        reason = "the plan's base config does not resolve"
+    elif data.tokenizer != "byte":
+        reason = f"tokenizer {data.tokenizer!r}: the byte-unigram loss needs the byte tokenizer"
+    elif prepared_folder(data) is not None:
+        reason = "a prepared token folder: its text is not read here"
+    else:
+        return
+    raise ConfigError(f"plan.protocol.collapse_margin={plan.collapse_margin!r} needs the byte-unigram loss of "
+                      f"the corpus, and it has none ({reason}); allowed: a byte-level text corpus, or no "
+                      "collapse_margin")
+
+
 def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
     """Validate a plan dict (see the module docstring) and build a :class:`StudyPlan`."""
     if not isinstance(data, dict):
@@ -573,8 +646,10 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
                      description=plan.description or "",
                      max_extensions=0 if bracket is None else bracket.max_extensions,
                      bracket_factor=None if bracket is None else bracket.factor, start_order=protocol.order,
-                     preregistered=protocol.preregistered)
+                     preregistered=protocol.preregistered, collapse_margin=protocol.collapse_margin)
     check_plan(study, source)  # no grid-owned key set outside the grid, no two runs under one id
+    if study.collapse_margin is not None:
+        _check_collapse_corpus(study)
     return study
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from spannorm.experiments.layer_stats import DUAL_STATS, STREAM_STATS
-from spannorm.experiments.plan import format_lr, rank_key
+from spannorm.experiments.lr_search import is_collapsed
+from spannorm.experiments.plan import format_lr
 from spannorm.experiments.results import SPAN_PLACEMENTS, GroupStats, StudyResults
 from spannorm.experiments.unigram import LEARNED_MARGIN, NOT_LEARNED_MARGIN
 
@@ -173,11 +174,24 @@ def learned_at_no_lr(results: StudyResults, cell, lrs) -> bool:
                               or float(r.record["final_val_loss"]) > unigram - NOT_LEARNED_MARGIN for r in runs)
 
 
+def collapsed_search_runs(results: StudyResults, cell, lrs) -> tuple[int, int]:
+    """(search runs of ``cell`` at ``lrs`` that ranked as collapsed under its plan's ``collapse_margin``,
+    finished search runs): (0, n) when the plan has none."""
+    plan = results.plan_of[cell.key]
+    seeds = plan.search_seeds if plan.protocol == "lr_search" else plan.seeds
+    runs = [r for lr in lrs for r in results.runs_at(cell, lr, seeds)]
+    above = results.collapsed_above(cell)
+    return sum(is_collapsed(r.record, above) for r in runs), len(runs)
+
+
 def bracketing_section(results: StudyResults) -> list[str]:
     """How each searched cell's best LR was bracketed: the LRs searched, the extensions, the cells whose
-    best LR is still at an edge of what was searched, and the cells where no LR learned (nothing bracketed)."""
+    best LR is still at an edge of what was searched, and the cells where no LR learned (nothing bracketed).
+    Under a plan's ``collapse_margin``, the search runs that ranked as collapsed are named per cell."""
     searched = [c for c in results.cells if results.plan_of[c.key].search_cell(c) == c]
     states = {c.key: results.search_state(c) for c in searched}
+    margins = {c.key: results.plan_of[c.key].collapse_margin for c in searched}
+    collapsed = {c.key: collapsed_search_runs(results, c, states[c.key].lrs) for c in searched}
     done = [c for c in searched if states[c.key].best is not None]
     failed = [c for c in done if learned_at_no_lr(results, c, states[c.key].lrs)]
     interior = [c for c in done if states[c.key].edge is None and c not in failed]
@@ -186,10 +200,20 @@ def bracketing_section(results: StudyResults) -> list[str]:
     lines = [f"Searched cells: {len(searched)}; finished: {len(done)}; best LR inside the searched LRs: "
              f"{len(interior)}; no LR learned: {len(failed)}; extended beyond the grid: {len(extended)} (cap: "
              f"{', '.join(str(c) for c in caps) or '—'} extension(s) per cell; 0 = no bracketing).", ""]
+    rule = any(m is not None for m in margins.values())
+    if rule:
+        applied = [c for c in searched if collapsed[c.key][0]]
+        given = sorted({f"{m:g}" for m in margins.values() if m is not None})
+        unigram = "" if results.unigram.loss is None else f" ({results.unigram.loss:.3f})"
+        lines += [f"Collapse rule (protocol.collapse_margin {', '.join(given)}): a search run that ended within "
+                  f"that many nats of the unigram loss{unigram} ranked like a diverged run, so "
+                  "a grid where no LR learned ties and extends downward. It applied in "
+                  f"{len(applied)} cell(s) (column 'ranked as collapsed').", ""]
     rows = []
     for cell in searched:
         state = states[cell.key]
-        if state.best is not None and state.edge is None and not state.extensions and cell not in failed:
+        if (state.best is not None and state.edge is None and not state.extensions and cell not in failed
+                and not collapsed[cell.key][0]):
             continue
         lrs = ", ".join(format_lr(lr) for lr in sorted(state.lrs))
         if state.best is None:
@@ -203,11 +227,19 @@ def bracketing_section(results: StudyResults) -> list[str]:
             plan = results.plan_of[cell.key]
             why = "cap reached" if plan.max_extensions else "no bracketing"
             status = f"**at the {state.edge} edge** ({why})"
-        rows.append([f"`{cell.placement}`", str(cell.depth), cell.ffn, lrs, str(state.extensions),
-                     "—" if state.best is None else format_lr(state.best), status])
+        row = [f"`{cell.placement}`", str(cell.depth), cell.ffn, lrs, str(state.extensions),
+               "—" if state.best is None else format_lr(state.best), status]
+        if rule:
+            n, total = collapsed[cell.key]
+            row.insert(-1, "— (rule off)" if margins[cell.key] is None else f"{n}/{total}")
+        rows.append(row)
     if rows:
-        lines += ["Cells extended, unfinished or still at an edge:", ""]
-        lines += _table(["placement", "depth", "ffn", "LRs searched", "extensions", "best", "status"], rows)
+        lines += ["Cells extended, unfinished, still at an edge or where the collapse rule applied:" if rule
+                  else "Cells extended, unfinished or still at an edge:", ""]
+        header = ["placement", "depth", "ffn", "LRs searched", "extensions", "best", "status"]
+        if rule:
+            header.insert(-1, "ranked as collapsed")
+        lines += _table(header, rows)
     else:
         lines += ["Every searched cell's best LR is inside its grid."]
     return lines
@@ -246,7 +278,8 @@ def preregistered_section(results: StudyResults) -> list[str]:
 
 def ranking_side_by_side(corpora: list[tuple[str, StudyResults]]) -> list[str]:
     """Per depth and FFN, each placement's mean final val loss at its best LR and its rank, one column per
-    corpus (a divergence ranks last), so that a ranking that holds on one corpus only shows as such."""
+    corpus (a divergence ranks last, and so does a collapse under a plan's ``collapse_margin``), so that a
+    ranking that holds on one corpus only shows as such."""
     lines: list[str] = []
     ffns = list(dict.fromkeys(f for _, r in corpora for f in r.ffns))
     depths = sorted({d for _, r in corpora for d in r.depths})
@@ -259,11 +292,9 @@ def ranking_side_by_side(corpora: list[tuple[str, StudyResults]]) -> list[str]:
                 for placement in placements:
                     cell = res.cell(placement, depth, ffn)
                     group = res.at(cell, "best") if cell else None
-                    if group is None or group.n == 0:
+                    if cell is None or group is None or group.n == 0:
                         continue
-                    records = ([{"status": "diverged"}] * group.n_diverged
-                               + [{"final_val_loss": v} for v in group.final])
-                    keyed.append((rank_key(records), placement, group))
+                    keyed.append((res.rank(cell, group), placement, group))
                 keyed.sort(key=lambda k: k[0])
                 for rank, (_, placement, group) in enumerate(keyed, 1):
                     ranks.setdefault(placement, {})[name] = f"{rank}. {fmt_cell(group, with_lr=True)}"
@@ -637,6 +668,10 @@ def corpus_json(results: StudyResults) -> dict[str, Any]:
                                  "best_lr": state.best, "shared_lr": results.shared_lr(cell),
                                  "lrs_searched": sorted(state.lrs), "extensions": state.extensions,
                                  "best_lr_edge": state.edge}
+        plan = results.plan_of[cell.key]
+        if plan.collapse_margin is not None:  # the search runs its collapse rule ranked like diverged runs
+            entry["collapse_margin"] = plan.collapse_margin
+            entry["search_runs_collapsed"] = collapsed_search_runs(results, plan.search_cell(cell), state.lrs)[0]
         for which in WHICH:
             group = results.at(cell, which)
             entry[which] = None if group is None else group.to_dict()

@@ -16,15 +16,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from spannorm.config import ConfigError
 from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
 from spannorm.experiments.lr_search import SearchState
 from spannorm.experiments.plan import Cell, Preregistered, StudyPlan, load_plan, rank_key
 from spannorm.experiments.plan_checks import read_index
 from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
-from spannorm.experiments.unigram import UnigramReference, corpus_label, unigram_reference
+from spannorm.experiments.unigram import UnigramReference, corpus_label
 from spannorm.model.placements import BLOCKS
-from spannorm.train.config import DataConfig, resolve_config
+from spannorm.train.config import DataConfig
 from spannorm.train.layout import METRICS_NAME
 
 SPAN_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.span_variant)
@@ -141,10 +140,7 @@ class Sweep:
     @property
     def data(self) -> DataConfig | None:
         """The data config of the plan's base (None when it does not resolve here)."""
-        try:
-            return resolve_config(self.plan.preset, None, list(self.plan.base_overrides)).data
-        except ConfigError:
-            return None
+        return self.plan.base_data()
 
     @property
     def corpus(self) -> str:
@@ -304,11 +300,22 @@ class StudyResults:
         return None if lr is None else self.group(cell, lr)
 
     # ------------------------------------------------------------------ significance
+    def collapsed_above(self, cell: Cell) -> float | None:
+        """The loss above which a run of ``cell`` counts as collapsed under its plan's ``collapse_margin``
+        (None: the plan has none); see :func:`~spannorm.experiments.lr_search.rank_key`."""
+        return self.plan_of[cell.key].collapsed_above()
+
+    def rank(self, cell: Cell, group: GroupStats) -> tuple:
+        """How ``group`` (a cell at one LR) ranks against other cells: by :func:`rank_key` under the cell's
+        plan's collapse rule (as its LR search ranked its LRs), then, among equals, by the plain rule."""
+        records = [{"status": "diverged"}] * group.n_diverged + [{"final_val_loss": v} for v in group.final]
+        return rank_key(records, self.collapsed_above(cell)), rank_key(records)
+
     def best_baseline(self, depth: int, ffn: str, which: str = "best") -> tuple[str, GroupStats] | None:
-        """The non-SpanNorm placement with the lowest mean final val loss at ``which`` LR (a divergence ranks
-        below every cell without one). None while any baseline of that depth and FFN has a run the plan asks
-        for at that LR unfinished: a best chosen among some baselines only, or from some seeds only, would not
-        be the best baseline."""
+        """The non-SpanNorm placement with the lowest mean final val loss at ``which`` LR (a divergence, and
+        under a plan's ``collapse_margin`` a collapse, ranks below every cell without one; see :meth:`rank`).
+        None while any baseline of that depth and FFN has a run the plan asks for at that LR unfinished: a best
+        chosen among some baselines only, or from some seeds only, would not be the best baseline."""
         candidates = []
         for placement in self.placements:
             if self.base_placement(placement) in SPAN_PLACEMENTS:
@@ -319,8 +326,7 @@ class StudyResults:
             group = self.at(cell, which)
             if group is None or group.n == 0 or not group.complete:
                 return None
-            records = [{"status": "diverged"}] * group.n_diverged + [{"final_val_loss": v} for v in group.final]
-            candidates.append((rank_key(records), placement, group))
+            candidates.append((self.rank(cell, group), placement, group))
         if not candidates:
             return None
         _, placement, group = min(candidates, key=lambda c: c[0])
@@ -370,11 +376,10 @@ class StudyResults:
     @cached_property
     def unigram(self) -> UnigramReference:
         """The byte-unigram loss of the corpus of these sweeps (the first sweep's data; see
-        :mod:`~spannorm.experiments.unigram`)."""
-        data = self.sweeps[0].data if self.sweeps else None
-        if data is None:
+        :mod:`~spannorm.experiments.unigram`), as the plan computed it for its ``collapse_margin``."""
+        if not self.sweeps:
             return UnigramReference("unknown corpus", None, "the plan's base config does not resolve here")
-        return unigram_reference(data)
+        return self.sweeps[0].plan.unigram_reference()
 
     # ------------------------------------------------------------------ the pre-registered comparison
     def preregistered(self) -> list[tuple[Sweep, Preregistered]]:
