@@ -15,6 +15,9 @@ from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
 from spannorm.train.run_lock import hold_run_folder
 
+EXIT_INTERRUPTED = 130
+"""The exit status after Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -74,11 +77,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.run_id:<40} {spec.stage:<7} {status}")
         print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
         return 0
-    with hold_run_folder(out):  # one sweep per folder at a time
-        outcome = run_sweep(plan, out, workers=setup.workers, threads=setup.threads,
-                            plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
-                            order=args.order, precision=setup.precision, setup=setup.to_dict(),
-                            plan_path=args.plan)
+    try:
+        with hold_run_folder(out):  # one sweep per folder at a time
+            outcome = run_sweep(plan, out, workers=setup.workers, threads=setup.threads,
+                                plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
+                                order=args.order, precision=setup.precision, setup=setup.to_dict(),
+                                plan_path=args.plan)
+    except KeyboardInterrupt:
+        print(f"[sweep] stopped by Ctrl-C; finished runs are kept, and the same command resumes the rest "
+              f"(index: {out / 'index.json'})")
+        return EXIT_INTERRUPTED
     print(f"[sweep] {len(outcome.executed)} runs trained ({len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed), {len(outcome.skipped)} already finished; "
           f"{outcome.wall_s:.1f} s; index: {out / 'index.json'}")

@@ -12,7 +12,9 @@ Layout of a sweep directory::
 A run whose ``summary.json`` exists is finished and is never run again: a sweep that is started again
 (after a kill, or with more seeds in the plan) runs only what is missing. A run directory without a summary is
 resumed from its last checkpoint when it has one, and restarted otherwise. A run that raises is recorded as
-``failed`` and retried by the next sweep; a run that diverges is finished, recorded as ``diverged``.
+``failed`` and retried by the next sweep; a run that diverges is finished, recorded as ``diverged``. A run
+stopped early (Ctrl-C reaches the trainer, which checkpoints and writes a summary with ``status:
+interrupted``) is not finished: the sweep stops, and the next one resumes that run from its checkpoint.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from spannorm.train.run_lock import hold_run_folder
 RUNS_DIR = "runs"
 RUN_INFO_NAME = "run.json"
 LAYER_STATS_NAME = "layer_stats.json"
+INTERRUPTED = "interrupted"
+"""A run summary's status when the trainer stopped before its last step (Ctrl-C, a stop request)."""
 SUMMARY_FIELDS = ("final_val_loss", "best_val_loss", "diverged", "diverged_step", "steps", "tokens", "wall_s",
                   "tokens_per_s")
 
@@ -80,14 +84,16 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run's ``summary.json`` as a dict, or None when the run has not finished."""
+    """The run's ``summary.json`` as a dict, or None when the run has not finished: no summary, or the summary
+    of a run stopped before its last step (``status: interrupted``), which the next sweep resumes."""
     path = run_dir / SUMMARY_NAME
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return None if not isinstance(summary, dict) or summary.get("status") == INTERRUPTED else summary
 
 
 def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +182,12 @@ def execute_run(spec_data: dict[str, Any], run_dir: str, threads: int | None,
                 with open(path / "train.log", "a") as log, contextlib.redirect_stdout(log), \
                         contextlib.redirect_stderr(log):
                     # unattended: a damaged latest checkpoint falls back to the newest intact one (noted in the log)
-                    train(cfg, path, resume=resume, overwrite=not resume, use_intact=resume)
+                    run = train(cfg, path, resume=resume, overwrite=not resume, use_intact=resume)
+            if run.status == INTERRUPTED:  # stopped early (Ctrl-C): not finished; the next sweep resumes it
+                record = spec.to_dict()
+                record.pop("overrides")
+                record.update(status=INTERRUPTED, steps=run.steps, run_wall_s=round(time.time() - started, 2))
+                return record
             summary = read_summary(path)
             if summary is None:
                 raise RuntimeError(f"the trainer returned without writing {path / SUMMARY_NAME}")
@@ -239,7 +250,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
     check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
     old_index = read_index(out) or {}
-    finished_before = sum(1 for _ in runs_root.glob(f"*/{SUMMARY_NAME}"))  # on disk: an index can be lost
+    finished_before = sum(read_summary(p.parent) is not None  # on disk: an index can be lost
+                          for p in runs_root.glob(f"*/{SUMMARY_NAME}"))
     declaration = None if plan.preregistered is None else plan.preregistered.to_dict()
     starts = [*old_index.get("starts", []), start_record(declaration, plan_text, plan_path, finished_before)]
     for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
@@ -357,6 +369,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
 
 def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     run_id, status = record["run_id"], record["status"]
+    if status == INTERRUPTED:  # Ctrl-C reached the run: stop the sweep; the run stays pending, to be resumed
+        log(f"[sweep] interrupted {run_id} after step {record.get('steps')}: the next sweep resumes it")
+        raise KeyboardInterrupt
     outcome.executed.append(run_id)
     if status == "failed":
         outcome.failed.append(run_id)
@@ -370,5 +385,5 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "SweepOutcome", "check_run_settings", "execute_run", "load_index", "measure_run", "read_summary",
-           "record_from_summary", "run_sweep"]
+__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_run_settings", "execute_run", "load_index",
+           "measure_run", "read_summary", "record_from_summary", "run_sweep"]
