@@ -21,7 +21,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "the best baseline, the corpus's byte-unigram loss (did the models learn?), the LR "
                     "searches and their bracketing, and each plan's pre-registered comparison. Several "
                     "directories are merged (e.g. a study and its extras); directories on different corpora "
-                    "are reported side by side, with a ranking table per depth.")
+                    "are reported side by side, with a ranking table per depth. What each section means: "
+                    "docs/sweeps.md.")
     p.add_argument("sweeps", nargs="+", help="sweep directories (each with plan.yaml and index.json)")
     p.add_argument("--out", default=None, help="report directory (default: FIRST_SWEEP/report)")
     p.add_argument("--title", default="Study report", help="the report's title")

@@ -30,8 +30,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     f"bf16 at least {BF16_MIN_SPEEDUP:g}x faster than fp32 (CPUs with AMX); the choice is made "
                     "at the folder's first start and kept. On CUDA they keep the config default. A precision "
                     "in the plan always wins. The sweep prints the workers, threads and precision it uses, and "
-                    "why, and stores them in DIR/index.json (docs/training.md, 'Sweeps').")
-    p.add_argument("plan", help="the sweep plan (YAML; see studies/ for examples)")
+                    "why, and stores them in DIR/index.json (docs/training.md, 'Sweeps'). The plan format and the "
+                    "protocols: docs/sweeps.md.")
+    p.add_argument("plan", help="the sweep plan (YAML; the format: docs/sweeps.md; examples in studies/)")
     p.add_argument("--out", required=True, help="the sweep directory (created if missing)")
     p.add_argument("--workers", type=parse_workers, default=AUTO, metavar="{auto,N}",
                    help="worker processes (spawn), or 0 to train in this process. Default auto: on a CPU, one "
