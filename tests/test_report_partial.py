@@ -131,7 +131,7 @@ def test_a_run_that_collapsed_to_the_unigram_loss_is_marked_in_its_cell_and_list
                   {**MORE_SEEDS, "span": [2.19, 1.32]})  # span's seed 1 ends at byte frequencies
     results = load_results([root])
     table = "\n".join(loss_table(results, "dense", "best"))
-    assert "| `span` | 1.603 ± 0.508 @3e-3 (1/3 at the unigram loss) |" in table
+    assert "| `span` | 1.603 ± 0.508 @3e-3 (1/3 not learned) |" in table
     assert "| `pre` | 1.520 ± 0.020 @3e-3 |" in table
     listed = "\n".join(collapse_table(results))
     assert "| `span` | 4 | dense | 3e-3 | 1 / 3 | 2.190 |" in listed and "`pre`" not in listed

@@ -113,7 +113,7 @@ def loss_table(results: StudyResults, ffn: str, which: str, metric: str = "final
             if metric == "final" and group is not None and group.n and not_learned(results, group):
                 text += " (not learned)"
             elif metric == "final" and group is not None and 0 < n_collapsed(results, group) < len(group.final):
-                text += f" ({n_collapsed(results, group)}/{len(group.final)} at the unigram loss)"
+                text += f" ({n_collapsed(results, group)}/{len(group.final)} not learned)"
             if which == "best" and cell is not None and group is not None:
                 text += edge_mark(results, cell)
             row.append(text)
@@ -219,8 +219,8 @@ def bracketing_section(results: StudyResults) -> list[str]:
         if state.best is None:
             status = "search unfinished"
         elif cell in failed:
-            status = (f"**no LR learned** (every search run diverged or ended within {NOT_LEARNED_MARGIN:g} nats "
-                      "of the unigram loss: the best LR is noise)")
+            status = (f"**no LR learned** (every search run diverged, or ended above the unigram loss less "
+                      f"{NOT_LEARNED_MARGIN:g} nats: no LR learned more than byte frequencies)")
         elif state.edge is None:
             status = "bracketed"
         else:
@@ -379,8 +379,9 @@ def collapse_table(results: StudyResults) -> list[str]:
                 rows.append([f"`{cell.placement}`", str(cell.depth), cell.ffn, format_lr(lr),
                              f"{len(bad)} / {len(runs)}",
                              ", ".join(f"{float(r.record['final_val_loss']):.3f}" for r in bad)])
-    intro = (f"Runs that did not diverge but ended within {NOT_LEARNED_MARGIN:g} nats of the unigram loss "
-             f"({unigram:.3f}): collapsed to byte frequencies. They count in the means above.")
+    intro = (f"Runs that did not diverge but ended above the unigram loss ({unigram:.3f}) less "
+             f"{NOT_LEARNED_MARGIN:g} nats: they learned byte frequencies at most (a collapse near the unigram "
+             "loss, or too little training above it). They count in the means above.")
     if not rows:
         return [intro.split(":")[0] + ": none."]
     return [intro, ""] + _table(header, rows)
