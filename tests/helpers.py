@@ -3,7 +3,11 @@
 
 import inspect
 import json
+import subprocess
+import sys
 import textwrap
+
+import yaml
 
 from spannorm.train.config import RunConfig, resolve_config
 
@@ -22,3 +26,17 @@ def tiny_run_config(tmp_path, *overrides: str) -> RunConfig:
             "train.eval_batches=2", "train.precision=fp32", "train.progress=none", "train.tensorboard=false",
             "optim.lr=3e-3", "optim.warmup_steps=2", "train.device=cpu"]
     return resolve_config(None, None, base + list(overrides))
+
+
+def refused_sweep_line(tmp_path, plan: dict) -> str:
+    """Run ``spannorm sweep`` on ``plan`` (written to ``tmp_path``), assert that it is refused the house way (exit
+    2, nothing written, one line on stderr) and return that line."""
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

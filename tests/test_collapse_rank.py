@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import refused_sweep_line
 from spannorm.config import ConfigError
 from spannorm.experiments import plan as plan_module
 from spannorm.experiments.lr_search import bracket_search, is_collapsed, rank_key, select_best_lr
@@ -189,14 +188,8 @@ def test_a_corpus_without_a_unigram_loss_is_refused_when_the_plan_is_read_or_the
 
 
 def test_sweep_cli_refuses_an_unreadable_corpus_under_collapse_margin_in_one_line(tmp_path):
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(_plan(tmp_path / "missing.txt")))
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and not out.exists()
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "collapse_margin=0.1 needs the byte-unigram loss" in lines[0]
+    line = refused_sweep_line(tmp_path, _plan(tmp_path / "missing.txt"))
+    assert "collapse_margin=0.1 needs the byte-unigram loss" in line
 
 
 # ---------------------------------------------------------------------- the report

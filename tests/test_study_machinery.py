@@ -7,7 +7,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from scipy import stats
 
+from helpers import refused_sweep_line
 from spannorm.config import PLACEMENTS, ConfigError
 from spannorm.experiments import plan as plan_module
 from spannorm.experiments.declaration import check_declared_first, declaration_digest, start_record
@@ -191,14 +191,8 @@ def test_bracketing_a_one_lr_grid_is_refused():
 
 @pytest.mark.slow
 def test_sweep_cli_refuses_bad_depth_overrides_in_one_line_and_writes_nothing(tmp_path):
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(_depth_plan({12: ["model.delta_t=0.2"]})))
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and not out.exists()
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "overrides_by_depth lacks depth 48" in lines[0]
+    line = refused_sweep_line(tmp_path, _depth_plan({12: ["model.delta_t=0.2"]}))
+    assert "overrides_by_depth lacks depth 48" in line
 
 
 # ---------------------------------------------------------------------- the declaration record
