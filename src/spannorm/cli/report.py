@@ -23,8 +23,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "directories are merged (e.g. a study and its extras); directories on different corpora "
                     "are reported side by side, with a ranking table per depth. What each section means: "
                     "docs/sweeps.md.")
-    p.add_argument("sweeps", nargs="+", help="sweep directories (each with plan.yaml and index.json)")
-    p.add_argument("--out", default=None, help="report directory (default: FIRST_SWEEP/report)")
+    p.add_argument("sweeps", nargs="+", help="sweep directories (each with plan.yaml and index.json) or sweep "
+                                               "ledgers (`spannorm sweep --ledger FILE`)")
+    p.add_argument("--out", default=None, help="report directory (default: FIRST_SWEEP/report, or "
+                                                  "LEDGER_STEM-report beside a ledger file)")
     p.add_argument("--title", default="Study report", help="the report's title")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(run=run)
@@ -52,12 +54,19 @@ def check_report_out(out: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     for path in args.sweeps:
         folder = Path(path)
+        if folder.is_file():
+            continue  # a ledger file: load_results says what is wrong with it, in one line
         if not (folder / "plan.yaml").is_file() or not (folder / "index.json").is_file():
             raise UsageError(f"{path!r} is not a sweep directory: it needs plan.yaml and index.json "
-                             "(written by `spannorm sweep PLAN --out DIR`)")
-    out = Path(args.out) if args.out else Path(args.sweeps[0]) / "report"
+                             "(written by `spannorm sweep PLAN --out DIR`), or a ledger file (`--ledger FILE`)")
+    first = Path(args.sweeps[0])
+    out = Path(args.out) if args.out else (first.with_name(f"{first.stem}-report") if first.is_file()
+                                           else first / "report")
     check_report_out(out, args.overwrite)
-    results = load_results(args.sweeps)
+    try:
+        results = load_results(args.sweeps)
+    except FileNotFoundError as err:  # a file that is no sweep ledger
+        raise UsageError(str(err)) from None
     if not results.runs:
         raise UsageError(f"no finished run in {', '.join(args.sweeps)}: run `spannorm sweep` first")
     report = build_report(results, out, title=args.title)

@@ -6,10 +6,18 @@ import argparse
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
+from spannorm.experiments.ledger import check_ledger_plan, read_ledger
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
-from spannorm.experiments.runner import RUNS_DIR, check_run_settings, load_index, read_summary, run_sweep
-from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
+from spannorm.experiments.runner import (
+    RUNS_DIR,
+    check_ledger_settings,
+    check_run_settings,
+    load_index,
+    read_summary,
+    run_sweep,
+)
+from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup, sweep_overrides
 from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
 from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
@@ -42,6 +50,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "(N workers there all share the first GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default: 1; 0 leaves torch's default)")
+    p.add_argument("--ledger", default=None, metavar="FILE",
+                   help="a JSON-lines file that keeps every finished run's settings, numbers, loss curves and "
+                        "per-layer stats, and each sweep start, a few kB per run: runs it holds count as "
+                        "finished (settings checked), so a sweep and its report survive the loss of DIR; "
+                        "commit it beside the plan (docs/sweeps.md, 'The ledger')")
     p.add_argument("--max-runs", type=int, default=None, help="start at most this many runs, then stop")
     p.add_argument("--order", choices=("longest", "shortest"), default="longest",
                    help="within a stage, start the deepest runs first (longest; the shortest makespan) or the "
@@ -61,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out={args.out!r} is invalid: it exists and is not a directory")
     plan = load_plan(args.plan)
+    book = None if args.ledger is None else read_ledger(args.ledger)  # not a ledger: refused, one line
+    if book is not None:
+        check_ledger_plan(book, plan.name)
     # Resolve every run's config now, so a bad override fails before anything is written.
     index = load_index(out) if out.is_dir() else {}
     check_sweep_folder(plan, out, index)  # a sweep folder belongs to one plan: nothing replaced
@@ -70,10 +86,15 @@ def run(args: argparse.Namespace) -> int:
         check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
     setup = choose_setup(specs, args.workers, args.threads or None, stored=stored_setup(out),
                          earlier_runs=bool(index))
+    if book is not None:
+        for spec in specs:
+            check_ledger_settings(spec, book, sweep_overrides(spec, setup.precision))
     print(f"[sweep] {setup.describe()}")
     if args.dry_run:
         for spec in specs:
             done = read_summary(out / RUNS_DIR / spec.run_id)
+            if done is None and book is not None and spec.run_id in book.runs:
+                done = book.runs[spec.run_id].get("summary") or {}
             status = "pending" if done is None else ("diverged" if done.get("diverged") else "done")
             print(f"{spec.run_id:<40} {spec.stage:<7} {status}")
         print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
@@ -83,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = run_sweep(plan, out, workers=setup.workers, threads=setup.threads,
                                 plan_text=Path(args.plan).read_text(), max_runs=args.max_runs,
                                 order=args.order, precision=setup.precision, setup=setup.to_dict(),
-                                plan_path=args.plan)
+                                plan_path=args.plan, ledger=args.ledger)
     except KeyboardInterrupt:
         print(f"[sweep] stopped by Ctrl-C; finished runs are kept, and the same command resumes the rest "
               f"(index: {out / 'index.json'})")

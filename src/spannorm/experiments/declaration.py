@@ -104,6 +104,8 @@ def check_declared_first(starts: Sequence[Mapping[str, Any]],
         at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(edited[0].get("time", 0))))
         note = (f"; the plan's text changed later (first at the start of {at}, "
                 f"{edited[0].get('finished_before', 0)} run(s) finished then), its declaration did not")
+    if first.get("reconstructed"):  # a start record rebuilt from an earlier report, its index lost
+        note += f"; the first start's record was reconstructed: {first['reconstructed']}"
     return DeclarationCheck(True, f"declared before any run: the first sweep start ({when}, no run finished "
                                   f"yet) carried this declaration (sha256 {digest[:12] if digest else '-'}; "
                                   f"{where}), and every later start the same{note}", first)

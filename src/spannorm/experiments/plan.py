@@ -658,12 +658,16 @@ def load_plan(path: str | Path) -> StudyPlan:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"plan file {str(path)!r} does not exist")
+    return parse_plan_text(path.read_text(), f"plan file {str(path)!r}")
+
+
+def parse_plan_text(text: str, source: str) -> StudyPlan:
+    """Parse and validate a plan's YAML text; errors start with ``source`` (where the text came from)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "parse error"
-        raise ConfigError(f"plan file {str(path)!r} is not valid YAML: {first}") from None
-    source = f"plan file {str(path)!r}"
+        raise ConfigError(f"{source} is not valid YAML: {first}") from None
     try:
         return parse_plan(data, source)
     except ConfigError as err:
@@ -671,8 +675,8 @@ def load_plan(path: str | Path) -> StudyPlan:
             raise
         raise ConfigError(f"{source}: {err}") from None
 
-
 __all__ = ["FINISHED", "PROTOCOLS", "Cell", "MeasureOptions", "PlacementVariant", "Preregistered", "RunSpec",
-           "StudyPlan", "format_lr", "load_plan", "parse_plan", "rank_key", "select_best_lr"]
+           "StudyPlan", "format_lr", "load_plan", "parse_plan", "parse_plan_text", "rank_key",
+           "select_best_lr"]
 """``FINISHED``, ``rank_key`` and ``select_best_lr`` live in :mod:`~spannorm.experiments.lr_search`; they are
 re-exported here, where the sweep and the report have always imported them."""

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
+from spannorm.experiments.ledger import read_curves, read_ledger
 from spannorm.experiments.lr_search import SearchState
-from spannorm.experiments.plan import Cell, Preregistered, StudyPlan, load_plan, rank_key
+from spannorm.experiments.plan import Cell, Preregistered, RunSpec, StudyPlan, load_plan, parse_plan_text, rank_key
 from spannorm.experiments.plan_checks import read_index
-from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index
+from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index, record_from_summary
 from spannorm.experiments.unigram import UnigramReference, corpus_label
 from spannorm.model.placements import BLOCKS
 from spannorm.train.config import DataConfig
-from spannorm.train.layout import METRICS_NAME
 
 SPAN_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.span_variant)
 """The SpanNorm variants (block classes with ``span_variant``): each is tested against the best baseline."""
@@ -106,27 +106,6 @@ class GroupStats:
                 "best_mean": self.best_mean, "best_std": self.best_std, "missing": self.missing}
 
 
-def _read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    val: list[tuple[int, float]] = []
-    train: list[tuple[int, float]] = []
-    path = run_dir / METRICS_NAME
-    if not path.is_file():
-        return val, train
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        step = row.get("step")
-        if step is None:
-            continue
-        for key, out in (("val_loss", val), ("train_loss", train)):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out.append((int(step), float(value)))
-    return val, train
-
-
 @dataclass
 class Sweep:
     """One sweep directory: its plan and its runs."""
@@ -161,25 +140,49 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read ``path/plan.yaml``, ``path/index.json`` and each listed run's metrics and layer stats."""
+    """Read a sweep: a sweep folder (``plan.yaml``, ``index.json`` and each listed run's metrics and layer
+    stats, falling back to the folder's ledger for a run whose folder is gone) or a ledger file alone (its
+    latest start's plan text and its finished runs; :mod:`~spannorm.experiments.ledger`)."""
     path = Path(path)
+    if path.is_file():
+        return _load_ledger_sweep(path)
     plan_file, index_file = path / "plan.yaml", path / "index.json"
     if not plan_file.is_file() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
-                                "(written by `spannorm sweep`)")
+                                "(written by `spannorm sweep`), or a ledger file (`spannorm sweep --ledger`)")
     plan = load_plan(plan_file)  # a YAML or plan error names the file
-    starts = (read_index(path) or {}).get("starts") or []
+    index = read_index(path) or {}
+    starts = index.get("starts") or []
+    ledger_path = index.get("ledger")
+    book = read_ledger(ledger_path) if ledger_path and Path(ledger_path).is_file() else None
     runs = []
     for record in load_index(path).values():
         run_dir = path / RUNS_DIR / record["run_id"]
-        val, train = _read_curves(run_dir)
+        val, train = read_curves(run_dir)
         stats_path = run_dir / LAYER_STATS_NAME
         try:
             stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         except (OSError, UnicodeDecodeError, ValueError):
             stats = None  # a damaged layer_stats.json: the run is reported without its per-layer plots
+        if book is not None and not run_dir.is_dir():  # the folder is gone: what the ledger kept
+            val, train = book.curves(record["run_id"])
+            stats = book.layer_stats(record["run_id"])
         runs.append(RunResult(record, val, train, stats))
     return Sweep(path, plan, runs, starts)
+
+
+def _load_ledger_sweep(path: Path) -> Sweep:
+    book = read_ledger(path)
+    if book.plan_text is None:
+        raise FileNotFoundError(f"{path} is not a sweep ledger: it records no sweep start with a plan "
+                                "(written by `spannorm sweep PLAN --out DIR --ledger FILE`)")
+    plan = parse_plan_text(book.plan_text, f"the plan in ledger {str(path)!r}")
+    runs = []
+    for run_id, line in book.runs.items():
+        record = record_from_summary(RunSpec.from_dict(line["spec"]), line.get("summary") or {})
+        val, train = book.curves(run_id)
+        runs.append(RunResult(record, val, train, book.layer_stats(run_id)))
+    return Sweep(path, plan, runs, [s["record"] for s in book.starts if isinstance(s.get("record"), dict)])
 
 
 class StudyResults:

@@ -38,6 +38,7 @@ from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
+from spannorm.experiments.ledger import Ledger, check_ledger_plan, read_curves, read_ledger, run_line, start_line
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
 from spannorm.experiments.sweep_setup import sweep_overrides
@@ -118,31 +119,75 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return _latest_model_dir(run_dir) is not None
 
 
+def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides: tuple[str, ...] | None = None) \
+        -> str | None:
+    """What differs between the settings ``stored`` for a run (a ``run.json`` or a ledger line: ``preset``,
+    ``overrides`` and, when ``sweep_overrides`` is given, ``sweep_overrides``) and ``spec``'s; None when
+    nothing does, or when the stored settings do not parse."""
+    def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
+        return {".".join(parts): value for parts, value in map(parse_override, overrides)}
+
+    try:
+        old_preset = stored.get("preset")
+        old = settings([*(stored.get("overrides") or ()),
+                        *((stored.get("sweep_overrides") or ()) if sweep_overrides is not None else ())])
+    except (ValueError, ConfigError, TypeError):
+        return None  # an unreadable record: the run's own config.yaml still guards a resume
+    new = settings([*spec.overrides, *(sweep_overrides or ())])
+    if old_preset == spec.preset and old == new:
+        return None
+    if old_preset != spec.preset:
+        return f"preset {old_preset!r}, now {spec.preset!r}"
+    gone = [f"{k}={v}" for k, v in old.items() if new.get(k) != v]
+    added = [f"{k}={v}" for k, v in new.items() if old.get(k) != v]
+    return f"settings {', '.join(gone) or '(none)'}, now {', '.join(added) or '(none)'}"
+
+
 def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
     """Raise :class:`ConfigError` when ``run_dir`` holds a run (finished or not) that an earlier sweep made
     with other settings than ``spec``'s: skipping or resuming it would mix two configs under one run id."""
     info_path = Path(run_dir) / RUN_INFO_NAME
     if not info_path.is_file():
         return
-    def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
-        return {".".join(parts): value for parts, value in map(parse_override, overrides)}
-
     try:
         stored = json.loads(info_path.read_text())
-        old_preset, old = stored.get("preset"), settings(stored.get("overrides") or ())
-    except (OSError, ValueError, ConfigError):
+    except (OSError, ValueError):
         return  # an unreadable record: the run's own config.yaml still guards a resume
-    new = settings(spec.overrides)
-    if old_preset == spec.preset and old == new:
+    what = settings_conflict(spec, stored) if isinstance(stored, dict) else None
+    if what is not None:
+        raise ConfigError(f"run {spec.run_id} in {Path(run_dir).parent} was made with other {what}; allowed: "
+                          "the plan that made it, or a new --out directory")
+
+
+def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` when ``ledger`` holds ``spec``'s run id made with other settings (the plan's
+    overrides, or the sweep's own, such as the precision it chose): counting it finished would credit one
+    config's result to another."""
+    line = ledger.runs.get(spec.run_id)
+    if line is None:
         return
-    if old_preset != spec.preset:
-        what = f"preset {old_preset!r}, now {spec.preset!r}"
-    else:
-        gone = [f"{k}={v}" for k, v in old.items() if new.get(k) != v]
-        added = [f"{k}={v}" for k, v in new.items() if old.get(k) != v]
-        what = f"settings {', '.join(gone) or '(none)'}, now {', '.join(added) or '(none)'}"
-    raise ConfigError(f"run {spec.run_id} in {Path(run_dir).parent} was made with other {what}; allowed: "
-                      "the plan that made it, or a new --out directory")
+    stored = {**line.get("spec", {}), "sweep_overrides": line.get("sweep_overrides") or []}
+    what = settings_conflict(spec, stored, sweep_overrides)
+    if what is not None:
+        raise ConfigError(f"run {spec.run_id} in ledger {str(ledger.path)!r} was made with other {what}; "
+                          "allowed: the plan (and precision) that made it, or another --ledger file")
+
+
+def ledger_line_from_folder(spec: RunSpec, run_dir: Path, plan_name: str, summary: Mapping[str, Any],
+                            sweep_overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The ledger line of a run finished in ``run_dir``: its ``run.json`` settings when it has one (the plan's
+    otherwise), its summary, its loss curves and its per-layer stats."""
+    stored: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((run_dir / RUN_INFO_NAME).read_text())
+        stored = loaded if isinstance(loaded, dict) else {}
+    spec_data: dict[str, Any] = {**spec.to_dict(), **{k: stored[k] for k in ("preset", "overrides") if k in stored}}
+    extra = stored.get("sweep_overrides", list(sweep_overrides))
+    stats = None
+    with contextlib.suppress(OSError, ValueError):
+        stats = json.loads((run_dir / LAYER_STATS_NAME).read_text())
+    val, train_curve = read_curves(run_dir)
+    return run_line(plan_name, spec_data, extra, summary, val, train_curve, stats)
 
 
 def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
@@ -229,7 +274,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
               plan_text: str | None = None, log: Callable[[str], None] = print,
               max_runs: int | None = None, order: str = "longest", precision: str | None = None,
               setup: Mapping[str, Any] | None = None,
-              plan_path: str | Path | None = None) -> SweepOutcome:
+              plan_path: str | Path | None = None, ledger: str | Path | None = None) -> SweepOutcome:
     """Run every run of ``plan`` that is not finished under ``out_dir``.
 
     ``workers`` processes (spawn context) train runs in parallel, each with ``threads`` torch threads
@@ -242,30 +287,51 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     (the shortest total time), ``"shortest"`` the cheapest first (the most runs finished by any deadline);
     a plan with ``protocol.order: depth`` starts its shallowest depth first, stage by stage, then the next.
     Each call appends to the index's ``starts`` what the plan (``plan_text``, read from ``plan_path``)
-    declared, for :mod:`~spannorm.experiments.declaration`."""
+    declared, for :mod:`~spannorm.experiments.declaration`.
+
+    ``ledger`` (:mod:`~spannorm.experiments.ledger`): a file that outlives the run folders. Every run it holds
+    counts as finished (its settings checked against the plan's, as a run folder's are), every run this
+    sweep finds finished or finishes is appended to it, and so is this start, with the plan's text; the
+    starts it records come before this folder's own in the index."""
     if order not in ORDERS:
         raise ValueError(f"order={order!r} is invalid; allowed: {', '.join(ORDERS)}")
     out = Path(out_dir)
     runs_root = out / RUNS_DIR
     checked: set[str] = set()  # run ids whose folder check_run_settings has passed
     check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
+    book = None if ledger is None else read_ledger(ledger)
+    if book is not None:
+        check_ledger_plan(book, plan.name)
     old_index = read_index(out) or {}
-    finished_before = sum(read_summary(p.parent) is not None  # on disk: an index can be lost
-                          for p in runs_root.glob(f"*/{SUMMARY_NAME}"))
+    on_disk = {p.parent.name for p in runs_root.glob(f"*/{SUMMARY_NAME}") if read_summary(p.parent) is not None}
+    finished_before = len(on_disk | (set(book.runs) if book is not None else set()))  # an index can be lost
     declaration = None if plan.preregistered is None else plan.preregistered.to_dict()
-    starts = [*old_index.get("starts", []), start_record(declaration, plan_text, plan_path, finished_before)]
-    for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
+    start = start_record(declaration, plan_text, plan_path, finished_before)
+    starts = _merge_starts(old_index.get("starts", []), [] if book is None else [s["record"] for s in book.starts])
+    starts.append(start)
+
+    def check_settings(spec: RunSpec) -> None:
         check_run_settings(spec, runs_root / spec.run_id)
+        if book is not None:
+            check_ledger_settings(spec, book, sweep_overrides(spec, precision))
         checked.add(spec.run_id)
+
+    for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
+        check_settings(spec)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
         (out / "plan.yaml").write_text(plan_text)
+    if book is not None:
+        if book.skipped_lines:
+            log(f"[sweep] ledger {book.path}: {book.skipped_lines} line(s) cut short (a kill while writing) skipped")
+        book.append(start_line(plan.name, plan_text, start))
     started = time.time()
     outcome = SweepOutcome()
     measure = {"layer_stats": plan.measure.layer_stats, "batch_size": plan.measure.batch_size,
                "prune_checkpoints": plan.measure.prune_checkpoints}
     records: dict[str, dict[str, Any]] = {}
     running: dict[str, Future | None] = {}
+    submitted: dict[str, RunSpec] = {}
     events = open(out / "runs.jsonl", "a")
 
     def note(record: dict[str, Any], event: str) -> None:
@@ -289,6 +355,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                  "runs": rows}
         if setup is not None:
             index["setup"] = dict(setup)
+        if book is not None:
+            index["ledger"] = str(book.path.resolve())
         _write_json_atomic(out / "index.json", index)
 
     # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
@@ -297,18 +365,31 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             if spec.run_id in records or spec.run_id in running:
                 continue
             if spec.run_id not in checked:  # a spec the LR search added since the last loop
-                check_run_settings(spec, runs_root / spec.run_id)
-                checked.add(spec.run_id)
+                check_settings(spec)
             summary = read_summary(runs_root / spec.run_id)
             if summary is None:
-                continue
-            record = record_from_summary(spec, summary)
-            if plan.measure.layer_stats and record["status"] == "done" \
-                    and not (runs_root / spec.run_id / LAYER_STATS_NAME).is_file():
-                record = execute_run(spec.to_dict(), str(runs_root / spec.run_id), None, measure,
-                                     sweep_overrides(spec, precision))
+                line = None if book is None else book.runs.get(spec.run_id)
+                if line is None:
+                    continue
+                record = {**record_from_summary(spec, line.get("summary") or {}), "source": "ledger"}
+            else:
+                record = record_from_summary(spec, summary)
+                if plan.measure.layer_stats and record["status"] == "done" \
+                        and not (runs_root / spec.run_id / LAYER_STATS_NAME).is_file():
+                    record = execute_run(spec.to_dict(), str(runs_root / spec.run_id), None, measure,
+                                         sweep_overrides(spec, precision))
+                keep(spec, record)
             note(record, "found")
             outcome.skipped.append(spec.run_id)
+
+    def keep(spec: RunSpec, record: dict[str, Any]) -> None:
+        """Append a run finished in its folder to the ledger, once."""
+        if book is None or record["status"] not in FINISHED or spec.run_id in book.runs:
+            return
+        summary = read_summary(runs_root / spec.run_id)
+        if summary is not None:
+            book.append(ledger_line_from_folder(spec, runs_root / spec.run_id, plan.name, summary,
+                                                sweep_overrides(spec, precision)))
 
     pool = None if workers == 0 else ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -343,7 +424,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                     record = execute_run(spec.to_dict(), run_dir, None, measure, sweep_overrides(spec, precision))
                     del running[spec.run_id]
                     _finish(record, outcome, note, log)
+                    keep(spec, record)
                 else:
+                    submitted[spec.run_id] = spec
                     running[spec.run_id] = pool.submit(execute_run, spec.to_dict(), run_dir, threads, measure,
                                                        sweep_overrides(spec, precision))
                     log(f"[sweep] start {spec.run_id}")
@@ -356,7 +439,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             for run_id, future in list(running.items()):
                 if future in done:
                     del running[run_id]
-                    _finish(future.result(), outcome, note, log)
+                    record = future.result()
+                    _finish(record, outcome, note, log)
+                    keep(submitted[run_id], record)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -365,6 +450,12 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         events.close()
     outcome.wall_s = time.time() - started
     return outcome
+
+
+def _merge_starts(own: list[dict[str, Any]], from_ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The folder's recorded starts and the ledger's, each once (by time and plan digest), oldest first."""
+    merged = {(s.get("time"), s.get("plan_sha256")): dict(s) for s in [*from_ledger, *own]}
+    return sorted(merged.values(), key=lambda s: float(s.get("time") or 0))
 
 
 def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
@@ -385,5 +476,6 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_run_settings", "execute_run", "load_index",
+__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger_settings", "check_run_settings", "execute_run",
+           "ledger_line_from_folder", "load_index",
            "measure_run", "read_summary", "record_from_summary", "run_sweep"]

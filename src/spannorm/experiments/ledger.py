@@ -1,0 +1,174 @@
+"""A sweep's ledger: one small, append-only JSON-lines file that keeps what a sweep learned after its run
+folders are gone.
+
+Run folders hold checkpoints and logs; they belong on scratch disk. A ledger (``spannorm sweep --ledger FILE``)
+holds, per finished run, everything a report and a resumed sweep need, a few kilobytes each, so it can be
+committed beside the plan:
+
+- a ``start`` line per sweep start: the plan's text and the start record of
+  :mod:`~spannorm.experiments.declaration` (so a pre-registered comparison stays shown as declared first);
+- a ``run`` line per finished run (done or diverged): its grid coordinates and the overrides that built it,
+  the sweep's own overrides, its summary numbers, its validation and training loss curves, and its per-layer
+  statistics when measured.
+
+A sweep started with a ledger counts every run the ledger holds as finished, once its settings are checked
+against the plan (the same check as a run folder's), and appends each run it finishes. A report reads a
+ledger file like a sweep folder. Lines are written whole and flushed; a line cut by a kill is skipped and
+counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from spannorm.config import ConfigError
+from spannorm.train.layout import METRICS_NAME
+
+LEDGER_VERSION = 1
+START, RUN = "start", "run"
+
+
+def _curve(points: Any) -> list[tuple[int, float]]:
+    out = []
+    for point in points or ():
+        try:
+            step, value = int(point[0]), float(point[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(value):
+            out.append((step, value))
+    return out
+
+
+def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, val_loss) and (step, train_loss) points of ``run_dir``'s metrics.jsonl (empty when none)."""
+    val: list[tuple[int, float]] = []
+    train: list[tuple[int, float]] = []
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return val, train
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        step = row.get("step")
+        if step is None:
+            continue
+        for key, out in (("val_loss", val), ("train_loss", train)):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out.append((int(step), float(value)))
+    return val, train
+
+
+@dataclass
+class Ledger:
+    """The parsed content of a ledger file (empty when the file does not exist yet)."""
+
+    path: Path
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    """Each ``start`` line, oldest first."""
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``run_id -> run line`` (a later line for the same run wins)."""
+    skipped_lines: int = 0
+    """Lines that did not parse (a write cut by a kill): skipped."""
+
+    @property
+    def plan_name(self) -> str | None:
+        return self.starts[-1].get("plan") if self.starts else None
+
+    @property
+    def plan_text(self) -> str | None:
+        """The plan text of the latest start (what a report of the ledger alone reads)."""
+        return self.starts[-1].get("plan_text") if self.starts else None
+
+    def curves(self, run_id: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        line = self.runs.get(run_id) or {}
+        return _curve(line.get("val_curve")), _curve(line.get("train_curve"))
+
+    def layer_stats(self, run_id: str) -> dict[str, Any] | None:
+        stats = (self.runs.get(run_id) or {}).get("layer_stats")
+        return stats if isinstance(stats, dict) else None
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        """Append one line, whole, flushed and synced; a file whose last line was cut gets a newline first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(dict(entry), allow_nan=True, separators=(",", ":")) + "\n"
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self._take(dict(entry))
+
+    def _take(self, entry: dict[str, Any]) -> None:
+        if entry.get("kind") == START:
+            self.starts.append(entry)
+        elif entry.get("kind") == RUN and isinstance(entry.get("spec"), dict):
+            self.runs[entry["spec"]["run_id"]] = entry
+
+
+def read_ledger(path: str | Path) -> Ledger:
+    """Parse ``path`` (a missing file is an empty ledger). :class:`ConfigError` when it is not a ledger: a
+    folder, or a line of another format or a newer version."""
+    path = Path(path)
+    ledger = Ledger(path)
+    if not path.exists():
+        return ledger
+    if not path.is_file():
+        raise ConfigError(f"ledger {str(path)!r} is not a file; allowed: a JSON-lines file (new or written by "
+                          "`spannorm sweep --ledger`)")
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            ledger.skipped_lines += 1
+            continue
+        if not isinstance(entry, dict) or entry.get("kind") not in (START, RUN):
+            raise ConfigError(f"ledger {str(path)!r} line {number} is not a ledger line (kind 'start' or 'run'); "
+                              "allowed: a file written by `spannorm sweep --ledger`")
+        if int(entry.get("ledger_version", LEDGER_VERSION)) > LEDGER_VERSION:
+            raise ConfigError(f"ledger {str(path)!r} line {number} has ledger_version "
+                              f"{entry.get('ledger_version')}; this spannorm reads up to {LEDGER_VERSION}")
+        ledger._take(entry)
+    return ledger
+
+
+def start_line(plan_name: str, plan_text: str | None, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ledger line of one sweep start: the plan's name and text, and its declaration start record."""
+    return {"kind": START, "ledger_version": LEDGER_VERSION, "plan": plan_name, "plan_text": plan_text,
+            "record": dict(record)}
+
+
+def run_line(plan_name: str, spec: Mapping[str, Any], sweep_overrides: list[str], summary: Mapping[str, Any],
+             val_curve: list[tuple[int, float]], train_curve: list[tuple[int, float]],
+             layer_stats: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ledger line of one finished run (``spec``: :meth:`RunSpec.to_dict`, overrides included)."""
+    return {"kind": RUN, "ledger_version": LEDGER_VERSION, "plan": plan_name, "spec": dict(spec),
+            "sweep_overrides": list(sweep_overrides), "summary": dict(summary),
+            "val_curve": [[s, v] for s, v in val_curve], "train_curve": [[s, v] for s, v in train_curve],
+            "layer_stats": None if layer_stats is None else dict(layer_stats)}
+
+
+def check_ledger_plan(ledger: Ledger, plan_name: str) -> None:
+    """A ledger belongs to one plan, as a sweep folder does: refuse one whose lines name another."""
+    names = {str(e["plan"]) for e in [*ledger.starts, *ledger.runs.values()] if e.get("plan") is not None}
+    other = sorted(n for n in names if n != plan_name)
+    if other:
+        raise ConfigError(f"ledger {str(ledger.path)!r} belongs to plan {other[0]!r}, not {plan_name!r}; allowed: "
+                          "the plan that wrote it (or that plan extended), or another ledger file")
+
+
+__all__ = ["LEDGER_VERSION", "Ledger", "check_ledger_plan", "read_curves", "read_ledger", "run_line", "start_line"]

@@ -1,0 +1,147 @@
+"""The sweep ledger: a sweep's results, curves, layer stats and starts survive the loss of its run folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spannorm.config import ConfigError
+from spannorm.experiments.ledger import read_ledger
+from spannorm.experiments.plan import parse_plan
+from spannorm.experiments.report import build_report
+from spannorm.experiments.results import load_results
+from spannorm.experiments.runner import load_index, run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def plan_dict(cache_dir: Path) -> dict:
+    return {"name": "ledgered",
+            "base": {"config": {
+                "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
+                "data": {"embedded_max_bytes": 60000, "cache_dir": str(cache_dir)},
+                "optim": {"warmup_steps": 1},
+                "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
+                          "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu",
+                          "precision": "fp32"}}},
+            "grid": {"placements": ["pre", "span"], "depths": [1], "ffn": {"dense": []}, "lrs": [3e-3, 1e-2],
+                     "seeds": [0, 1]},
+            "protocol": {"kind": "lr_search", "search_seeds": [0], "shared_lr": 3e-3,
+                         "preregistered": {"a": "span", "b": "pre", "depth": 1, "ffn": "dense",
+                                           "hypothesis": "span differs from pre"}},
+            "measure": {"layer_stats": True, "batch_size": 2, "prune_checkpoints": True}}
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+@pytest.mark.slow
+def test_a_lost_sweep_folder_resumes_from_its_ledger_and_reports_the_same(tmp_path):
+    data = plan_dict(tmp_path / "cache")
+    plan, text = parse_plan(data), yaml.safe_dump(data)
+    ledger = tmp_path / "kept" / "ledger.jsonl"
+    first = run_sweep(plan, tmp_path / "a", workers=0, log=quiet, plan_text=text, ledger=ledger)
+    assert first.executed and not first.failed
+    book = read_ledger(ledger)
+    assert set(book.runs) == set(load_index(tmp_path / "a")) == set(first.executed)
+    assert len(book.starts) == 1 and book.plan_text == text
+    for run_id, line in book.runs.items():
+        folder = tmp_path / "a" / "runs" / run_id
+        assert line["summary"] == json.loads((folder / "summary.json").read_text())
+        assert line["layer_stats"] == json.loads((folder / "layer_stats.json").read_text())
+        assert [s for s, _ in line["val_curve"]] == [2, 3] and [s for s, _ in line["train_curve"]] == [1, 2, 3]
+        assert not (folder / "checkpoints").exists()  # pruned: the ledger is all that stays small
+    report_a = build_report(load_results([tmp_path / "a"]), tmp_path / "report_a")
+
+    # The machine is gone: a new folder with the same ledger trains nothing and reports the same numbers.
+    shutil.rmtree(tmp_path / "a")
+    again = run_sweep(plan, tmp_path / "b", workers=0, log=quiet, plan_text=text, ledger=ledger)
+    assert again.executed == [] and sorted(again.skipped) == sorted(first.executed)
+    assert not list((tmp_path / "b" / "runs").glob("*/summary.json"))  # nothing trained, nothing copied
+    index = json.loads((tmp_path / "b" / "index.json").read_text())
+    assert index["ledger"] == str(ledger.resolve())
+    assert all(r["status"] == "done" and r["source"] == "ledger" for r in index["runs"])
+    # The first start (no run finished then) comes first, so the declaration still reads as made first.
+    assert [s["finished_before"] for s in index["starts"]] == [0, len(first.executed)]
+    assert len(read_ledger(ledger).starts) == 2 and len(read_ledger(ledger).runs) == len(first.executed)
+
+    report_b = build_report(load_results([tmp_path / "b"]), tmp_path / "report_b")
+    report_l = build_report(load_results([ledger]), tmp_path / "report_l")
+    csv_a = (report_a.parent / "results.csv").read_text()
+    assert (report_b.parent / "results.csv").read_text() == csv_a
+    assert (report_l.parent / "results.csv").read_text() == csv_a
+    json_a = json.loads((report_a.parent / "results.json").read_text())
+    json_l = json.loads((report_l.parent / "results.json").read_text())
+    assert json_l["cells"] == json_a["cells"] and json_l["welch"] == json_a["welch"]
+    assert "declared before any run" in report_l.read_text()
+    for name in ("curves_dense_L1.png", "layers_dense_L1.png"):  # curves and layer stats came from the ledger
+        assert (report_l.parent / name).is_file()
+
+
+@pytest.mark.slow
+def test_a_ledger_run_made_with_other_settings_is_refused_before_anything_is_written(tmp_path):
+    data = plan_dict(tmp_path / "cache")
+    data["grid"]["placements"], data["grid"]["lrs"], data["protocol"] = ["pre"], [3e-3], {"kind": "full"}
+    data["grid"]["seeds"] = [0]
+    ledger = tmp_path / "ledger.jsonl"
+    assert run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger).executed
+    kept = ledger.read_text()
+    data["base"]["config"]["train"]["steps"] = 4  # the same run id, other settings
+    with pytest.raises(ConfigError, match=r"pre-L1-dense-lr3e-3-s0 in ledger .* other settings train\.steps=3, "
+                                          r"now train\.steps=4; allowed: .* another --ledger file"):
+        run_sweep(parse_plan(data), tmp_path / "b", workers=0, log=quiet, ledger=ledger)
+    assert not (tmp_path / "b").exists() and ledger.read_text() == kept
+
+    plan_file = tmp_path / "changed.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(tmp_path / "c"),
+                           "--ledger", str(ledger)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "other settings train.steps=3" in proc.stderr
+    assert not (tmp_path / "c").exists() and ledger.read_text() == kept
+
+
+def test_a_ledger_of_another_plan_or_format_is_refused_in_one_line(tmp_path, capsys):
+    from spannorm.cli.main import main
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan_dict(tmp_path / "cache")))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"kind": "start", "plan": "someone-else", "plan_text": "x", "record": {}}) + "\n")
+    not_one = tmp_path / "notes.jsonl"
+    not_one.write_text('{"event": "done"}\n')
+    for ledger, says in ((other, "belongs to plan 'someone-else', not 'ledgered'"),
+                         (not_one, "line 1 is not a ledger line"), (tmp_path, "is not a file")):
+        assert main(["sweep", str(plan_file), "--out", str(tmp_path / "out"), "--ledger", str(ledger)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_line_cut_by_a_kill_is_skipped_and_the_next_append_starts_a_new_line(tmp_path):
+    ledger_path = tmp_path / "ledger.jsonl"
+    whole = {"kind": "start", "plan": "p", "plan_text": "name: p", "record": {"time": 1.0}}
+    ledger_path.write_text(json.dumps(whole) + "\n" + '{"kind": "run", "plan": "p", "spec": {"run_')
+    book = read_ledger(ledger_path)
+    assert book.skipped_lines == 1 and len(book.starts) == 1
+    book.append({**whole, "record": {"time": 2.0}})
+    again = read_ledger(ledger_path)
+    assert again.skipped_lines == 1 and [s["record"]["time"] for s in again.starts] == [1.0, 2.0]
+
+
+def test_report_cli_refuses_a_file_that_is_no_ledger_in_one_line(tmp_path, capsys):
+    from spannorm.cli.main import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["report", str(empty), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no sweep start" in err[0]
+    assert not (tmp_path / "rep").exists()
