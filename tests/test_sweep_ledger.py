@@ -55,7 +55,12 @@ def test_a_lost_sweep_folder_resumes_from_its_ledger_and_reports_the_same(tmp_pa
     for run_id, line in book.runs.items():
         folder = tmp_path / "a" / "runs" / run_id
         assert line["summary"] == json.loads((folder / "summary.json").read_text())
-        assert line["layer_stats"] == json.loads((folder / "layer_stats.json").read_text())
+        stats = json.loads((folder / "layer_stats.json").read_text())
+        assert line["layer_stats"].keys() == stats.keys()
+        assert line["layer_stats"]["rms"] == pytest.approx(stats["rms"], rel=1e-5)
+        metrics = [json.loads(m) for m in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert line["val_curve"] == [[m["step"], pytest.approx(m["val_loss"], abs=1e-5)]
+                                     for m in metrics if "val_loss" in m]
         assert [s for s, _ in line["val_curve"]] == [2, 3] and [s for s, _ in line["train_curve"]] == [1, 2, 3]
         assert not (folder / "checkpoints").exists()  # pruned: the ledger is all that stays small
     report_a = build_report(load_results([tmp_path / "a"]), tmp_path / "report_a")

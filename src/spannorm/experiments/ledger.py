@@ -152,14 +152,34 @@ def start_line(plan_name: str, plan_text: str | None, record: Mapping[str, Any])
             "record": dict(record)}
 
 
+CURVE_DECIMALS = 5
+"""Loss curves are kept to 1e-5 nats (they are plotted); the summary's numbers are kept exact."""
+STATS_DIGITS = 6
+"""Per-layer stats are kept to 6 significant digits (they are plotted and tabled to 3 or 4)."""
+
+
+def _significant(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value != 0.0:
+        return float(f"{value:.{STATS_DIGITS}g}")
+    if isinstance(value, list):
+        return [_significant(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _significant(v) for k, v in value.items()}
+    return value
+
+
 def run_line(plan_name: str, spec: Mapping[str, Any], sweep_overrides: list[str], summary: Mapping[str, Any],
              val_curve: list[tuple[int, float]], train_curve: list[tuple[int, float]],
              layer_stats: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ledger line of one finished run (``spec``: :meth:`RunSpec.to_dict`, overrides included)."""
+    """The ledger line of one finished run (``spec``: :meth:`RunSpec.to_dict`, overrides included): the summary
+    exact, the curves to :data:`CURVE_DECIMALS` decimals, the layer stats to :data:`STATS_DIGITS` digits."""
+    def curve(points: list[tuple[int, float]]) -> list[list[Any]]:
+        return [[s, round(v, CURVE_DECIMALS)] for s, v in points]
+
     return {"kind": RUN, "ledger_version": LEDGER_VERSION, "plan": plan_name, "spec": dict(spec),
             "sweep_overrides": list(sweep_overrides), "summary": dict(summary),
-            "val_curve": [[s, v] for s, v in val_curve], "train_curve": [[s, v] for s, v in train_curve],
-            "layer_stats": None if layer_stats is None else dict(layer_stats)}
+            "val_curve": curve(val_curve), "train_curve": curve(train_curve),
+            "layer_stats": None if layer_stats is None else _significant(dict(layer_stats))}
 
 
 def check_ledger_plan(ledger: Ledger, plan_name: str) -> None:
