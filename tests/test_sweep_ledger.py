@@ -150,3 +150,23 @@ def test_report_cli_refuses_a_file_that_is_no_ledger_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "records no sweep start" in err[0]
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_report_of_runs_kept_as_numbers_only_says_so_and_draws_no_empty_curves(tmp_path):
+    from spannorm.experiments.ledger import Ledger, run_line, start_line
+
+    plan = {"name": "bare", "grid": {"placements": ["pre", "span"], "depths": [2], "ffn": {"dense": []},
+                                     "lrs": [1e-3], "seeds": [0, 1]},
+            "protocol": {"kind": "full", "shared_lr": 1e-3}}
+    ledger = Ledger(tmp_path / "bare.jsonl")
+    ledger.append(start_line("bare", yaml.safe_dump(plan), {"time": 1.0, "finished_before": 0}))
+    for spec in parse_plan(plan).expand():
+        loss = 2.0 + spec.seed / 10 + (spec.cell.placement == "span") / 100
+        ledger.append(run_line("bare", spec.to_dict(), [], {"final_val_loss": loss, "best_val_loss": loss,
+                                                            "diverged": False, "steps": 3}, [], [], None))
+    report = build_report(load_results([ledger.path]), tmp_path / "rep")
+    text = report.read_text()
+    assert "Finished runs: 4 (0 diverged)" in text and "Of these, 4 carry their final numbers only" in text
+    assert "curves_dense_L2.png" not in text and not (tmp_path / "rep" / "curves_dense_L2.png").exists()
+    rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and any(",span," in r and ",2.01," in r for r in rows)

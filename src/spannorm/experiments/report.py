@@ -492,8 +492,12 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
-def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> None:
-    """Train loss (mean over seeds, at each placement's best LR) and val loss points."""
+def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> bool:
+    """Train loss (mean over seeds, at each placement's best LR) and val loss points; False (nothing written)
+    when no run there carries a curve."""
+    if not any(r.val_curve or r.train_curve for runs in results.runs.values() for r in runs
+               if r.cell.depth == depth and r.cell.ffn == ffn):
+        return False
     plt = _pyplot()
     colors = _colors(results.placements)
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -521,6 +525,7 @@ def plot_curves(results: StudyResults, ffn: str, depth: int, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def mean_layer_stats(results: StudyResults, placement: str, depth: int, ffn: str) -> dict[str, list[float]] | None:
@@ -729,8 +734,8 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
         lines += [f"![val loss vs depth, {ffn}]({name})", ""]
         for depth in results.depths:
             name = f"curves_{ffn}_L{depth}{suffix}.png"
-            plot_curves(results, ffn, depth, out / name)
-            lines += [f"![loss curves, {ffn}, L={depth}]({name})", ""]
+            if plot_curves(results, ffn, depth, out / name):
+                lines += [f"![loss curves, {ffn}, L={depth}]({name})", ""]
     lines += [f"## Per-layer moments and gradients after training{tag}", "",
               "Measured on the run's final checkpoint with one forward and backward pass on a fixed "
               "validation batch (the first evenly spaced validation windows), mean over the seeds of the best LR.",
@@ -760,8 +765,13 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
     lines = [f"# {title}", "",
              f"Finished runs: {n_runs} ({n_div} diverged), from "
              + ", ".join(f"`{s.path}` (plan `{s.plan.name}`, {s.plan.protocol} protocol)" for s in results.sweeps)
-             + ".", "",
-             "Cells are mean ± sample std over seeds of the validation loss, `@LR` the learning rate; "
+             + ".", ""]
+    bare = sum(not (r.val_curve or r.train_curve) for v in results.runs.values() for r in v)
+    if bare:
+        lines += [f"Of these, {bare} carry their final numbers only, no loss curves or per-layer stats: their run "
+                  "folders were gone when a ledger recorded them (the ledger line's summary says where the numbers "
+                  "came from). The plots leave them out.", ""]
+    lines += ["Cells are mean ± sample std over seeds of the validation loss, `@LR` the learning rate; "
              "`(k/n div)` counts diverged runs, which are left out of the mean and of the tests, never "
              "averaged in. The best LR of a cell is chosen on the plan's search seeds by mean final val "
              "loss, with any divergence ranking an LR last.", ""]
