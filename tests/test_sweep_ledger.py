@@ -170,3 +170,19 @@ def test_a_report_of_runs_kept_as_numbers_only_says_so_and_draws_no_empty_curves
     assert "curves_dense_L2.png" not in text and not (tmp_path / "rep" / "curves_dense_L2.png").exists()
     rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and any(",span," in r and ",2.01," in r for r in rows)
+
+
+def test_a_plan_cut_below_what_its_ledger_holds_is_refused(tmp_path):
+    from spannorm.experiments.ledger import Ledger, run_line, start_line
+
+    plan = {"name": "cut", "grid": {"placements": ["pre", "span"], "depths": [2], "ffn": {"dense": []},
+                                    "lrs": [1e-3], "seeds": [0]}}
+    ledger = Ledger(tmp_path / "cut.jsonl")
+    ledger.append(start_line("cut", yaml.safe_dump(plan), {"time": 1.0, "finished_before": 0}))
+    for spec in parse_plan(plan).expand():
+        ledger.append(run_line("cut", spec.to_dict(), [], {"final_val_loss": 2.0, "diverged": False}, [], [], None))
+    plan["grid"]["placements"] = ["pre"]
+    with pytest.raises(ConfigError, match=r"plan 'cut' no longer asks for 1 run\(s\) that ledger .* \(e\.g\. "
+                                          r"span-L2-dense-lr1e-3-s0\); allowed: .* or another --ledger file"):
+        run_sweep(parse_plan(plan), tmp_path / "out", workers=0, log=quiet, ledger=ledger.path)
+    assert not (tmp_path / "out").exists()

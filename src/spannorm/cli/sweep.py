@@ -11,6 +11,7 @@ from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
 from spannorm.experiments.runner import (
     RUNS_DIR,
+    check_ledger_runs,
     check_ledger_settings,
     check_run_settings,
     load_index,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     book = None if args.ledger is None else read_ledger(args.ledger)  # not a ledger: refused, one line
     if book is not None:
         check_ledger_plan(book, plan.name)
+        check_ledger_runs(plan, book)
     # Resolve every run's config now, so a bad override fails before anything is written.
     index = load_index(out) if out.is_dir() else {}
     check_sweep_folder(plan, out, index)  # a sweep folder belongs to one plan: nothing replaced

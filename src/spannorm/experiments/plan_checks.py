@@ -109,13 +109,15 @@ def check_sweep_folder(plan: Any, out_dir: str | Path, results: Mapping[str, Map
         old_name = str(old.get("name") or "sweep") if isinstance(old, dict) else None
         if old_name is not None and old_name != plan.name:
             raise ConfigError(f"sweep folder {str(out)!r} belongs to plan {old_name!r}, not {plan.name!r}; "
-                              "allowed: that plan (extended with more depths, LRs or seeds), or a new --out")
+                              "allowed: that plan, or that plan extended (docs/sweeps.md, 'Changing a plan'), "
+                          "or a new --out")
     index = read_index(out)
     if index is None:
         return
     if index.get("plan") not in (None, plan.name):
         raise ConfigError(f"sweep folder {str(out)!r} belongs to plan {index.get('plan')!r}, not {plan.name!r}; "
-                          "allowed: that plan (extended with more depths, LRs or seeds), or a new --out")
+                          "allowed: that plan, or that plan extended (docs/sweeps.md, 'Changing a plan'), "
+                          "or a new --out")
     wanted = {spec.run_id for spec in plan.expand(results)}
     kept = [r["run_id"] for r in index["runs"] if r.get("status") in ("done", "diverged", "failed")]
     dropped = [run_id for run_id in kept if run_id not in wanted]

@@ -19,9 +19,9 @@ from typing import Any
 from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
 from spannorm.experiments.ledger import read_curves, read_ledger
 from spannorm.experiments.lr_search import SearchState
-from spannorm.experiments.plan import Cell, Preregistered, RunSpec, StudyPlan, load_plan, parse_plan_text, rank_key
+from spannorm.experiments.plan import Cell, Preregistered, StudyPlan, load_plan, parse_plan_text, rank_key
 from spannorm.experiments.plan_checks import read_index
-from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, load_index, record_from_summary
+from spannorm.experiments.runner import LAYER_STATS_NAME, RUNS_DIR, ledger_records, load_index
 from spannorm.experiments.unigram import UnigramReference, corpus_label
 from spannorm.model.placements import BLOCKS
 from spannorm.train.config import DataConfig
@@ -177,11 +177,8 @@ def _load_ledger_sweep(path: Path) -> Sweep:
         raise FileNotFoundError(f"{path} is not a sweep ledger: it records no sweep start with a plan "
                                 "(written by `spannorm sweep PLAN --out DIR --ledger FILE`)")
     plan = parse_plan_text(book.plan_text, f"the plan in ledger {str(path)!r}")
-    runs = []
-    for run_id, line in book.runs.items():
-        record = record_from_summary(RunSpec.from_dict(line["spec"]), line.get("summary") or {})
-        val, train = book.curves(run_id)
-        runs.append(RunResult(record, val, train, book.layer_stats(run_id)))
+    runs = [RunResult(record, *book.curves(run_id), book.layer_stats(run_id))
+            for run_id, record in ledger_records(book).items()]
     return Sweep(path, plan, runs, [s["record"] for s in book.starts if isinstance(s.get("record"), dict)])
 
 

@@ -173,6 +173,24 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
                           "allowed: the plan (and precision) that made it, or another --ledger file")
 
 
+def ledger_records(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """The ledger's finished runs as index records (``run_id -> record``), what plan expansion reads."""
+    return {run_id: record_from_summary(RunSpec.from_dict(line["spec"]), line.get("summary") or {})
+            for run_id, line in ledger.runs.items()}
+
+
+def check_ledger_runs(plan: StudyPlan, ledger: Ledger) -> None:
+    """Raise :class:`ConfigError` when ``plan`` no longer asks for a run the ledger holds (a cut plan, or a
+    best LR that moved): the ledger would credit results to a plan that does not make them."""
+    records = ledger_records(ledger)
+    wanted = {spec.run_id for spec in plan.expand(records)}
+    dropped = [run_id for run_id in records if run_id not in wanted]
+    if dropped:
+        raise ConfigError(f"plan {plan.name!r} no longer asks for {len(dropped)} run(s) that ledger "
+                          f"{str(ledger.path)!r} holds (e.g. {dropped[0]}); allowed: the plan that made them "
+                          "(extended, not cut), or another --ledger file")
+
+
 def ledger_line_from_folder(spec: RunSpec, run_dir: Path, plan_name: str, summary: Mapping[str, Any],
                             sweep_overrides: tuple[str, ...]) -> dict[str, Any]:
     """The ledger line of a run finished in ``run_dir``: its ``run.json`` settings when it has one (the plan's
@@ -302,6 +320,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     book = None if ledger is None else read_ledger(ledger)
     if book is not None:
         check_ledger_plan(book, plan.name)
+        check_ledger_runs(plan, book)
     old_index = read_index(out) or {}
     on_disk = {p.parent.name for p in runs_root.glob(f"*/{SUMMARY_NAME}") if read_summary(p.parent) is not None}
     finished_before = len(on_disk | (set(book.runs) if book is not None else set()))  # an index can be lost
@@ -476,6 +495,6 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger_settings", "check_run_settings", "execute_run",
-           "ledger_line_from_folder", "load_index",
+__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger_runs", "check_ledger_settings",
+           "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_records", "load_index",
            "measure_run", "read_summary", "record_from_summary", "run_sweep"]
