@@ -6,19 +6,20 @@ import argparse
 from pathlib import Path
 
 from spannorm.cli.main import UsageError
-from spannorm.experiments.ledger import check_ledger_plan, read_ledger
+from spannorm.experiments.ledger import read_ledger
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
 from spannorm.experiments.runner import (
     RUNS_DIR,
-    check_ledger_runs,
-    check_ledger_settings,
+    check_ledger,
     check_run_settings,
+    ledger_precision_setup,
+    ledger_records,
     load_index,
     read_summary,
     run_sweep,
 )
-from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup, sweep_overrides
+from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
 from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
 from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
@@ -76,21 +77,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out={args.out!r} is invalid: it exists and is not a directory")
     plan = load_plan(args.plan)
     book = None if args.ledger is None else read_ledger(args.ledger)  # not a ledger: refused, one line
-    if book is not None:
-        check_ledger_plan(book, plan.name)
-        check_ledger_runs(plan, book)
     # Resolve every run's config now, so a bad override fails before anything is written.
     index = load_index(out) if out.is_dir() else {}
     check_sweep_folder(plan, out, index)  # a sweep folder belongs to one plan: nothing replaced
-    specs = plan.expand(index)
+    specs = plan.expand({**(ledger_records(book) if book is not None else {}), **index})
     for spec in specs:
         resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer)
         check_run_settings(spec, out / RUNS_DIR / spec.run_id)  # a changed plan must not reuse old runs
-    setup = choose_setup(specs, args.workers, args.threads or None, stored=stored_setup(out),
-                         earlier_runs=bool(index))
+    stored = stored_setup(out) or (ledger_precision_setup(book) if book is not None else None)
+    setup = choose_setup(specs, args.workers, args.threads or None, stored=stored, earlier_runs=bool(index))
     if book is not None:
-        for spec in specs:
-            check_ledger_settings(spec, book, sweep_overrides(spec, setup.precision))
+        check_ledger(plan, book, out, setup.precision)
     print(f"[sweep] {setup.describe()}")
     if args.dry_run:
         for spec in specs:

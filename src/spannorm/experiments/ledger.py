@@ -99,7 +99,7 @@ class Ledger:
     def append(self, entry: Mapping[str, Any]) -> None:
         """Append one line, whole, flushed and synced; a file whose last line was cut gets a newline first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(dict(entry), allow_nan=True, separators=(",", ":")) + "\n"
+        text = json.dumps(_strict(dict(entry)), allow_nan=False, separators=(",", ":")) + "\n"
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell():
@@ -118,9 +118,58 @@ class Ledger:
             self.runs[entry["spec"]["run_id"]] = entry
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so each line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return value
+
+
+SPEC_FIELDS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "placement": (str,), "depth": (int,), "ffn": (str,), "lr": (int, float), "seed": (int,),
+    "stage": (str,), "overrides": (list,)}
+"""The keys a run line's ``spec`` needs, and their JSON types."""
+
+
+def _shape_error(entry: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a parsed ledger line, or None."""
+    version = entry.get("ledger_version", LEDGER_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return f"has ledger_version {version!r}, not a whole number"
+    if version > LEDGER_VERSION:
+        return f"has ledger_version {version}; this spannorm reads up to {LEDGER_VERSION}"
+    if entry["kind"] == START:
+        record = entry.get("record")
+        if not isinstance(record, dict) or not isinstance(record.get("time"), (int, float)):
+            return "is a start line without a 'record' holding a numeric 'time'"
+        if not isinstance(entry.get("plan_text"), (str, type(None))):
+            return "is a start line whose 'plan_text' is not text"
+        return None
+    spec = entry.get("spec")
+    if not isinstance(spec, dict):
+        return "is a run line without a 'spec' object"
+    for key, types in SPEC_FIELDS.items():
+        if not isinstance(spec.get(key), types) or isinstance(spec.get(key), bool):
+            return f"is a run line whose spec.{key} is {spec.get(key)!r}"
+    if not all(isinstance(o, str) for o in spec["overrides"]) \
+            or not isinstance(spec.get("preset"), (str, type(None))):
+        return "is a run line whose spec.overrides or spec.preset is not text"
+    if not isinstance(entry.get("summary"), dict):
+        return "is a run line without a 'summary' object"
+    extra = entry.get("sweep_overrides", [])
+    if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
+        return "is a run line whose sweep_overrides is not a list of text"
+    return None
+
+
 def read_ledger(path: str | Path) -> Ledger:
     """Parse ``path`` (a missing file is an empty ledger). :class:`ConfigError` when it is not a ledger: a
-    folder, or a line of another format or a newer version."""
+    folder, an unreadable file, or a line of another format, shape or a newer version. A line that is not JSON
+    (cut by a kill) is skipped and counted."""
     path = Path(path)
     ledger = Ledger(path)
     if not path.exists():
@@ -128,7 +177,12 @@ def read_ledger(path: str | Path) -> Ledger:
     if not path.is_file():
         raise ConfigError(f"ledger {str(path)!r} is not a file; allowed: a JSON-lines file (new or written by "
                           "`spannorm sweep --ledger`)")
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        raise ConfigError(f"ledger {str(path)!r} cannot be read ({err.strerror or err}); allowed: a readable "
+                          "file") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -139,11 +193,40 @@ def read_ledger(path: str | Path) -> Ledger:
         if not isinstance(entry, dict) or entry.get("kind") not in (START, RUN):
             raise ConfigError(f"ledger {str(path)!r} line {number} is not a ledger line (kind 'start' or 'run'); "
                               "allowed: a file written by `spannorm sweep --ledger`")
-        if int(entry.get("ledger_version", LEDGER_VERSION)) > LEDGER_VERSION:
-            raise ConfigError(f"ledger {str(path)!r} line {number} has ledger_version "
-                              f"{entry.get('ledger_version')}; this spannorm reads up to {LEDGER_VERSION}")
+        wrong = _shape_error(entry)
+        if wrong is not None:
+            raise ConfigError(f"ledger {str(path)!r} line {number} {wrong}; allowed: a line as "
+                              "`spannorm sweep --ledger` writes it (docs/sweeps.md, 'The ledger')")
         ledger._take(entry)
     return ledger
+
+
+def check_ledger_writable(path: str | Path) -> None:
+    """Raise :class:`ConfigError` unless the sweep can append to ``path``: an existing file it may write, or
+    a new one in a folder that exists (or can be made) and is writable."""
+    path = Path(path)
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"ledger {str(path)!r} is read-only; allowed: a writable file")
+        return
+    nearest = next(p for p in (path.absolute().parent, *path.absolute().parent.parents) if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"ledger {str(path)!r} cannot be made: {str(nearest)!r} is a file; allowed: a path "
+                          "inside a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"ledger {str(path)!r} cannot be made: {str(nearest)!r} is read-only; allowed: a "
+                          "writable folder")
+
+
+def ledger_precision(ledger: Ledger) -> tuple[bool, str | None]:
+    """``(known, precision)``: the precision the sweep chose for the ledger's runs (``train.precision`` among
+    their sweep overrides; None for none, i.e. the config default), known when every run line agrees."""
+    seen = set()
+    for line in ledger.runs.values():
+        chosen = [o.partition("=")[2].strip() for o in line.get("sweep_overrides") or ()
+                  if o.partition("=")[0].strip().removeprefix("--") == "train.precision"]
+        seen.add(chosen[-1] if chosen else None)
+    return (len(seen) == 1, next(iter(seen)) if len(seen) == 1 else None)
 
 
 def start_line(plan_name: str, plan_text: str | None, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,7 +262,7 @@ def run_line(plan_name: str, spec: Mapping[str, Any], sweep_overrides: list[str]
     return {"kind": RUN, "ledger_version": LEDGER_VERSION, "plan": plan_name, "spec": dict(spec),
             "sweep_overrides": list(sweep_overrides), "summary": dict(summary),
             "val_curve": curve(val_curve), "train_curve": curve(train_curve),
-            "layer_stats": None if layer_stats is None else _significant(dict(layer_stats))}
+            "layer_stats": None if layer_stats is None else _significant(dict(layer_stats))}  # strict on append
 
 
 def check_ledger_plan(ledger: Ledger, plan_name: str) -> None:
@@ -191,4 +274,5 @@ def check_ledger_plan(ledger: Ledger, plan_name: str) -> None:
                           "the plan that wrote it (or that plan extended), or another ledger file")
 
 
-__all__ = ["LEDGER_VERSION", "Ledger", "check_ledger_plan", "read_curves", "read_ledger", "run_line", "start_line"]
+__all__ = ["LEDGER_VERSION", "Ledger", "check_ledger_plan", "check_ledger_writable", "ledger_precision",
+           "read_curves", "read_ledger", "run_line", "start_line"]

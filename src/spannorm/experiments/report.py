@@ -768,9 +768,9 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
              + ".", ""]
     bare = sum(not (r.val_curve or r.train_curve) for v in results.runs.values() for r in v)
     if bare:
-        lines += [f"Of these, {bare} carry their final numbers only, no loss curves or per-layer stats: their run "
-                  "folders were gone when a ledger recorded them (the ledger line's summary says where the numbers "
-                  "came from). The plots leave them out.", ""]
+        lines += [f"Of these, {bare} carry their final numbers only: no loss curves or per-layer stats were found "
+                  "for them (no run folder, and a ledger that kept numbers only or could not be read; a ledger "
+                  "line's summary may say where its numbers came from). The plots leave them out.", ""]
     lines += ["Cells are mean ± sample std over seeds of the validation loss, `@LR` the learning rate; "
              "`(k/n div)` counts diverged runs, which are left out of the mean and of the tests, never "
              "averaged in. The best LR of a cell is chosen on the plan's search seeds by mean final val "

@@ -16,8 +16,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from spannorm.config import ConfigError
 from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
-from spannorm.experiments.ledger import read_curves, read_ledger
+from spannorm.experiments.ledger import Ledger, read_curves, read_ledger
 from spannorm.experiments.lr_search import SearchState
 from spannorm.experiments.plan import Cell, Preregistered, StudyPlan, load_plan, parse_plan_text, rank_key
 from spannorm.experiments.plan_checks import read_index
@@ -153,8 +154,7 @@ def load_sweep(path: str | Path) -> Sweep:
     plan = load_plan(plan_file)  # a YAML or plan error names the file
     index = read_index(path) or {}
     starts = index.get("starts") or []
-    ledger_path = index.get("ledger")
-    book = read_ledger(ledger_path) if ledger_path and Path(ledger_path).is_file() else None
+    book: Ledger | None = None
     runs = []
     for record in load_index(path).values():
         run_dir = path / RUNS_DIR / record["run_id"]
@@ -164,11 +164,27 @@ def load_sweep(path: str | Path) -> Sweep:
             stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         except (OSError, UnicodeDecodeError, ValueError):
             stats = None  # a damaged layer_stats.json: the run is reported without its per-layer plots
-        if book is not None and not run_dir.is_dir():  # the folder is gone: what the ledger kept
+        if not run_dir.is_dir():  # the folder is gone: what the sweep's ledger kept, if it is still there
+            book = book if book is not None else _folder_ledger(path, index)
             val, train = book.curves(record["run_id"])
             stats = book.layer_stats(record["run_id"])
         runs.append(RunResult(record, val, train, stats))
     return Sweep(path, plan, runs, starts)
+
+
+def _folder_ledger(folder: Path, index: dict[str, Any]) -> Ledger:
+    """The ledger a sweep folder's index names (by its path from the folder, then its absolute path); an
+    empty one when neither is a readable ledger, so that its runs are reported as numbers only."""
+    for where in (index.get("ledger_from_folder"), index.get("ledger")):
+        if not where:
+            continue
+        candidate = Path(where) if Path(where).is_absolute() else folder / where
+        if candidate.is_file():
+            try:
+                return read_ledger(candidate)
+            except ConfigError:
+                break
+    return Ledger(folder / "ledger.jsonl")
 
 
 def _load_ledger_sweep(path: Path) -> Sweep:
@@ -179,7 +195,8 @@ def _load_ledger_sweep(path: Path) -> Sweep:
     plan = parse_plan_text(book.plan_text, f"the plan in ledger {str(path)!r}")
     runs = [RunResult(record, *book.curves(run_id), book.layer_stats(run_id))
             for run_id, record in ledger_records(book).items()]
-    return Sweep(path, plan, runs, [s["record"] for s in book.starts if isinstance(s.get("record"), dict)])
+    starts = sorted((s["record"] for s in book.starts), key=lambda r: float(r["time"]))
+    return Sweep(path, plan, runs, starts)
 
 
 class StudyResults:

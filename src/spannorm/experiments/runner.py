@@ -38,7 +38,16 @@ from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
-from spannorm.experiments.ledger import Ledger, check_ledger_plan, read_curves, read_ledger, run_line, start_line
+from spannorm.experiments.ledger import (
+    Ledger,
+    check_ledger_plan,
+    check_ledger_writable,
+    ledger_precision,
+    read_curves,
+    read_ledger,
+    run_line,
+    start_line,
+)
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
 from spannorm.experiments.sweep_setup import sweep_overrides
@@ -119,11 +128,11 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return _latest_model_dir(run_dir) is not None
 
 
-def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides: tuple[str, ...] | None = None) \
-        -> str | None:
+def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides: tuple[str, ...] | None = None,
+                      strict: bool = False) -> str | None:
     """What differs between the settings ``stored`` for a run (a ``run.json`` or a ledger line: ``preset``,
     ``overrides`` and, when ``sweep_overrides`` is given, ``sweep_overrides``) and ``spec``'s; None when
-    nothing does, or when the stored settings do not parse."""
+    nothing does, or (unless ``strict``) when the stored settings do not parse."""
     def settings(overrides) -> dict[str, str]:  # later overrides of a key win, as in resolve_config
         return {".".join(parts): value for parts, value in map(parse_override, overrides)}
 
@@ -132,7 +141,8 @@ def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides:
         old = settings([*(stored.get("overrides") or ()),
                         *((stored.get("sweep_overrides") or ()) if sweep_overrides is not None else ())])
     except (ValueError, ConfigError, TypeError):
-        return None  # an unreadable record: the run's own config.yaml still guards a resume
+        # an unreadable run.json: the run's own config.yaml still guards a resume; a ledger line has no other guard
+        return "settings that do not parse" if strict else None
     new = settings([*spec.overrides, *(sweep_overrides or ())])
     if old_preset == spec.preset and old == new:
         return None
@@ -159,29 +169,46 @@ def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
                           "the plan that made it, or a new --out directory")
 
 
+def _resolved(preset: str | None, overrides: list[str]) -> dict[str, Any] | None:
+    try:
+        return resolve_config(preset, None, overrides, init_from_layer=run_config_layer).to_dict()
+    except ConfigError:
+        return None
+
+
 def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[str, ...]) -> None:
     """Raise :class:`ConfigError` when ``ledger`` holds ``spec``'s run id made with other settings (the plan's
     overrides, or the sweep's own, such as the precision it chose): counting it finished would credit one
-    config's result to another."""
+    config's result to another. Overrides that differ in text but resolve to the same config (a precision
+    named that is the default anyway) are the same settings."""
     line = ledger.runs.get(spec.run_id)
     if line is None:
         return
-    stored = {**line.get("spec", {}), "sweep_overrides": line.get("sweep_overrides") or []}
-    what = settings_conflict(spec, stored, sweep_overrides)
-    if what is not None:
-        raise ConfigError(f"run {spec.run_id} in ledger {str(ledger.path)!r} was made with other {what}; "
-                          "allowed: the plan (and precision) that made it, or another --ledger file")
+    stored = {**line["spec"], "sweep_overrides": line.get("sweep_overrides") or []}
+    what = settings_conflict(spec, stored, sweep_overrides, strict=True)
+    if what is None:
+        return
+    if what != "settings that do not parse" and stored.get("preset") == spec.preset:
+        old = _resolved(spec.preset, [*stored["overrides"], *stored["sweep_overrides"]])
+        if old is not None and old == _resolved(spec.preset, [*spec.overrides, *sweep_overrides]):
+            return
+    raise ConfigError(f"run {spec.run_id} in ledger {str(ledger.path)!r} was made with other {what}; "
+                      "allowed: the plan (and precision) that made it, or another --ledger file")
 
 
 def ledger_records(ledger: Ledger) -> dict[str, dict[str, Any]]:
     """The ledger's finished runs as index records (``run_id -> record``), what plan expansion reads."""
-    return {run_id: record_from_summary(RunSpec.from_dict(line["spec"]), line.get("summary") or {})
+    return {run_id: record_from_summary(RunSpec.from_dict(line["spec"]), line["summary"])
             for run_id, line in ledger.runs.items()}
 
 
-def check_ledger_runs(plan: StudyPlan, ledger: Ledger) -> None:
-    """Raise :class:`ConfigError` when ``plan`` no longer asks for a run the ledger holds (a cut plan, or a
-    best LR that moved): the ledger would credit results to a plan that does not make them."""
+def check_ledger(plan: StudyPlan, ledger: Ledger, out_dir: str | Path, precision: str | None) -> None:
+    """Every check a ledger must pass before a sweep writes anything, each a :class:`ConfigError`: the sweep
+    can append to it; it belongs to ``plan``; ``plan`` still asks for every run it holds; every run the plan
+    asks for, given the ledger's and the folder's finished runs, was made with the same settings; and a run
+    both in the ledger and finished in the folder has the same outcome in both."""
+    check_ledger_writable(ledger.path)
+    check_ledger_plan(ledger, plan.name)
     records = ledger_records(ledger)
     wanted = {spec.run_id for spec in plan.expand(records)}
     dropped = [run_id for run_id in records if run_id not in wanted]
@@ -189,6 +216,29 @@ def check_ledger_runs(plan: StudyPlan, ledger: Ledger) -> None:
         raise ConfigError(f"plan {plan.name!r} no longer asks for {len(dropped)} run(s) that ledger "
                           f"{str(ledger.path)!r} holds (e.g. {dropped[0]}); allowed: the plan that made them "
                           "(extended, not cut), or another --ledger file")
+    out = Path(out_dir)
+    for spec in plan.expand({**records, **load_index(out)}):
+        check_ledger_settings(spec, ledger, sweep_overrides(spec, precision))
+    for run_id, record in records.items():
+        summary = read_summary(out / RUNS_DIR / run_id)
+        if summary is None:
+            continue
+        here = (bool(summary.get("diverged")), _finite_or_none(summary.get("final_val_loss")))
+        there = (record["diverged"], record["final_val_loss"])
+        if here != there:
+            raise ConfigError(f"run {run_id} finished differently in {str(out)!r} (final val loss {here[1]}) and "
+                              f"in ledger {str(ledger.path)!r} ({there[1]}); allowed: a folder and a ledger of "
+                              "the same sweep, or a new --out")
+
+
+def ledger_precision_setup(ledger: Ledger) -> dict[str, Any] | None:
+    """A stored-setup stand-in for a new folder resuming from ``ledger``: the precision its runs trained in,
+    so the sweep does not choose another one (None when the ledger has no runs or they disagree)."""
+    known, precision = ledger_precision(ledger)
+    if not ledger.runs or not known:
+        return None
+    return {"precision": precision,
+            "inherited_from": f"the precision the runs of ledger {str(ledger.path)!r} trained in"}
 
 
 def ledger_line_from_folder(spec: RunSpec, run_dir: Path, plan_name: str, summary: Mapping[str, Any],
@@ -319,14 +369,17 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     check_sweep_folder(plan, out, load_index(out))  # a sweep folder belongs to one plan
     book = None if ledger is None else read_ledger(ledger)
     if book is not None:
-        check_ledger_plan(book, plan.name)
-        check_ledger_runs(plan, book)
+        check_ledger(plan, book, out, precision)  # before anything is written
     old_index = read_index(out) or {}
     on_disk = {p.parent.name for p in runs_root.glob(f"*/{SUMMARY_NAME}") if read_summary(p.parent) is not None}
     finished_before = len(on_disk | (set(book.runs) if book is not None else set()))  # an index can be lost
     declaration = None if plan.preregistered is None else plan.preregistered.to_dict()
     start = start_record(declaration, plan_text, plan_path, finished_before)
     starts = _merge_starts(old_index.get("starts", []), [] if book is None else [s["record"] for s in book.starts])
+    # the folder's own starts the ledger lacks (an old folder given a new ledger): kept, so that the evidence
+    # of a declaration made first outlives the folder
+    backfill = [] if book is None else [s for s in old_index.get("starts", []) if _start_key(s) not in
+                                        {_start_key(line["record"]) for line in book.starts}]
     starts.append(start)
 
     def check_settings(spec: RunSpec) -> None:
@@ -335,7 +388,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             check_ledger_settings(spec, book, sweep_overrides(spec, precision))
         checked.add(spec.run_id)
 
-    for spec in plan.expand(load_index(out)):  # before anything is written: a changed plan keeps the old files
+    finished = {**(ledger_records(book) if book is not None else {}), **load_index(out)}
+    for spec in plan.expand(finished):  # before anything is written: a changed plan keeps the old files
         check_settings(spec)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
@@ -343,6 +397,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     if book is not None:
         if book.skipped_lines:
             log(f"[sweep] ledger {book.path}: {book.skipped_lines} line(s) cut short (a kill while writing) skipped")
+        for old_start in sorted(backfill, key=lambda s: float(s.get("time") or 0)):
+            book.append(start_line(plan.name, None, old_start))
         book.append(start_line(plan.name, plan_text, start))
     started = time.time()
     outcome = SweepOutcome()
@@ -374,8 +430,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                  "runs": rows}
         if setup is not None:
             index["setup"] = dict(setup)
-        if book is not None:
+        if book is not None:  # where a report finds runs whose folders are gone; relative survives a move
             index["ledger"] = str(book.path.resolve())
+            index["ledger_from_folder"] = os.path.relpath(book.path.resolve(), out.resolve())
         _write_json_atomic(out / "index.json", index)
 
     # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
@@ -471,9 +528,13 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     return outcome
 
 
+def _start_key(start: Mapping[str, Any]) -> tuple[Any, Any]:
+    return start.get("time"), start.get("plan_sha256")
+
+
 def _merge_starts(own: list[dict[str, Any]], from_ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The folder's recorded starts and the ledger's, each once (by time and plan digest), oldest first."""
-    merged = {(s.get("time"), s.get("plan_sha256")): dict(s) for s in [*from_ledger, *own]}
+    merged = {_start_key(s): dict(s) for s in [*from_ledger, *own]}
     return sorted(merged.values(), key=lambda s: float(s.get("time") or 0))
 
 
@@ -495,6 +556,7 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger_runs", "check_ledger_settings",
-           "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_records", "load_index",
+__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger", "check_ledger_settings",
+           "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_precision_setup", "ledger_records",
+           "load_index",
            "measure_run", "read_summary", "record_from_summary", "run_sweep"]

@@ -136,7 +136,8 @@ def choose_setup(specs: list[RunSpec], workers: int | str, threads: int | None, 
     if not any(not names_precision(spec) for spec in specs):
         precision, precision_rule = None, "the plan names it"
     elif stored is not None and "precision" in stored:
-        precision, precision_rule = stored["precision"], "chosen at this sweep folder's first start"
+        precision = stored["precision"]
+        precision_rule = stored.get("inherited_from") or "chosen at this sweep folder's first start"
     elif earlier_runs:
         precision, precision_rule = None, "the config default: this folder's runs predate the automatic choice"
     elif device != "cpu":
