@@ -439,7 +439,11 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {name: cmap(order[i % 20]) for i, name in enumerate(names)}
 
 
-def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
+def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> bool:
+    """Val loss against depth per placement (final and best, at the best and the shared LR); False (nothing
+    written) while no run of this FFN kind has finished."""
+    if not any(r.cell.ffn == ffn for runs in results.runs.values() for r in runs):
+        return False
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter  # start-up time: see _pyplot
 
@@ -481,6 +485,7 @@ def plot_val_vs_depth(results: StudyResults, ffn: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
@@ -730,8 +735,8 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
     lines += [f"## Plots{tag}", ""]
     for ffn in results.ffns:
         name = f"val_vs_depth_{ffn}{suffix}.png"
-        plot_val_vs_depth(results, ffn, out / name)
-        lines += [f"![val loss vs depth, {ffn}]({name})", ""]
+        if plot_val_vs_depth(results, ffn, out / name):
+            lines += [f"![val loss vs depth, {ffn}]({name})", ""]
         for depth in results.depths:
             name = f"curves_{ffn}_L{depth}{suffix}.png"
             if plot_curves(results, ffn, depth, out / name):
