@@ -390,7 +390,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
 
     finished = {**(ledger_records(book) if book is not None else {}), **load_index(out)}
     for spec in plan.expand(finished):  # before anything is written: a changed plan keeps the old files
-        check_settings(spec)
+        check_run_settings(spec, runs_root / spec.run_id)  # check_ledger checked these specs against the ledger
+        checked.add(spec.run_id)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
         (out / "plan.yaml").write_text(plan_text)
