@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS: dict[str, list[str]] = {
     "headline": ["--placements", "pre,span", "--ffn", "dense", "--modes", "eager", "--dtypes", "fp32",
                  "--steps", "60", "--rounds", "60"],
-    "placements": ["--placements", "pre,span,span_b2t,span_clean,post,peri,deepnorm,mixln,lns,hybrid,residual",
+    "placements": ["--placements", "pre,span,span_post,span_b2t,post,peri,deepnorm,mixln,lns,hybrid,residual",
                    "--ffn", "dense,moe", "--modes", "eager", "--dtypes", "fp32"],
     "modes": ["--placements", "pre,span", "--ffn", "dense", "--modes", "eager,compiled", "--dtypes", "fp32,bf16"],
     "moe-modes": ["--placements", "pre", "--ffn", "dense,moe", "--modes", "eager,compiled", "--dtypes", "fp32,bf16",

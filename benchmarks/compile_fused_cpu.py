@@ -1,7 +1,8 @@
 """torch.compile of the training step and fused AdamW on the CPU (issue 14, item 1; docs/benchmarks.md).
 
 For each shape (the issue-16 study's width 64, 4 heads, context 64, batch 16, fp32 at depths 12 and 48 with
-``pre`` and ``span_clean``, and the ``shakespeare-char`` preset) it builds the trainer's own training step
+``pre`` and ``span`` (fixed β; ``span_clean`` in results written before placement names 2), and the
+``shakespeare-char`` preset) it builds the trainer's own training step
 (:class:`spannorm.train.trainer.Trainer`, ``Trainer._train_step``: forward, backward, clipping, the
 non-finite check and AdamW) in three variants from one seed:
 
@@ -52,11 +53,9 @@ STUDY = ["model.d_model=64", "model.n_heads=4", "model.context_length=64", "trai
 
 SHAPES: dict[str, tuple[str | None, list[str]]] = {
     "study-L12-pre": (None, STUDY + ["model.n_layers=12", "model.placement=pre"]),
-    "study-L12-span_clean": (None, STUDY + ["model.n_layers=12", "model.placement=span_clean",
-                                            "model.span_clean_scaling=fixed"]),
+    "study-L12-span": (None, STUDY + ["model.n_layers=12", "model.placement=span", "model.span_scaling=fixed"]),
     "study-L48-pre": (None, STUDY + ["model.n_layers=48", "model.placement=pre"]),
-    "study-L48-span_clean": (None, STUDY + ["model.n_layers=48", "model.placement=span_clean",
-                                            "model.span_clean_scaling=fixed"]),
+    "study-L48-span": (None, STUDY + ["model.n_layers=48", "model.placement=span", "model.span_scaling=fixed"]),
     "shakespeare-char": ("shakespeare-char", []),
 }
 VARIANTS = {"eager": [], "fused": ["optim.fused=true"], "compiled": ["train.compile=true"]}

@@ -56,7 +56,7 @@ def test_peri_bound_holds():
 
 
 def test_span_is_bounded_forward_with_a_depth_independent_gradient_ratio():
-    verdicts = _verdicts("span", [4, 8, 16])
+    verdicts = _verdicts("span_post", [4, 8, 16])
     assert verdicts["forward"].status == "ok" and verdicts["forward"].label.startswith("constant")
     assert verdicts["gradient"].status == "ok" and verdicts["gradient"].label == "depth-independent"
 
@@ -64,7 +64,7 @@ def test_span_is_bounded_forward_with_a_depth_independent_gradient_ratio():
 @pytest.mark.parametrize("scaling", ["fixed", "learnable"])
 def test_span_clean_is_bounded_with_a_clean_skip_and_a_depth_independent_gradient_ratio(scaling):
     """SPEC §9 at init: Var(x_L)/Var(x_0) ≈ 2 at every depth, no norm on the skip, its weight-free bound holds."""
-    verdicts = _verdicts("span_clean", [4, 8, 16], span_clean_scaling=scaling)
+    verdicts = _verdicts("span", [4, 8, 16], span_scaling=scaling)
     assert verdicts["forward"].status == "ok"
     assert float(verdicts["forward"].label.split()[1].lstrip("×")) == pytest.approx(2.0, rel=0.1)  # 1 + Δt²
     assert verdicts["gradient"].status == "ok" and verdicts["gradient"].label == "depth-independent"
@@ -148,8 +148,8 @@ def test_user_block_by_module_path_end_to_end(user_blocks, tmp_path, capsys):
 
 
 def test_placement_report_validates_and_carries_theory_and_training(tmp_path, capsys):
-    out = tmp_path / "span"
-    rc = main(["check", "span", "peri", "--depths", "2,4", "--steps", "4", "--out", str(out), "--strict",
+    out = tmp_path / "span_post"
+    rc = main(["check", "span_post", "peri", "--depths", "2,4", "--steps", "4", "--out", str(out), "--strict",
                *CLI_SMALL])
     assert rc == 0  # span and peri have no unstable verdict at these depths
     report = json.loads((out / "report.json").read_text())

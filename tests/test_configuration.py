@@ -96,7 +96,7 @@ def test_train_literal_fields_fail_through_overrides():
 
 
 # ---------------------------------------------------------------------- finiteness
-@pytest.mark.parametrize("key", ["model.span_alpha", "model.span_beta", "model.embed_scale",
+@pytest.mark.parametrize("key", ["model.span_post_alpha", "model.span_post_beta", "model.embed_scale",
                                  "model.moe.balance_coef", "model.moe.z_loss_coef", "optim.lr",
                                  "train.spike_sigmas", "data.val_fraction"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
@@ -114,7 +114,7 @@ def test_non_finite_floats_are_refused_with_one_line(key, value, tmp_path):
         resolve_config(None, file, [])
 
 
-@pytest.mark.parametrize("name", ["span_alpha", "span_beta", "embed_scale"])
+@pytest.mark.parametrize("name", ["span_post_alpha", "span_post_beta", "embed_scale"])
 def test_non_finite_model_floats_are_refused_in_python_too(name):
     for bad in (math.inf, math.nan):
         with pytest.raises(ConfigError, match=rf"^model\.{name}=(inf|nan) is invalid: must be a finite number$"):
@@ -168,7 +168,7 @@ def test_typed_overrides_accept_the_section_prefix_and_coerce():
 
 MALFORMED = [
     ("norm_eps=abc", "spannorm: error: model.norm_eps='abc' is invalid: must be a number"),
-    ("span_beta=nan", "spannorm: error: model.span_beta='nan' is invalid: must be a finite number"),
+    ("span_post_beta=nan", "spannorm: error: model.span_post_beta='nan' is invalid: must be a finite number"),
     ("norm=batch", "spannorm: error: model.norm='batch' is invalid: allowed: rms, layer"),
     ("n_kv_heds=2", "spannorm: error: model.n_kv_heds is not a known config key (did you mean 'n_kv_heads'?)"),
     ("scale_out_proj", "spannorm: error: override 'scale_out_proj' is invalid: it has no '='; write KEY=VALUE"),

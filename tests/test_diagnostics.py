@@ -65,7 +65,7 @@ def _batch(seed: int = 0):
 
 
 def test_measure_gradients_match_backward_and_leave_grad_untouched():
-    model = _model("span", n_kv_heads=2)
+    model = _model("span_post", n_kv_heads=2)
     idx, tgt = _batch()
     m = measure(model, idx, tgt)
     assert all(p.grad is None for p in model.parameters())
@@ -103,8 +103,8 @@ def test_residual_hook_points_say_which_stream_they_see():
     expected = F.linear(x_last + model.dual_final_norm(d_last), model.head_weight)
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
     assert m.identity_product == 1.0  # d is the clean path: no norm on it until the end
-    assert _model("span").blocks[0].__class__.dual_stream is False
-    assert measure(_model("span"), idx, tgt).dual_variance is None
+    assert _model("span_post").blocks[0].__class__.dual_stream is False
+    assert measure(_model("span_post"), idx, tgt).dual_variance is None
 
 
 def test_attention_logit_max_is_what_sdpa_sees(monkeypatch):
@@ -148,9 +148,9 @@ def test_peri_bound_holds_with_arbitrary_gains(norm):
 @pytest.mark.parametrize("scaling", ["fixed", "learnable"])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_span_clean_bound_holds_with_trained_like_weights_and_gains(norm, scaling):
-    """Each span_clean block moves every token by at most Δt·β·(√d‖γₒ‖∞ + ‖bₒ‖₂), whatever the weights:
+    """Each span block moves every token by at most Δt·β·(√d‖γₒ‖∞ + ‖bₒ‖₂), whatever the weights:
     asserted on random gains and biases, and on weights scaled far from init."""
-    model = _model("span_clean", n_layers=3, norm=norm, delta_t=0.7, span_clean_scaling=scaling)
+    model = _model("span", n_layers=3, norm=norm, delta_t=0.7, span_scaling=scaling)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():

@@ -16,7 +16,7 @@ from spannorm.diagnostics.report import load_schema
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "stability.md"
 BLOCK = re.compile(r"^```(python|bash|console|text)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-ROW = re.compile(r"^(post|deepnorm|span)\s+(\d+)\s+(\S+)\s+(\S+)\s+\S+\s+\|\s+(\S+)\s+(\S+)$", re.MULTILINE)
+ROW = re.compile(r"^(post|deepnorm|span_post)\s+(\d+)\s+(\S+)\s+(\S+)\s+\S+\s+\|\s+(\S+)\s+(\S+)$", re.MULTILINE)
 
 
 def snippets() -> list[tuple[str, str]]:

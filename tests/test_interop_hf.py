@@ -277,10 +277,10 @@ def test_config_features_we_cannot_compute_are_refused(hf_llama, tmp_path, chang
 
 
 def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason(tmp_path, capsys):
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, context_length=16, placement="span")
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, context_length=16, placement="span_post")
     model = SpanNormLM(cfg)
     assert any("block-output norm" in r for r in llama_incompatibilities(cfg))
-    with pytest.raises(InteropError, match="cannot load this model as LlamaForCausalLM: span normalizes"):
+    with pytest.raises(InteropError, match="cannot load this model as LlamaForCausalLM: span_post normalizes"):
         export_hf(model, tmp_path / "strict")
     assert not (tmp_path / "strict").exists()
     result = export_model(model, tmp_path / "loose")
@@ -290,7 +290,7 @@ def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason
     assert torch.equal(import_hf(tmp_path / "loose")(idx).logits, model(idx).logits)
     save_model(model, tmp_path / "sn")
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli"), "--require-llama"]) == 2
-    assert "span normalizes the block output" in _error_line(capsys)
+    assert "span_post normalizes the block output" in _error_line(capsys)
     assert not (tmp_path / "cli").exists()
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "cli")]) == 0
     assert "cannot load it as LlamaForCausalLM" in capsys.readouterr().err
@@ -304,20 +304,20 @@ def test_non_llama_placements_export_with_their_own_modeling_code_and_the_reason
     (dict(placement="peri"), "peri also normalizes each branch output, N(A(N(x))); a Llama layer has no output "
                              "norms (every layer)"),
     (dict(placement="span_b2t"), "span_b2t normalizes after the attention add and at the block output"),
-    (dict(placement="span_clean"), "span_clean normalizes the sum of both branch outputs, x + β·N(a + f); a Llama "
+    (dict(placement="span"), "span normalizes the sum of both branch outputs, x + β·N(a + f); a Llama "
                                    "layer adds each branch to the stream unnormalized"),
     (dict(placement="deepnorm"), "deepnorm multiplies the skip by α and normalizes after each add"),
     (dict(placement="hybrid"), "hybrid normalizes Q, K and V per head"),
     # mixln at L = 3, ratio 0.5: block 0 is post; only that layer is named
     (dict(placement="mixln", mixln_ratio=0.5), "post normalizes after each residual add, x' = N(x + F(x)); a "
                                                "Llama layer only normalizes the inputs of its branches (layers [0])"),
-    (dict(placement="pre", placement_overrides={1: "span"}), "span normalizes the block output, N(α·x + β·(a + f)); "
-                                                             "a Llama layer has no block-output norm (layers [1])"),
+    (dict(placement="pre", placement_overrides={1: "span_post"}),
+     "span_post normalizes the block output, N(α·x + β·(a + f)); a Llama layer has no block-output norm (layers [1])"),
     (dict(norm="layer"), "norm=layer: Llama uses RMSNorm, which neither subtracts the mean nor has a bias"),
     (dict(moe={"n_experts": 4, "top_k": 2}), "moe: Llama's MLP is one dense SwiGLU, not a mixture of experts"),
     (dict(embed_norm=True), "embed_norm: Llama does not normalize the embedding output"),
     (dict(final_norm=False), "final_norm=false: Llama always applies a final RMSNorm"),
-], ids=["post", "peri", "span_b2t", "span_clean", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe",
+], ids=["post", "peri", "span_b2t", "span", "deepnorm", "hybrid", "mixln", "override", "layernorm", "moe",
         "embed_norm", "no_final_norm"])
 def test_each_non_llama_feature_is_refused_with_its_reason(model_kw, reason, tmp_path, capsys):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, context_length=16, **model_kw)

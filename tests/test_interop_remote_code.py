@@ -100,27 +100,27 @@ def test_every_placement_loads_in_transformers_with_our_logits_and_cached_genera
 
 
 @pytest.mark.parametrize("model_kw", [
-    dict(placement="pre", placement_overrides={0: "span", 2: "hybrid"}, delta_t=0.6, tie_embeddings=True),
+    dict(placement="pre", placement_overrides={0: "span_post", 2: "hybrid"}, delta_t=0.6, tie_embeddings=True),
     dict(placement="post", delta_t=0.5, norm="layer", bias=True, tie_embeddings=False),
     dict(placement="peri", embed_norm=True, embed_scale=2.5, final_norm=True),
-    dict(placement="span", span_scaling="skip", span_beta=0.7, final_norm=True),
-    dict(placement="span", span_scaling="both", span_alpha=1.7, tie_embeddings=False),
-    dict(placement="span_b2t", span_scaling="both", tie_embeddings=True),
-    dict(placement="span_clean", delta_t=0.8, norm="layer", bias=True),
-    dict(placement="span_clean", span_clean_scaling="learnable", moe={"n_experts": 4, "top_k": 2},
+    dict(placement="span_post", span_post_scaling="skip", span_post_beta=0.7, final_norm=True),
+    dict(placement="span_post", span_post_scaling="both", span_post_alpha=1.7, tie_embeddings=False),
+    dict(placement="span_b2t", span_post_scaling="both", tie_embeddings=True),
+    dict(placement="span", delta_t=0.8, norm="layer", bias=True),
+    dict(placement="span", span_scaling="learnable", moe={"n_experts": 4, "top_k": 2},
          placement_overrides={0: "pre"}),
     dict(placement="deepnorm", final_norm=True, norm="layer"),
     dict(placement="lns", final_norm=False, init="fixed", init_std=0.02),
     dict(placement="hybrid", n_kv_heads=1, bias=True),
     dict(placement="peri", moe={"n_experts": 3, "top_k": 1, "shared_expert": True, "d_expert": 24}),
-    dict(placement="span", moe={"n_experts": 4, "top_k": 3, "shared_expert": True}, bias=True),
-    dict(placement="span", rope_theta=500000.0, rope_scaling={
+    dict(placement="span_post", moe={"n_experts": 4, "top_k": 3, "shared_expert": True}, bias=True),
+    dict(placement="span_post", rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8}),
     dict(placement="post", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
     dict(placement="deepnorm", rope_scaling={"rope_type": "linear", "factor": 2.0}),
 ], ids=["overrides-dt", "post-layernorm-bias-untied", "peri-embed-norm", "span-skip-beta", "span-both-alpha",
-        "span_b2t-both", "span_clean-fixed-layernorm", "span_clean-learnable-moe", "deepnorm-final", "lns-no-final",
+        "span_b2t-both", "span-fixed-layernorm", "span-learnable-moe", "deepnorm-final", "lns-no-final",
         "hybrid-mqa-bias", "moe-shared-top1", "moe-shared-top3-bias", "rope-llama3", "rope-yarn", "rope-linear"])
 @torch.no_grad()
 def test_every_model_option_is_carried_into_the_export(model_kw, tmp_path):
@@ -141,11 +141,11 @@ def test_every_model_option_is_carried_into_the_export(model_kw, tmp_path):
 @torch.no_grad()
 def test_the_parity_test_would_catch_a_wrong_constant(tmp_path):
     """The comparison is sensitive: the export with SpanNorm's α changed by 5% misses by far more than TOL."""
-    ours = _tiny(placement="span", span_scaling="skip")
+    ours = _tiny(placement="span_post", span_post_scaling="skip")
     export_hf_remote_code(ours, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["span_alpha"] == pytest.approx(math.sqrt(6))
-    config["span_alpha"] *= 1.05
+    assert config["span_post_alpha"] == pytest.approx(math.sqrt(6))
+    config["span_post_alpha"] *= 1.05
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     idx = _tokens()
     assert (_load(tmp_path / "hf")(input_ids=idx).logits - ours(idx).logits).abs().max() > 100 * TOL
@@ -153,7 +153,7 @@ def test_the_parity_test_would_catch_a_wrong_constant(tmp_path):
 
 @torch.no_grad()
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
-    ours = _tiny(placement="span", moe=MOE)
+    ours = _tiny(placement="span_post", moe=MOE)
     export_hf_remote_code(ours, tmp_path / "hf")
     theirs = _load(tmp_path / "hf")
     long, short = _tokens(1, 9, seed=5), _tokens(1, 5, seed=6)
@@ -183,7 +183,7 @@ def test_bf16_export_is_bf16_and_runs(tmp_path):
 
 
 def test_byte_tokenizer_is_exported_and_reproduces_ours(tmp_path):
-    ours = _tiny(vocab_size=256, placement="span")
+    ours = _tiny(vocab_size=256, placement="span_post")
     save_model(ours, tmp_path / "sn")  # a byte model's folder has no tokenizer.json
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "hf")]) == 0
     byte = ByteTokenizer()
@@ -267,7 +267,7 @@ def _error_line(capsys) -> str:
     (lambda c: c["spannorm_config"].update(placement="sideways"), "spannorm_config is invalid: model.placement"),
 ], ids=["no-spannorm-config", "edited", "invalid"])
 def test_a_folder_that_is_not_our_export_is_one_line_and_writes_nothing(edit, message, tmp_path, capsys):
-    export_hf_remote_code(_tiny(placement="span"), tmp_path / "hf")
+    export_hf_remote_code(_tiny(placement="span_post"), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     edit(config)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
@@ -280,7 +280,7 @@ def test_a_folder_that_is_not_our_export_is_one_line_and_writes_nothing(edit, me
 
 
 def test_export_of_a_folder_that_is_not_ours_or_a_tokenizer_too_big_is_one_line(tmp_path, capsys):
-    export_hf_remote_code(_tiny(placement="span"), tmp_path / "hf")  # an HF folder, not a spannorm model folder
+    export_hf_remote_code(_tiny(placement="span_post"), tmp_path / "hf")  # an HF folder, not a spannorm model folder
     capsys.readouterr()
     assert main(["export-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
     assert "not a spannorm model directory" in _error_line(capsys)
@@ -303,8 +303,8 @@ def test_require_llama_still_refuses_and_writes_nothing(tmp_path, capsys):
 
 
 def test_check_without_transformers_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    save_model(_tiny(placement="span"), tmp_path / "sn")
-    export_hf_remote_code(_tiny(placement="span"), tmp_path / "hf")
+    save_model(_tiny(placement="span_post"), tmp_path / "sn")
+    export_hf_remote_code(_tiny(placement="span_post"), tmp_path / "hf")
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra 'hf' were not installed
     assert main(["export-hf", str(tmp_path / "sn"), "--out", str(tmp_path / "out"), "--check"]) == 2
@@ -312,3 +312,32 @@ def test_check_without_transformers_is_one_line_and_writes_nothing(tmp_path, mon
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--check"]) == 2
     assert "pip install 'spannorm[hf]'" in _error_line(capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("placement, v1_name", [("span_post", "span"), ("span", "span_clean")])
+@torch.no_grad()
+def test_an_export_written_before_placement_names_2_loads_as_the_model_it_was(placement, v1_name, tmp_path):
+    """An export from before the rename has no ``placement_names`` in config.json and version 1's names: its
+    ``span`` blocks are today's span_post, its ``span_clean`` blocks today's span, and its ``span_alpha``,
+    ``span_beta`` and ``span_clean_beta`` are span_post's α and β and span's β. Both the modeling code and
+    re-import read it as such."""
+    ours = _tiny(placement=placement, span_post_scaling="skip", span_post_beta=0.7, span_scaling="fixed")
+    export_hf_remote_code(ours, tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("placement_names") == 2
+    config["layer_placements"] = [v1_name] * len(config["layer_placements"])
+    clean_beta = config.pop("span_beta")
+    config["span_alpha"], config["span_beta"] = config.pop("span_post_alpha"), config.pop("span_post_beta")
+    config["span_clean_beta"] = clean_beta
+    saved = config["spannorm_config"]
+    saved.pop("placement_names")
+    saved["placement"] = v1_name
+    saved["span_scaling"], saved["span_alpha"], saved["span_beta"] = (
+        saved.pop("span_post_scaling"), saved.pop("span_post_alpha"), saved.pop("span_post_beta"))
+    path.write_text(json.dumps(config))
+    idx = _tokens()
+    theirs = _load(tmp_path / "hf")
+    assert theirs.config.layer_placements == [placement] * 3 and theirs.config.placement_names == 2
+    assert (theirs(input_ids=idx, use_cache=False).logits - ours(idx).logits).abs().max().item() < TOL
+    assert import_hf(tmp_path / "hf").cfg == ours.cfg

@@ -53,7 +53,7 @@ def test_residual_records_its_dual_stream_beside_the_post_ln_stream():
     assert stats["dual_grad_norm"][1:] == pytest.approx([stats["dual_grad_norm"][-1]] * model.cfg.n_layers)
 
 
-@pytest.mark.parametrize("placement", ["pre", "span_clean"])
+@pytest.mark.parametrize("placement", ["pre", "span"])
 def test_single_stream_placements_have_no_dual_keys(placement):
     model = _model(placement)
     stats = measure_layer_stats(model, *_batch())

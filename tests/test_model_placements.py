@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from spannorm import ModelConfig, MoEConfig, SpanNormLM
 from spannorm.config import BLOCK_PLACEMENTS, ConfigError
-from spannorm.model.placements import BLOCKS, deepnorm_constants, span_constants
+from spannorm.model.placements import BLOCKS, deepnorm_constants, span_post_constants
 
 D, H, T = 32, 4, 12
 EPS = 1e-6  # ModelConfig.norm_eps, the default _cfg keeps
@@ -110,8 +110,8 @@ def _atol(placement, expected):
 HAND_WRITTEN = {"hybrid"}
 """References that do not reuse the block's sub-module for some part of the computation."""
 
-REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span": ref_span, "span_b2t": ref_span_b2t,
-              "span_clean": ref_span_clean, "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid,
+REFERENCES = {"pre": ref_pre, "post": ref_post, "peri": ref_peri, "span_post": ref_span, "span_b2t": ref_span_b2t,
+              "span": ref_span_clean, "deepnorm": ref_deepnorm, "lns": ref_lns, "hybrid": ref_hybrid,
               "residual": ref_residual}
 
 
@@ -124,7 +124,7 @@ def test_every_block_placement_has_a_reference():
 @pytest.mark.parametrize("placement", sorted(REFERENCES))
 def test_block_matches_reference(placement, moe, norm):
     torch.manual_seed(0)
-    cfg = _cfg(placement, norm=norm, span_beta=0.9, moe=MoEConfig(n_experts=4, top_k=2) if moe else None)
+    cfg = _cfg(placement, norm=norm, span_post_beta=0.9, moe=MoEConfig(n_experts=4, top_k=2) if moe else None)
     model = SpanNormLM(cfg)
     _randomize_norms(model)
     x = torch.randn(2, T, D)
@@ -173,10 +173,10 @@ def test_residual_cannot_be_mixed_with_other_placements():
 def spec_span_alpha(cfg: ModelConfig) -> float:
     """SpanNorm's clean-skip α from SPEC §3, computed from the config alone: the explicit override if any, else
     the scaling rule's formula (init: 1; skip: sqrt(2L); both: DeepNorm's (2L)^(1/4))."""
-    if cfg.span_alpha is not None:
-        return cfg.span_alpha
+    if cfg.span_post_alpha is not None:
+        return cfg.span_post_alpha
     two_l = 2 * cfg.n_layers
-    return {"init": 1.0, "skip": math.sqrt(two_l), "both": two_l ** 0.25}[cfg.span_scaling]
+    return {"init": 1.0, "skip": math.sqrt(two_l), "both": two_l ** 0.25}[cfg.span_post_scaling]
 
 
 def span_equation(b, x, alpha, beta):
@@ -192,21 +192,21 @@ def span_b2t_equation(b, x, alpha, beta):
     return b.block_out_norm(alpha * x + beta * (h + f))
 
 
-SPAN_EQUATIONS = {"span": span_equation, "span_b2t": span_b2t_equation}
+SPAN_EQUATIONS = {"span_post": span_equation, "span_b2t": span_b2t_equation}
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("scaling", [
-    dict(span_scaling="skip", span_beta=0.6),                   # α = sqrt(6) at L = 3
-    dict(span_scaling="both", span_beta=1.7),                   # α = 6^(1/4)
-    dict(span_scaling="init", span_alpha=2.5, span_beta=0.4),   # explicit α over init's α = 1
-    dict(span_scaling="skip", span_alpha=0.5, span_beta=1.3),   # explicit α over skip's sqrt(6)
+    dict(span_post_scaling="skip", span_post_beta=0.6),                   # α = sqrt(6) at L = 3
+    dict(span_post_scaling="both", span_post_beta=1.7),                   # α = 6^(1/4)
+    dict(span_post_scaling="init", span_post_alpha=2.5, span_post_beta=0.4),   # explicit α over init's α = 1
+    dict(span_post_scaling="skip", span_post_alpha=0.5, span_post_beta=1.3),   # explicit α over skip's sqrt(6)
 ], ids=["skip", "both", "init+alpha", "skip+alpha"])
-@pytest.mark.parametrize("placement", ["span", "span_b2t"])
+@pytest.mark.parametrize("placement", ["span_post", "span_b2t"])
 def test_span_blocks_match_reference_with_scaled_skip_and_branch(placement, scaling, norm):
     torch.manual_seed(0)
     cfg = _cfg(placement, n_layers=3, norm=norm, **scaling)
-    alpha, beta = spec_span_alpha(cfg), cfg.span_beta
+    alpha, beta = spec_span_alpha(cfg), cfg.span_post_beta
     assert alpha != pytest.approx(1.0) and beta != 1.0
     model = SpanNormLM(cfg)
     _randomize_norms(model)
@@ -221,16 +221,16 @@ def test_span_blocks_match_reference_with_scaled_skip_and_branch(placement, scal
         assert (out - equation(block, x, alpha, 1.0)).abs().max() > 1e-3
 
 
-# ---------------------------------------------------------------- span_clean: both scaling forms
+# ---------------------------------------------------------------- span: both scaling forms
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_span_clean_learnable_form_puts_one_over_sqrt_l_into_the_output_norm_gain(norm):
     """learnable: β = 1 at run time and Nₒ's gain starts at 1/sqrt(L) (reset_parameters' ones do not win);
     the other norms start at 1. At init it computes what the fixed form computes."""
     L = 9
     torch.manual_seed(0)
-    fixed = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm))
+    fixed = SpanNormLM(_cfg("span", n_layers=L, norm=norm))
     torch.manual_seed(0)
-    learnable = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm, span_clean_scaling="learnable"))
+    learnable = SpanNormLM(_cfg("span", n_layers=L, norm=norm, span_scaling="learnable"))
     for b_fixed, b_learn in zip(fixed.blocks, learnable.blocks):
         assert b_fixed.beta == pytest.approx(1 / 3) and b_learn.beta == 1.0
         assert torch.equal(b_fixed.block_out_norm.weight, torch.ones(D))
@@ -242,7 +242,7 @@ def test_span_clean_learnable_form_puts_one_over_sqrt_l_into_the_output_norm_gai
     assert all(torch.allclose(b.block_out_norm.weight, torch.full((D,), 1 / 3)) for b in learnable.blocks)
     idx = torch.randint(0, 256, (2, T))
     torch.manual_seed(0)
-    learnable = SpanNormLM(_cfg("span_clean", n_layers=L, norm=norm, span_clean_scaling="learnable"))
+    learnable = SpanNormLM(_cfg("span", n_layers=L, norm=norm, span_scaling="learnable"))
     torch.testing.assert_close(learnable(idx).logits, fixed(idx).logits, rtol=1e-5, atol=1e-5)
     # with trained-like gains, the learnable form is x + Δt·Nₒ(a + f): no hidden 1/sqrt(L) left
     _randomize_norms(learnable)
@@ -255,9 +255,9 @@ def test_span_clean_learnable_form_puts_one_over_sqrt_l_into_the_output_norm_gai
 
 def test_span_clean_ignores_span_alpha_beta_and_scaling():
     torch.manual_seed(0)
-    plain = SpanNormLM(_cfg("span_clean"))
+    plain = SpanNormLM(_cfg("span"))
     torch.manual_seed(0)
-    knobs = SpanNormLM(_cfg("span_clean", span_alpha=3.0, span_beta=0.2, span_scaling="skip"))
+    knobs = SpanNormLM(_cfg("span", span_post_alpha=3.0, span_post_beta=0.2, span_post_scaling="skip"))
     idx = torch.randint(0, 256, (2, T))
     torch.testing.assert_close(knobs(idx).logits, plain(idx).logits, rtol=0, atol=0)
 
@@ -297,16 +297,16 @@ def test_mixln_is_post_then_pre():
 
 
 def test_placement_overrides_by_layer_index():
-    cfg = _cfg("pre", n_layers=4, placement_overrides={0: "post", "3": "span"})
+    cfg = _cfg("pre", n_layers=4, placement_overrides={0: "post", "3": "span_post"})
     model = SpanNormLM(cfg)
-    assert [b.placement for b in model.blocks] == ["post", "pre", "pre", "span"]
+    assert [b.placement for b in model.blocks] == ["post", "pre", "pre", "span_post"]
     assert model.final_norm is None  # the last block normalizes its output
     x = torch.randint(0, 256, (1, T))
     assert model(x).logits.shape == (1, T, 256)
 
 
-@pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span", False),
-                                             ("span_b2t", False), ("span_clean", True), ("deepnorm", False),
+@pytest.mark.parametrize("placement,final", [("pre", True), ("post", False), ("peri", True), ("span_post", False),
+                                             ("span_b2t", False), ("span", True), ("deepnorm", False),
                                              ("lns", True), ("hybrid", True), ("mixln", True),
                                              ("residual", False)])
 def test_final_norm_defaults(placement, final):
@@ -323,13 +323,13 @@ def test_norms_are_named_by_position():
 
 def test_span_scaling_constants():
     L = 24
-    assert span_constants(_cfg("span", n_layers=L, span_scaling="init"))[0] == 1.0
-    assert span_constants(_cfg("span", n_layers=L, span_scaling="init"))[1].out_proj_scale == pytest.approx(
-        1 / math.sqrt(48))
-    assert span_constants(_cfg("span", n_layers=L, span_scaling="skip"))[0] == pytest.approx(math.sqrt(48))
-    alpha, init = span_constants(_cfg("span", n_layers=L, span_scaling="both"))
+    alpha, init = span_post_constants(_cfg("span_post", n_layers=L, span_post_scaling="init"))
+    assert alpha == 1.0 and init.out_proj_scale == pytest.approx(1 / math.sqrt(48))
+    alpha, _ = span_post_constants(_cfg("span_post", n_layers=L, span_post_scaling="skip"))
+    assert alpha == pytest.approx(math.sqrt(48))
+    alpha, init = span_post_constants(_cfg("span_post", n_layers=L, span_post_scaling="both"))
     assert (alpha, init.xavier_gain) == pytest.approx(deepnorm_constants(L))
-    assert span_constants(_cfg("span", n_layers=L, span_alpha=3.0))[0] == 3.0
+    assert span_post_constants(_cfg("span_post", n_layers=L, span_post_alpha=3.0))[0] == 3.0
 
 
 # ---------------------------------------------------------------- sub-modules against hand-written maths

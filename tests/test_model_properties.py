@@ -109,8 +109,8 @@ def test_post_gradient_ratio_departs_exponentially():
     assert g128 / g16 > 100 or g128 / g16 < 1 / 100
 
 
-@pytest.mark.parametrize("placement", ["span", "deepnorm"])
-def test_span_and_deepnorm_keep_unit_stream_and_flat_gradient(placement):
+@pytest.mark.parametrize("placement", ["span_post", "deepnorm"])
+def test_span_post_and_deepnorm_keep_unit_stream_and_flat_gradient(placement):
     for L in (16, 64, 128):
         prof = _profile(placement, L)
         assert prof.rms[1:] == pytest.approx([1.0] * L, abs=1e-3)  # every block output has unit RMS

@@ -20,7 +20,7 @@ from spannorm.model.placements import (
     DEEPNORM_ALPHA,
     DELTA_T,
     PATTERNS,
-    SPAN_ALPHA,
+    SPAN_POST_ALPHA,
     BlockInit,
     Knob,
     block_classes,
@@ -79,23 +79,23 @@ def test_every_block_declares_the_registry_attributes(placement):
 def test_registry_values():
     """The declared facts, written out once more by hand so that a changed declaration shows here."""
     assert {p: cls.knob for p, cls in BLOCKS.items()} == {
-        "pre": DELTA_T, "post": DELTA_T, "peri": DELTA_T, "lns": DELTA_T, "span": SPAN_ALPHA,
-        "span_b2t": SPAN_ALPHA, "span_clean": DELTA_T, "deepnorm": DEEPNORM_ALPHA, "hybrid": None,
+        "pre": DELTA_T, "post": DELTA_T, "peri": DELTA_T, "lns": DELTA_T, "span_post": SPAN_POST_ALPHA,
+        "span_b2t": SPAN_POST_ALPHA, "span": DELTA_T, "deepnorm": DEEPNORM_ALPHA, "hybrid": None,
         "residual": DELTA_T}
     assert placement_knob("mixln") == DELTA_T
     assert [cls.placement for cls in block_classes("mixln")] == ["post", "pre"]
     assert KNOBS == {"pre": "delta_t", "lns": "delta_t", "peri": "delta_t", "post": "delta_t", "mixln": "delta_t",
-                     "span": "alpha", "span_b2t": "alpha", "span_clean": "delta_t", "deepnorm": "alpha",
+                     "span_post": "alpha", "span_b2t": "alpha", "span": "delta_t", "deepnorm": "alpha",
                      "hybrid": None, "residual": "delta_t"}
-    assert {p for p, cls in BLOCKS.items() if cls.normalizes_output} == {"post", "span", "span_b2t", "deepnorm",
+    assert {p for p, cls in BLOCKS.items() if cls.normalizes_output} == {"post", "span_post", "span_b2t", "deepnorm",
                                                                          "residual"}
     assert {p for p, cls in BLOCKS.items() if cls.dual_stream} == set(DUAL_STREAM_PLACEMENTS) == {"residual"}
     assert set(LLAMA_LAYER_PLACEMENTS) == {"pre", "lns"}
-    assert set(SPAN_PLACEMENTS) == {"span", "span_b2t", "span_clean"}
+    assert set(SPAN_PLACEMENTS) == {"span_post", "span_b2t", "span"}
     assert {p: cls.identity_path_norms for p, cls in BLOCKS.items() if cls.identity_path_norms} == {
         "post": (("attn_out", "in"), ("ffn_out", "mid")),
         "deepnorm": (("attn_out", "in"), ("ffn_out", "mid")),
-        "span": (("block_out", "in"),),
+        "span_post": (("block_out", "in"),),
         "span_b2t": (("block_out", "in"),),
         "hybrid": (("attn_out", "in"),),
     }
@@ -115,18 +115,18 @@ def _expected_init(cfg: ModelConfig, placement: str) -> BlockInit:
     L = cfg.n_layers
     if placement in ("pre", "lns"):
         return BlockInit(out_proj_scale=1 / math.sqrt(2 * L) if cfg.scale_out_proj else 1.0)
-    if placement in ("span", "span_b2t"):
+    if placement in ("span_post", "span_b2t"):
         return {"init": BlockInit(out_proj_scale=1 / math.sqrt(2 * L)), "skip": BlockInit(),
-                "both": BlockInit(xavier_gain=(8 * L) ** -0.25)}[cfg.span_scaling]
+                "both": BlockInit(xavier_gain=(8 * L) ** -0.25)}[cfg.span_post_scaling]
     if placement == "deepnorm":
         return BlockInit(xavier_gain=(8 * L) ** -0.25)
-    if placement == "span_clean":  # SPEC §9: the learnable form starts Nₒ's gain at 1/sqrt(L)
-        return BlockInit(block_out_gain=1 / math.sqrt(L) if cfg.span_clean_scaling == "learnable" else 1.0)
+    if placement == "span":  # SPEC §9: the learnable form starts Nₒ's gain at 1/sqrt(L)
+        return BlockInit(block_out_gain=1 / math.sqrt(L) if cfg.span_scaling == "learnable" else 1.0)
     return BlockInit()
 
 
-@pytest.mark.parametrize("extra", [{}, {"scale_out_proj": False}, {"span_scaling": "skip"},
-                                   {"span_scaling": "both", "n_layers": 24}, {"span_clean_scaling": "learnable"}])
+@pytest.mark.parametrize("extra", [{}, {"scale_out_proj": False}, {"span_post_scaling": "skip"},
+                                   {"span_post_scaling": "both", "n_layers": 24}, {"span_scaling": "learnable"}])
 @pytest.mark.parametrize("placement", sorted(BLOCKS))
 def test_theory_init_rule_is_the_blocks_classmethod(placement, extra):
     cfg = _cfg(placement, **extra)
@@ -136,38 +136,38 @@ def test_theory_init_rule_is_the_blocks_classmethod(placement, extra):
     assert all(block.init_rule(cfg) == rule for block in model.blocks)
 
 
-@pytest.mark.parametrize("extra", [{}, {"span_alpha": 3.0, "span_beta": 0.5}, {"span_scaling": "skip"}])
-@pytest.mark.parametrize("placement", ["span", "span_b2t", "deepnorm"])
+@pytest.mark.parametrize("extra", [{}, {"span_post_alpha": 3.0, "span_post_beta": 0.5}, {"span_post_scaling": "skip"}])
+@pytest.mark.parametrize("placement", ["span_post", "span_b2t", "deepnorm"])
 def test_theory_and_model_use_the_same_residual_scales(placement, extra):
     cfg = _cfg(placement, **extra)
     alpha, beta = BLOCKS[placement].residual_scales(cfg)
     block = DecoderLM(cfg).blocks[0]
     theory = BlockTheory(cfg, 0, placement)
     assert block.alpha == theory.alpha == alpha == configured_value(cfg)
-    assert theory.beta == beta == (cfg.span_beta if placement != "deepnorm" else 1.0)
+    assert theory.beta == beta == (cfg.span_post_beta if placement != "deepnorm" else 1.0)
     if placement != "deepnorm":
         assert block.beta == beta
 
 
-@pytest.mark.parametrize("extra,beta", [({}, 1 / math.sqrt(6)), ({"span_clean_scaling": "learnable"}, 1.0),
-                                        ({"span_alpha": 3.0, "span_beta": 0.5, "span_scaling": "skip"},
+@pytest.mark.parametrize("extra,beta", [({}, 1 / math.sqrt(6)), ({"span_scaling": "learnable"}, 1.0),
+                                        ({"span_post_alpha": 3.0, "span_post_beta": 0.5, "span_post_scaling": "skip"},
                                          1 / math.sqrt(6))])
 def test_span_clean_residual_scales_are_the_models_and_the_theorys(extra, beta):
     """SPEC §9: no skip multiplier, β = 1/sqrt(L) (fixed) or 1 (learnable); the span_* knobs do not apply."""
-    cfg = _cfg("span_clean", **extra)
-    assert BLOCKS["span_clean"].residual_scales(cfg) == pytest.approx((1.0, beta))
+    cfg = _cfg("span", **extra)
+    assert BLOCKS["span"].residual_scales(cfg) == pytest.approx((1.0, beta))
     block = DecoderLM(cfg).blocks[0]
-    assert block.beta == BlockTheory(cfg, 0, "span_clean", alpha=5.0).beta == pytest.approx(beta)
-    assert BlockTheory(cfg, 0, "span_clean", alpha=5.0).alpha == 1.0 and not hasattr(block, "alpha")
+    assert block.beta == BlockTheory(cfg, 0, "span", alpha=5.0).beta == pytest.approx(beta)
+    assert BlockTheory(cfg, 0, "span", alpha=5.0).alpha == 1.0 and not hasattr(block, "alpha")
     assert configured_value(cfg) == cfg.delta_t
     # the field is written only when not at its default, so configs written before it existed compare the same
-    assert ("span_clean_scaling" in cfg.to_dict()) == (cfg.span_clean_scaling != "fixed")
+    assert ("span_scaling" in cfg.to_dict()) == (cfg.span_scaling != "fixed")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_other_blocks_have_unit_residual_scales():
     for placement, cls in BLOCKS.items():
-        if placement == "span_clean":  # β = 1/sqrt(L): the test above
+        if placement == "span":  # β = 1/sqrt(L): the test above
             continue
         if cls.knob is None or cls.knob.name != "alpha":
             assert cls.residual_scales(_cfg(placement)) == (1.0, 1.0)
@@ -211,7 +211,7 @@ def test_criterion_reads_the_knob(placement):
 def test_spannormlm_is_the_decoder_lm():
     assert SpanNormLM is DecoderLM
     torch.manual_seed(0)
-    a = SpanNormLM(_cfg("span"))
+    a = SpanNormLM(_cfg("span_post"))
     torch.manual_seed(0)
-    b = DecoderLM(_cfg("span"))
+    b = DecoderLM(_cfg("span_post"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

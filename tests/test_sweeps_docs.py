@@ -93,7 +93,7 @@ def test_quick_start_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert {"report.md", "results.csv", "results.json", "val_vs_depth_dense.png", "curves_dense_L4.png",
             "layers_dense_L4.png"} <= {p.name for p in out.iterdir()}
     md = (out / "report.md").read_text()
-    assert "Fixed before the runs? yes" in md and "Hypothesis: span ends below pre at depth 4" in md
+    assert "Fixed before the runs? yes" in md and "Hypothesis: span_post ends below pre at depth 4" in md
     for title in ("## Unigram reference", "## Pre-registered comparison", "## Final val loss, dense",
                   "## SpanNorm against the best baseline", "## Divergences", "## LR search (dense)",
                   "## LR bracketing", "## Plots", "## Per-layer moments"):

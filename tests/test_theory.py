@@ -53,10 +53,10 @@ def _realized_gain(weight: torch.Tensor, fan_in: int) -> float:
 
 
 @pytest.mark.parametrize("placement,extra", [
-    ("pre", {}), ("pre", {"scale_out_proj": False}), ("post", {}), ("deepnorm", {}), ("span", {}),
-    ("span", {"span_scaling": "skip"}), ("span", {"span_scaling": "both"}), ("lns", {}),
-    ("post", {"init": "fixed", "init_std": 0.02}), ("span", {"moe": MoEConfig(n_experts=4, top_k=2)}),
-    ("span_clean", {}), ("span_clean", {"span_clean_scaling": "learnable"}),
+    ("pre", {}), ("pre", {"scale_out_proj": False}), ("post", {}), ("deepnorm", {}), ("span_post", {}),
+    ("span_post", {"span_post_scaling": "skip"}), ("span_post", {"span_post_scaling": "both"}), ("lns", {}),
+    ("post", {"init": "fixed", "init_std": 0.02}), ("span_post", {"moe": MoEConfig(n_experts=4, top_k=2)}),
+    ("span", {}), ("span", {"span_scaling": "learnable"}),
 ])
 def test_init_gains_are_the_models_init(placement, extra):
     """The theory reads SPEC §3's rules from the config; they must be what the model actually draws."""
@@ -94,8 +94,8 @@ def _measure_and_predict(placement: str, n_layers: int, seed: int = 0, seq: int 
 
 
 @pytest.mark.parametrize("placement,n_layers,extra", [
-    ("deepnorm", 16, {}), ("span", 16, {}), ("span", 16, {"span_scaling": "skip"}),
-    ("span", 16, {"span_scaling": "both"}), ("span_b2t", 8, {}), ("post", 4, {}),
+    ("deepnorm", 16, {}), ("span_post", 16, {}), ("span_post", 16, {"span_post_scaling": "skip"}),
+    ("span_post", 16, {"span_post_scaling": "both"}), ("span_b2t", 8, {}), ("post", 4, {}),
 ])
 def test_identity_path_product_matches_theory(placement, n_layers, extra):
     """SPEC §5: the measured ∏ α/σ_l (from the norms' own inputs) matches the prediction within 20%."""
@@ -119,9 +119,9 @@ def test_post_identity_path_decays_exponentially_as_predicted_at_depth_8():
 
 @pytest.mark.parametrize("placement,n_layers,extra,rel", [
     ("pre", 8, {"scale_out_proj": False}, 0.1), ("pre", 8, {}, 0.05), ("peri", 8, {}, 0.1),
-    ("hybrid", 4, {}, 0.1), ("lns", 8, {}, 0.05), ("span_clean", 8, {}, 0.05),
-    ("span_clean", 16, {"span_clean_scaling": "learnable"}, 0.05),
-    ("span_clean", 8, {"moe": MoEConfig(n_experts=4, top_k=2), "delta_t": 0.5}, 0.05),
+    ("hybrid", 4, {}, 0.1), ("lns", 8, {}, 0.05), ("span", 8, {}, 0.05),
+    ("span", 16, {"span_scaling": "learnable"}, 0.05),
+    ("span", 8, {"moe": MoEConfig(n_experts=4, top_k=2), "delta_t": 0.5}, 0.05),
 ])
 def test_variance_recursion_matches_measurement(placement, n_layers, extra, rel):
     m, p = _measure_and_predict(placement, n_layers, **extra)
@@ -130,8 +130,9 @@ def test_variance_recursion_matches_measurement(placement, n_layers, extra, rel)
 
 
 @pytest.mark.parametrize("placement,n_layers,extra,rel", [
-    ("post", 8, {}, 0.35), ("span", 8, {}, 0.1), ("deepnorm", 8, {}, 0.1), ("pre", 8, {"scale_out_proj": False}, 0.25),
-    ("span_clean", 8, {}, 0.1), ("span_clean", 16, {"span_clean_scaling": "learnable"}, 0.1),
+    ("post", 8, {}, 0.35), ("span_post", 8, {}, 0.1), ("deepnorm", 8, {}, 0.1),
+    ("pre", 8, {"scale_out_proj": False}, 0.25),
+    ("span", 8, {}, 0.1), ("span", 16, {"span_scaling": "learnable"}, 0.1),
 ])
 def test_gradient_ratio_prediction_on_independent_tokens(placement, n_layers, extra, rel):
     m, p = _measure_and_predict(placement, n_layers, **extra)
@@ -151,8 +152,8 @@ def test_span_clean_variance_grows_by_one_whatever_the_depth(scaling):
     depth (1/L per block), and every block contributes the same share; no norm sits on the skip."""
     for L in (4, 16, 64):
         for dt in (1.0, 0.5):
-            cfg = ModelConfig(d_model=64, n_heads=4, n_layers=L, context_length=32, placement="span_clean",
-                              span_clean_scaling=scaling, delta_t=dt)
+            cfg = ModelConfig(d_model=64, n_heads=4, n_layers=L, context_length=32, placement="span",
+                              span_scaling=scaling, delta_t=dt)
             p = predict_init(cfg, seq_len=32)
             assert p.variance_ratio == pytest.approx(1 + dt ** 2, rel=1e-6)
             increments = np.diff(p.stream_mean_square)
@@ -170,16 +171,17 @@ def test_peri_bound_constants():
     assert bounds.peri_step_bound(norm, 0.1) == pytest.approx(0.1 * 14)
     cfg = ModelConfig(n_layers=6, delta_t=0.5)
     assert bounds.peri_depth_bound(cfg) == pytest.approx(6.0)
-    assert bounds.span_clean_step_bound(norm, 0.5, 0.25) == pytest.approx(0.125 * 14)
+    assert bounds.span_step_bound(norm, 0.5, 0.25) == pytest.approx(0.125 * 14)
 
 
 def test_published_scalings():
     by_name = {s.name: s for s in bounds.scalings(24)}
     assert by_name["deepnorm"].alpha == pytest.approx(48 ** 0.25)
     assert by_name["deepnorm"].xavier_gain == pytest.approx(192 ** -0.25)
-    assert by_name["span/init"].alpha == 1 and by_name["span/init"].out_proj_scale == pytest.approx(48 ** -0.5)
-    assert by_name["span/skip"].alpha == pytest.approx(48 ** 0.5)
-    assert by_name["span/both"].xavier_gain == pytest.approx(192 ** -0.25)
+    post_init = by_name["span_post/init"]
+    assert post_init.alpha == 1 and post_init.out_proj_scale == pytest.approx(48 ** -0.5)
+    assert by_name["span_post/skip"].alpha == pytest.approx(48 ** 0.5)
+    assert by_name["span_post/both"].xavier_gain == pytest.approx(192 ** -0.25)
 
 
 def test_criterion_finds_the_band_boundary_for_unscaled_pre():
@@ -193,7 +195,7 @@ def test_criterion_finds_the_band_boundary_for_unscaled_pre():
 
 
 def test_criterion_keeps_spans_configured_alpha_and_damps_post():
-    span = suggest_scaling(ModelConfig(d_model=64, n_heads=4, n_layers=8, context_length=32, placement="span"),
+    span = suggest_scaling(ModelConfig(d_model=64, n_heads=4, n_layers=8, context_length=32, placement="span_post"),
                            seq_len=32)
     assert span.configured_within_band and span.recommended == 1.0 and span.boundary.value < 1.0
     post = suggest_scaling(ModelConfig(d_model=64, n_heads=4, n_layers=16, context_length=32, placement="post"),

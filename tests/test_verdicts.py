@@ -110,7 +110,7 @@ def test_attention_verdict_is_absent_without_attention():
 # ------------------------------------------------------------------------------------------- forward
 def _growing(n_layers: int, per_block: float, bound_ratio: float | None) -> Measurement:
     """A measurement whose stream variance grows ×per_block per block; ``bound_ratio``: a weight-free bound's
-    worst ratio (Peri-LN or span_clean), or None (no such bound)."""
+    worst ratio (Peri-LN or span), or None (no such bound)."""
     m = measurement(n_layers)
     m.entry_variance = [per_block ** layer for layer in range(n_layers + 1)]
     if bound_ratio is not None:

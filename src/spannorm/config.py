@@ -15,11 +15,27 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import yaml
+
 from spannorm.configuration import ConfigError, build, check_fields, fail
 
-PLACEMENTS = ("pre", "post", "peri", "span", "span_b2t", "span_clean", "deepnorm", "mixln", "lns", "hybrid",
+PLACEMENTS = ("pre", "post", "peri", "span", "span_post", "span_b2t", "deepnorm", "mixln", "lns", "hybrid",
               "residual")
-"""Every placement of SPEC §2 and §9. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own."""
+"""Every placement of SPEC §2 and §9. ``mixln`` is a pattern of ``post`` and ``pre`` blocks, not a block of its own.
+``span`` is SpanNorm's clean reading (SPEC §9's ``span_clean``); ``span_post`` and ``span_b2t`` are the readings
+that normalize the stream after every block (see :data:`PLACEMENT_NAMES`)."""
+PLACEMENT_NAMES = 2
+"""The version of the placement names. Version 1 (before the issue-16 study chose SpanNorm's default) called the
+clean reading ``span_clean`` (with ``span_clean_scaling``) and the post-normalizing one ``span`` (with
+``span_scaling``, ``span_alpha``, ``span_beta``). Every model config spannorm saves records the version it was
+written with (``placement_names``); a saved config without it is read with version 1's names, so that an old
+checkpoint loads as the model it was trained as. A config a user writes may say ``placement_names: 1`` to be read
+the same way."""
+RENAMED_PLACEMENTS_V1 = {"span": "span_post", "span_clean": "span"}
+"""Version 1 placement name -> version 2 name (the others are unchanged)."""
+RENAMED_FIELDS_V1 = {"span_scaling": "span_post_scaling", "span_alpha": "span_post_alpha",
+                     "span_beta": "span_post_beta", "span_clean_scaling": "span_scaling"}
+"""Version 1 model field -> version 2 field (the others are unchanged)."""
 DUAL_STREAM_PLACEMENTS = ("residual",)
 """Placements whose blocks carry two streams (ResiDual's x and d) from the embedding to the head: every layer of
 such a model must use them (a test keeps this equal to the block classes' ``dual_stream``)."""
@@ -27,12 +43,13 @@ such a model must use them (a test keeps this equal to the block classes' ``dual
 BLOCK_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "mixln")
 Placement = Literal[PLACEMENTS]  # type: ignore[valid-type]  # the names are PLACEMENTS, written once
 BlockPlacement = Literal[BLOCK_PLACEMENTS]  # type: ignore[valid-type]
-SpanScaling = Literal["init", "skip", "both"]
-SpanCleanScaling = Literal["fixed", "learnable"]
+SpanScaling = Literal["fixed", "learnable"]
+SpanPostScaling = Literal["init", "skip", "both"]
 Norm = Literal["rms", "layer"]
 Init = Literal["fan_in", "fixed"]
 HeadInit = Literal["half", "small", "fan_in"]
 SPAN_SCALINGS = typing.get_args(SpanScaling)
+SPAN_POST_SCALINGS = typing.get_args(SpanPostScaling)
 NORMS = typing.get_args(Norm)
 INITS = typing.get_args(Init)
 HEAD_INITS = typing.get_args(HeadInit)
@@ -44,7 +61,7 @@ ROPE_SCALINGS = {
 """RoPE scaling types (Hugging Face ``rope_type``) -> the keys each one requires (see
 ``spannorm.model.layers.rope_frequencies``). yarn also reads ``beta_fast``, ``beta_slow``, ``attention_factor``,
 ``mscale``, ``mscale_all_dim`` and ``truncate`` when present."""
-OPTIONAL_FIELDS = ("rope_scaling", "sliding_window", "span_clean_scaling")
+OPTIONAL_FIELDS = ("rope_scaling", "sliding_window", "span_scaling")
 """Fields :meth:`ModelConfig.to_dict` writes only when they differ from their default, so that configs and
 checkpoints written before they existed read and compare the same."""
 LEGACY_TIE_EMBEDDINGS = True
@@ -100,18 +117,19 @@ class ModelConfig:
     """``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias)."""
     norm_eps: float = 1e-6
     delta_t: float = 1.0
-    """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.), and on span_clean's
-    one block update x + Δt·β·Nₒ(a + f)."""
-    span_scaling: SpanScaling = "init"
-    """SpanNorm's variance-aware scaling (SPEC §3): init, skip or both."""
-    span_alpha: float | None = None
-    """Override the clean-skip multiplier α of span/span_b2t. None: from span_scaling."""
-    span_beta: float = 1.0
-    """Run-time branch multiplier β_run of span/span_b2t. span_alpha, span_beta and span_scaling do not apply
-    to span_clean (its skip is the clean stream, its β comes from span_clean_scaling)."""
-    span_clean_scaling: SpanCleanScaling = "fixed"
-    """span_clean's variance-aware scaling (SPEC §9): ``fixed``, a run-time multiplier β = 1/sqrt(L) with the
-    block-output norm's gain at 1; ``learnable``, β = 1 and that gain initialized at 1/sqrt(L)."""
+    """Residual step Δt on the additive branches of pre, post, peri and lns (Kan et al.), and on span's one
+    block update x + Δt·β·Nₒ(a + f)."""
+    span_scaling: SpanScaling = "fixed"
+    """span's variance-aware scaling (SPEC §9): ``fixed``, a run-time multiplier β = 1/sqrt(L) with the
+    block-output norm's gain at 1 (the default, chosen by the issue-16 study: docs/results.md); ``learnable``,
+    β = 1 and that gain initialized at 1/sqrt(L)."""
+    span_post_scaling: SpanPostScaling = "init"
+    """The variance-aware scaling of span_post and span_b2t (SPEC §3): init, skip or both."""
+    span_post_alpha: float | None = None
+    """Override the clean-skip multiplier α of span_post/span_b2t. None: from span_post_scaling."""
+    span_post_beta: float = 1.0
+    """Run-time branch multiplier β_run of span_post/span_b2t. span_post_alpha, span_post_beta and
+    span_post_scaling do not apply to span (its skip is the clean stream, its β comes from span_scaling)."""
     mixln_ratio: float = 0.25
     """Mix-LN: the first floor(ratio·L) blocks are post, the rest pre."""
     init: Init = "fan_in"
@@ -149,6 +167,10 @@ class ModelConfig:
     exceed it. None: no window."""
     bias: bool = False
     moe: MoEConfig | None = None
+    placement_names: int = PLACEMENT_NAMES
+    """The version of the placement names this config is written in (see :data:`PLACEMENT_NAMES`). A mapping
+    that says 1 is read with version 1's names and becomes a version-2 config; a built config always holds
+    the current version, and saves it, so that it is never read with the old names again."""
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -158,6 +180,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, prefix: str = "model") -> None:
+        self._check_renamed(prefix)
         check_fields(self, prefix)
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "context_length")
         for name in positive:
@@ -181,10 +204,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 fail(f"{prefix}.{name}", value, "must be a positive finite number")
-        if self.span_alpha is not None and not self.span_alpha > 0:
-            fail(f"{prefix}.span_alpha", self.span_alpha, "must be > 0 or null")
-        if not self.span_beta > 0:
-            fail(f"{prefix}.span_beta", self.span_beta, "must be > 0")
+        if self.span_post_alpha is not None and not self.span_post_alpha > 0:
+            fail(f"{prefix}.span_post_alpha", self.span_post_alpha, "must be > 0 or null")
+        if not self.span_post_beta > 0:
+            fail(f"{prefix}.span_post_beta", self.span_post_beta, "must be > 0")
         if not 0.0 <= self.mixln_ratio <= 1.0:
             fail(f"{prefix}.mixln_ratio", self.mixln_ratio, "must be in [0, 1]")
         dual = [p for p in self.layer_placements() if p in DUAL_STREAM_PLACEMENTS]
@@ -207,6 +230,17 @@ class ModelConfig:
                       f"the model was trained with sliding-window attention (window {self.sliding_window}), "
                       f"which spannorm does not implement; full attention equals it only up to the window, "
                       f"so allowed: <= {self.sliding_window}")
+
+    def _check_renamed(self, prefix: str) -> None:
+        if self.placement_names != PLACEMENT_NAMES:
+            fail(f"{prefix}.placement_names", self.placement_names,
+                 f"allowed: {PLACEMENT_NAMES}, or 1 in a mapping (a config file, a saved config), which is "
+                 f"read with version 1's names")
+        refused_v1_spelling(self.to_dict_raw(), prefix)
+
+    def to_dict_raw(self) -> dict[str, Any]:
+        """The fields as they are, unfiltered (what :func:`refused_v1_spelling` reads)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def _validate_rope_scaling(self, prefix: str) -> None:
         scaling = self.rope_scaling
@@ -267,9 +301,19 @@ class ModelConfig:
         return data
 
     @classmethod
+    def prepare_mapping(cls, data: Any, path: str = "model") -> Any:
+        """The mapping :func:`~spannorm.configuration.build` reads: one that says ``placement_names: 1`` with its
+        names and fields renamed to the current version's (:func:`upgrade_model_mapping`)."""
+        if isinstance(data, dict) and str(data.get("placement_names")).strip() == "1":  # 1, or "1" from an override
+            return upgrade_model_mapping(data)
+        if isinstance(data, dict):
+            refused_v1_spelling(data, path or "model")
+        return data
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from a mapping (a ``model_config.json``, a config section): unknown keys refused, values
-        coerced to their fields' types."""
+        coerced to their fields' types, version 1's names read as such where it says ``placement_names: 1``."""
         return build(cls, data, "model")
 
     @classmethod
@@ -277,7 +321,11 @@ class ModelConfig:
         """Build from a model config a checkpoint or run saved (``model_config.json``, ``run_config.json``'s
         model section): as :meth:`from_dict`, except that a config written before ``head_init`` existed reads
         the fields it omits with the defaults of its time (tied, :data:`LEGACY_TIE_EMBEDDINGS`; an untied head
-        had the fan-in init), so that it loads with the head it was trained with."""
+        had the fan-in init), so that it loads with the head it was trained with; and a config written before
+        ``placement_names`` existed is read with version 1's names (its ``span`` is today's ``span_post``, its
+        ``span_clean`` today's ``span``), so that it loads as the model it was trained as."""
+        if isinstance(data, dict) and "placement_names" not in data:
+            data = {**data, "placement_names": 1}
         if isinstance(data, dict) and "head_init" not in data:
             data = {"tie_embeddings": LEGACY_TIE_EMBEDDINGS, **data}
             if not data["tie_embeddings"]:  # a tied head has no init of its own: head_init stays the default
@@ -285,4 +333,75 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-__all__ = ["BLOCK_PLACEMENTS", "DUAL_STREAM_PLACEMENTS", "PLACEMENTS", "ConfigError", "ModelConfig", "MoEConfig"]
+V1_HINT = "write placement_names: 1 to read a config with version 1's names"
+
+
+def refused_v1_spelling(data: dict[str, Any], prefix: str = "model") -> None:
+    """Refuse, in one line that says what it is now, a version 1 spelling that version 2 has no value for: the
+    placement ``span_clean``, a span_post scaling (init, skip, both) as ``span_scaling``, or a field version 2
+    renamed. (A name that version 2 reads otherwise, such as ``span``, cannot be caught.)"""
+    where = [(f"{prefix}.placement", data.get("placement"))]
+    overrides = data.get("placement_overrides")
+    if isinstance(overrides, dict):
+        where += [(f"{prefix}.placement_overrides", v) for v in overrides.values()]
+    for path, value in where:
+        if value == "span_clean":
+            fail(path, value, f"allowed: {', '.join(PLACEMENTS)}; version 1's span_clean is span since placement "
+                 f"names {PLACEMENT_NAMES} ({V1_HINT})")
+    if data.get("span_scaling") in SPAN_POST_SCALINGS:
+        fail(f"{prefix}.span_scaling", data["span_scaling"],
+             f"allowed: {', '.join(SPAN_SCALINGS)}; {data['span_scaling']} is a span_post_scaling since placement "
+             f"names {PLACEMENT_NAMES} ({V1_HINT})")
+    for old in ("span_clean_scaling", "span_alpha", "span_beta"):
+        if old in data:
+            fail(f"{prefix}.{old}", data[old], f"the field is {RENAMED_FIELDS_V1[old]} since placement names "
+                 f"{PLACEMENT_NAMES}; allowed: {RENAMED_FIELDS_V1[old]} ({V1_HINT})")
+
+
+def upgrade_placement_name(name: Any) -> Any:
+    """A version 1 placement name as version 2 writes it."""
+    return RENAMED_PLACEMENTS_V1.get(name, name) if isinstance(name, str) else name
+
+
+def upgrade_model_mapping(data: dict[str, Any]) -> dict[str, Any]:
+    """A model config mapping written with version 1's names (see :data:`PLACEMENT_NAMES`), as version 2 writes
+    it: placements and per-layer placements renamed, SpanNorm's fields renamed, ``placement_names: 2``. A field
+    that names both versions' keys keeps the version-2 key's value out: the mapping is refused as it is."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "placement":
+            value = upgrade_placement_name(value)
+        elif key == "placement_overrides" and isinstance(value, dict):
+            value = {layer: upgrade_placement_name(p) for layer, p in value.items()}
+        elif key == "placement_names":
+            value = PLACEMENT_NAMES
+        new_key = RENAMED_FIELDS_V1.get(key, key) if isinstance(key, str) else key
+        if new_key in out:
+            fail(f"model.{key}", value, f"a config with placement_names: 1 names {new_key} twice (as {key} and "
+                 f"as {new_key}); allowed: version 1's names only")
+        out[new_key] = value
+    return out
+
+
+def upgrade_override(text: str) -> str:
+    """A dotted override (``model.placement=span_clean``) written with version 1's names, as version 2 writes
+    it (``model.placement=span``); an override of any other field comes back unchanged."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("model.") or key.count(".") != 1:
+        return text
+    field_name = key[len("model."):]
+    if field_name == "placement":
+        value = upgrade_placement_name(value.strip())
+    elif field_name == "placement_overrides":
+        try:  # a YAML mapping of layer -> placement, as the override parser reads it
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return text
+        if isinstance(parsed, dict):
+            parsed = {layer: upgrade_placement_name(p) for layer, p in parsed.items()}
+            value = yaml.safe_dump(parsed, default_flow_style=True).strip()
+    return f"model.{RENAMED_FIELDS_V1.get(field_name, field_name)}={value}"
+
+
+__all__ = ["BLOCK_PLACEMENTS", "DUAL_STREAM_PLACEMENTS", "PLACEMENTS", "PLACEMENT_NAMES", "ConfigError",
+           "ModelConfig", "MoEConfig", "upgrade_model_mapping", "upgrade_override", "upgrade_placement_name"]

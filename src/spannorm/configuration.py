@@ -180,11 +180,14 @@ def coerce(path: str, value: Any, tp: Any) -> Any:  # noqa: C901 (one branch per
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
-    """Dataclass ``cls`` from a mapping: unknown keys refused, each value coerced to its field's type (see
-    :func:`coerce`), then constructed, and validated with ``validate(path)`` when the class has one.
-    Missing keys keep their defaults."""
+    """Dataclass ``cls`` from a mapping (after ``cls.prepare_mapping(data, path)`` where the class has one): unknown
+    keys refused, each value coerced to its field's type (see :func:`coerce`), then constructed, and validated
+    with ``validate(path)`` when the class has one. Missing keys keep their defaults."""
     if isinstance(data, cls):
         return data
+    prepare = getattr(cls, "prepare_mapping", None)  # a class that reads older spellings of its mapping
+    if prepare is not None:
+        data = prepare(data, path)
     if not isinstance(data, Mapping):
         fail(path or "config", data, f"must be a mapping of {cls.__name__} fields")
     hints = field_types(cls)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.init_from={args.init_from}")
     config_file = args.config
     if args.resume and not args.preset and not config_file and RunFolder(args.out).config.is_file():
-        config_file = RunFolder(args.out).config
+        config_file = args.out  # the run folder: its config.yaml, read as a saved config
     cfg = resolve_config(args.preset, config_file, overrides, init_from_layer=run_config_layer)
     lock = hold_run_folder(args.out) if is_main_process() else contextlib.nullcontext()
     with lock:  # one process per run folder; a refused start leaves the folder as it was

@@ -33,8 +33,8 @@ from spannorm.diagnostics import stats
 from spannorm.diagnostics.recorder import ResidualRecorder
 from spannorm.model.layers import CausalSelfAttention, RMSNorm
 from spannorm.model.moe import Experts
-from spannorm.model.placements import Block, SpanCleanBlock
-from spannorm.theory.bounds import peri_bound_ratios, peri_step_bound, span_clean_step_bound
+from spannorm.model.placements import Block, SpanBlock
+from spannorm.theory.bounds import peri_bound_ratios, peri_step_bound, span_step_bound
 from spannorm.theory.meanfield import IDENTITY_PATH_NORMS
 
 
@@ -80,7 +80,7 @@ class Measurement:
     """α·RMS(skip input)/RMS(pre-norm sum) of each of them, from the norms' actual inputs."""
     peri_bound_ratio: dict[str, float] = field(default_factory=dict)
     """For Peri-LN blocks, per sub-layer (``block{l}.attn``/``.ffn``): max over tokens of
-    ‖x_{k+1} − x_k‖₂ / (Δt·(√d‖γᵒ‖∞ + ‖βᵒ‖₂)); for span_clean blocks, per block (``block{l}.block``), the same
+    ‖x_{k+1} − x_k‖₂ / (Δt·(√d‖γᵒ‖∞ + ‖βᵒ‖₂)); for span blocks, per block (``block{l}.block``), the same
     with the bound Δt·β·(√d‖γₒ‖∞ + ‖bₒ‖₂). The bound holds when every value is ≤ 1."""
     loss: float = math.nan
 
@@ -437,11 +437,11 @@ def _peri_bound(m: Measurement, blocks: list[nn.Module], acts: dict[str, torch.T
                 stream: list[torch.Tensor]) -> None:
     for layer, block in enumerate(blocks):
         placement = getattr(block, "placement", None)
-        if placement == "span_clean":
-            span_clean = cast(SpanCleanBlock, block)
+        if placement == "span":
+            span = cast(SpanBlock, block)
             m.peri_bound_ratio[f"block{layer}.block"] = peri_bound_ratios(
                 stream[layer + 1] - stream[layer],
-                span_clean_step_bound(span_clean.block_out_norm, span_clean.delta_t, span_clean.beta))
+                span_step_bound(span.block_out_norm, span.delta_t, span.beta))
         if placement != "peri":
             continue
         x_in, mid, x_out = stream[layer], acts[f"block{layer}.mid"], stream[layer + 1]

@@ -5,7 +5,7 @@ Architecture:
 - ``forward``: the growth class of Var(x_l) over the layers of the deepest model (init and trained), and
   Var(x_L)/Var(x_0) in the label; the rule uses the largest growth max_l Var(x_l)/Var(x_0). Exponential growth
   beyond the band is unstable; polynomial growth beyond the band warns, unless a weight-free bound holds (Peri-LN,
-  span_clean). Where the bound holds, the stream's RMS grows at most linearly in l, so a profile the fit calls
+  span). Where the bound holds, the stream's RMS grows at most linearly in l, so a profile the fit calls
   exponential is not compounding: beyond the band it warns instead.
   For ResiDual, x is the Post-LN stream; its dual stream d is described in the detail, not judged (it meets a
   norm before the head, and its size counts in the precision verdicts).
@@ -14,7 +14,7 @@ Architecture:
   warns; inside the band at every depth is ok ("depth-independent" when it moves by less than ×1.5).
 - ``identity path``: ∏ α/σ over the norms on the skip path, measured beside the theory; below 1/band the clean
   path no longer carries the gradient (warn).
-- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update, and span_clean's on every block's
+- ``peri bound``: Peri-LN's per-token bound on every sub-layer's update, and span's on every block's
   (the same argument with one norm per block; a violation would be a bug).
 - ``collapse``: token uniformity of x_L (rank collapse) and whether per-block updates (angular distance)
   decay with depth.
@@ -193,7 +193,7 @@ def peri_bound_verdict(results: list[DepthResult]) -> Verdict | None:
     holds = worst_ratio <= 1 + PERI_BOUND_SLACK
     return Verdict("peri bound", "ok" if holds else "unstable", "holds" if holds else "violated",
                    f"max over tokens, sub-layers, depths and phases of ‖x_(k+1) − x_k‖ / "
-                   f"(Δt(√d‖γ‖∞ + ‖β‖₂), times span_clean's β for its blocks) = {worst_ratio:.3g} "
+                   f"(Δt(√d‖γ‖∞ + ‖β‖₂), times span's β for its blocks) = {worst_ratio:.3g} "
                    f"(≤ 1 when the bound holds).")
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from spannorm.config import PLACEMENT_NAMES
+
 GIT_TIMEOUT_S = 10
 
 
@@ -58,6 +60,7 @@ def start_record(declaration: Mapping[str, Any] | None, plan_text: str | None, p
         "preregistered": None if declaration is None else dict(declaration),
         "preregistered_sha256": declaration_digest(declaration),
         "finished_before": finished_before,
+        "placement_names": PLACEMENT_NAMES,
     }
     if plan_path is not None:
         record["plan_file"] = str(plan_path)

@@ -78,7 +78,15 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from spannorm.config import ConfigError, Placement
+from spannorm.config import (
+    PLACEMENT_NAMES,
+    ConfigError,
+    Placement,
+    refused_v1_spelling,
+    upgrade_model_mapping,
+    upgrade_override,
+    upgrade_placement_name,
+)
 from spannorm.configuration import build, fail, parse_override
 from spannorm.data.dataset import prepared_folder
 from spannorm.experiments.lr_search import FINISHED, SearchState, bracket_search, rank_key, select_best_lr
@@ -145,13 +153,24 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "placement": self.cell.placement, "depth": self.cell.depth,
                 "ffn": self.cell.ffn, "lr": self.lr, "seed": self.seed, "stage": self.stage,
-                "preset": self.preset, "overrides": list(self.overrides)}
+                "preset": self.preset, "overrides": list(self.overrides), "placement_names": PLACEMENT_NAMES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunSpec":
         return cls(run_id=data["run_id"], cell=Cell(data["placement"], int(data["depth"]), data["ffn"]),
                    lr=float(data["lr"]), seed=int(data["seed"]), stage=data["stage"],
-                   preset=data.get("preset"), overrides=tuple(data["overrides"]))
+                   preset=data.get("preset"), overrides=tuple(stored_overrides(data)))
+
+
+def stored_overrides(data: Mapping[str, Any]) -> list[str]:
+    """The overrides of a stored run spec (a ``run.json``, a ledger line, an index record) in today's placement
+    names: a spec stored before ``placement_names`` existed wrote version 1's (``model.placement=span_clean``
+    is ``model.placement=span`` now; see :data:`spannorm.config.PLACEMENT_NAMES`). The display name
+    (``placement``) and the run id are the plan's and stay as they were."""
+    overrides = list(data.get("overrides") or ())
+    if "placement_names" in data:
+        return overrides
+    return [upgrade_override(o) if isinstance(o, str) else o for o in overrides]
 
 
 @dataclass
@@ -196,6 +215,9 @@ class StudyPlan:
     bracket_factor: float | None = None
     start_order: StartOrder = "stage"
     preregistered: Preregistered | None = None
+    placement_names: int = PLACEMENT_NAMES
+    """The version of the placement names the plan was written in; its variants' placements and overrides are
+    today's either way (see :class:`PlanFile`)."""
     collapse_margin: float | None = None
     """``protocol.collapse_margin``: a search run whose final val loss is within this many nats of the corpus's
     byte-unigram loss (or above it) ranks like a diverged run (None: off)."""
@@ -375,6 +397,13 @@ class PlanVariantEntry:
     overrides_by_depth: dict[int, list[str]] | None = None
     """Overrides per depth, applied after ``overrides``; when given, it names every grid depth."""
 
+    @classmethod
+    def prepare_mapping(cls, data: Any, path: str) -> Any:
+        """Refuse version 1's ``span_clean`` with what it is now (see :func:`spannorm.config.refused_v1_spelling`)."""
+        if isinstance(data, dict):
+            refused_v1_spelling({"placement": data.get("placement")}, path)
+        return data
+
     def validate(self, prefix: str) -> None:
         if not self.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             fail(f"{prefix}.name", self.name, "use letters, digits, _ - .")
@@ -502,6 +531,10 @@ class PlanFile:
     """A plan file as written: the sections of the module docstring."""
 
     grid: PlanGrid
+    placement_names: int = PLACEMENT_NAMES
+    """The version of the placement names the plan is written in (:data:`spannorm.config.PLACEMENT_NAMES`): 1
+    reads its placements and overrides with version 1's names (``span`` is today's ``span_post``,
+    ``span_clean`` today's ``span``); the display names of ``grid.placements`` (and so run ids) stay as written."""
     name: str | None = None
     description: str | None = None
     base: PlanBase = field(default_factory=PlanBase)
@@ -605,11 +638,55 @@ def _check_collapse_corpus(plan: StudyPlan) -> None:
                       "collapse_margin")
 
 
-def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
-    """Validate a plan dict (see the module docstring) and build a :class:`StudyPlan`."""
+def _upgrade_plan(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan dict written with version 1's placement names, with its placements and overrides in version 2's
+    (the display names of ``grid.placements`` stay as written). Parts of odd shapes are left for validation."""
+    def overrides(value: Any) -> Any:
+        return [upgrade_override(o) if isinstance(o, str) else o for o in value] if isinstance(value, list) \
+            else value
+
+    def variant(item: Any) -> Any:
+        if isinstance(item, str):
+            return {"name": item, "placement": upgrade_placement_name(item)}
+        if not isinstance(item, dict):
+            return item
+        item = {**item, "overrides": overrides(item.get("overrides", []))}
+        if "placement" in item:
+            item["placement"] = upgrade_placement_name(item["placement"])
+        if isinstance(item.get("overrides_by_depth"), dict):
+            item["overrides_by_depth"] = {d: overrides(o) for d, o in item["overrides_by_depth"].items()}
+        return item
+
+    data = dict(data)
+    base = data.get("base")
+    if isinstance(base, dict):
+        base = {**base, "overrides": overrides(base.get("overrides", []))}
+        config = base.get("config")
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            base["config"] = {**config, "model": upgrade_model_mapping(config["model"])}
+        data["base"] = base
+    grid = data.get("grid")
+    if isinstance(grid, dict):
+        grid = dict(grid)
+        if isinstance(grid.get("placements"), list):
+            grid["placements"] = [variant(item) for item in grid["placements"]]
+        if isinstance(grid.get("ffn"), dict):
+            grid["ffn"] = {name: overrides(o) for name, o in grid["ffn"].items()}
+        data["grid"] = grid
+    return data
+
+
+def parse_plan(data: Any, source: str = "plan", placement_names: int = PLACEMENT_NAMES) -> StudyPlan:
+    """Validate a plan dict (see the module docstring) and build a :class:`StudyPlan`. ``placement_names`` is
+    the version of the names of a plan that does not say (a plan text stored before the key existed: 1)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping with keys name, base, grid, protocol, measure")
-    plan = build(PlanFile, data, "plan")
+    names = data.get("placement_names", placement_names)
+    if names not in (1, PLACEMENT_NAMES) or isinstance(names, bool):
+        fail("plan.placement_names", names, f"allowed: 1 (version 1's names) or {PLACEMENT_NAMES} (today's)")
+    if names == 1:
+        data = _upgrade_plan(data)
+    plan = build(PlanFile, {**data, "placement_names": names}, "plan")
     grid, protocol = plan.grid, plan.protocol
     variants = [_variant(item, i) for i, item in enumerate(grid.placements)]
     if not variants or len({v.name for v in variants}) != len(variants):
@@ -646,30 +723,32 @@ def parse_plan(data: Any, source: str = "plan") -> StudyPlan:
                      description=plan.description or "",
                      max_extensions=0 if bracket is None else bracket.max_extensions,
                      bracket_factor=None if bracket is None else bracket.factor, start_order=protocol.order,
-                     preregistered=protocol.preregistered, collapse_margin=protocol.collapse_margin)
+                     preregistered=protocol.preregistered, collapse_margin=protocol.collapse_margin,
+                     placement_names=names)
     check_plan(study, source)  # no grid-owned key set outside the grid, no two runs under one id
     if study.collapse_margin is not None:
         _check_collapse_corpus(study)
     return study
 
 
-def load_plan(path: str | Path) -> StudyPlan:
-    """Read and validate a plan YAML file."""
+def load_plan(path: str | Path, placement_names: int = PLACEMENT_NAMES) -> StudyPlan:
+    """Read and validate a plan YAML file (``placement_names``: see :func:`parse_plan`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"plan file {str(path)!r} does not exist")
-    return parse_plan_text(path.read_text(), f"plan file {str(path)!r}")
+    return parse_plan_text(path.read_text(), f"plan file {str(path)!r}", placement_names)
 
 
-def parse_plan_text(text: str, source: str) -> StudyPlan:
-    """Parse and validate a plan's YAML text; errors start with ``source`` (where the text came from)."""
+def parse_plan_text(text: str, source: str, placement_names: int = PLACEMENT_NAMES) -> StudyPlan:
+    """Parse and validate a plan's YAML text; errors start with ``source`` (where the text came from).
+    ``placement_names``: the version of the names of a plan that does not say (see :func:`parse_plan`)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "parse error"
         raise ConfigError(f"{source} is not valid YAML: {first}") from None
     try:
-        return parse_plan(data, source)
+        return parse_plan(data, source, placement_names)
     except ConfigError as err:
         if str(err).startswith(source):
             raise
@@ -677,6 +756,6 @@ def parse_plan_text(text: str, source: str) -> StudyPlan:
 
 __all__ = ["FINISHED", "PROTOCOLS", "Cell", "MeasureOptions", "PlacementVariant", "Preregistered", "RunSpec",
            "StudyPlan", "format_lr", "load_plan", "parse_plan", "parse_plan_text", "rank_key",
-           "select_best_lr"]
+           "select_best_lr", "stored_overrides"]
 """``FINISHED``, ``rank_key`` and ``select_best_lr`` live in :mod:`~spannorm.experiments.lr_search`; they are
 re-exported here, where the sweep and the report have always imported them."""

@@ -582,13 +582,13 @@ def plot_layers(results: StudyResults, ffn: str, depth: int, path: Path) -> bool
     return drew
 
 
-KAN_EXTRA = ("span", "span_clean", "residual")
+KAN_EXTRA = ("span", "span_post", "residual")
 """Placements shown beside Peri-LN in Kan et al.'s picture when present (issue 16, item 4)."""
 
 
 def kan_placements(results: StudyResults) -> list[str]:
     """``pre``, ``peri`` and every ``peri`` variant (e.g. ``peri-dt0.1``) present in the results, then the
-    variants of :data:`KAN_EXTRA` (``span``, ``span_clean`` and its forms, ``residual``)."""
+    variants of :data:`KAN_EXTRA` (``span`` and its forms, ``span_post``, ``residual``)."""
     names: list[str] = [p for p in ("pre", "peri") if p in results.placements]
     names += [p for p in results.placements if p not in ("pre", "peri") and results.base_placement(p) == "peri"]
     names += [p for p in results.placements if p not in names and results.base_placement(p) in KAN_EXTRA]
@@ -597,7 +597,7 @@ def kan_placements(results: StudyResults) -> list[str]:
 
 def plot_kan(results: StudyResults, path: Path) -> tuple[int, list[str]] | None:
     """Kan et al.'s picture: mean |x_l|, entry-wise variance and max |x_l| per layer after training, for pre,
-    peri and peri with a small Δt (and span, span_clean, residual when present), dense, at the deepest depth
+    peri and peri with a small Δt (and span, span_post, residual when present), dense, at the deepest depth
     where pre, peri and its variants all have stats; the others are drawn where they have stats there.
     ResiDual's x_l is its Post-LN stream; its dual stream d_l, where recorded, is drawn dashed beside it."""
     names = kan_placements(results)
@@ -771,6 +771,11 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
              f"Finished runs: {n_runs} ({n_div} diverged), from "
              + ", ".join(f"`{s.path}` (plan `{s.plan.name}`, {s.plan.protocol} protocol)" for s in results.sweeps)
              + ".", ""]
+    old_names = [s.plan.name for s in results.sweeps if s.plan.placement_names == 1]
+    if old_names:
+        lines += [f"Placement names: plan {', '.join(f'`{n}`' for n in dict.fromkeys(old_names))} is written in "
+                  "the names of before placement names 2. The rows keep its names: its `span` is today's "
+                  "`span_post`, and its `span_clean` (with any variant of it) today's `span`.", ""]
     bare = sum(not (r.val_curve or r.train_curve) for v in results.runs.values() for r in v)
     if bare:
         lines += [f"Of these, {bare} carry their final numbers only: no loss curves or per-layer stats were found "

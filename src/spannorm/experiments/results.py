@@ -14,9 +14,9 @@ import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from spannorm.config import ConfigError
+from spannorm.config import PLACEMENT_NAMES, ConfigError
 from spannorm.experiments.declaration import DeclarationCheck, check_declared_first
 from spannorm.experiments.ledger import Ledger, read_curves, read_ledger
 from spannorm.experiments.lr_search import SearchState
@@ -151,9 +151,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if not plan_file.is_file() or not index_file.is_file():
         raise FileNotFoundError(f"{path} is not a sweep directory: it needs plan.yaml and index.json "
                                 "(written by `spannorm sweep`), or a ledger file (`spannorm sweep --ledger`)")
-    plan = load_plan(plan_file)  # a YAML or plan error names the file
     index = read_index(path) or {}
     starts = index.get("starts") or []
+    plan = load_plan(plan_file, stored_placement_names(starts[-1] if starts else None))  # errors name the file
     book: Ledger | None = None
     runs = []
     for record in load_index(path).values():
@@ -170,6 +170,14 @@ def load_sweep(path: str | Path) -> Sweep:
             stats = book.layer_stats(record["run_id"])
         runs.append(RunResult(record, val, train, stats))
     return Sweep(path, plan, runs, starts)
+
+
+def stored_placement_names(start: Any) -> int:
+    """The placement names of a plan text stored at a sweep start (the index's or ledger's last start record):
+    version 1 where the record predates the ``placement_names`` key, which every start records since."""
+    if start is None:
+        return PLACEMENT_NAMES
+    return start.get("placement_names", 1) if isinstance(start, Mapping) else 1
 
 
 def _folder_ledger(folder: Path, index: dict[str, Any]) -> Ledger:
@@ -192,7 +200,8 @@ def _load_ledger_sweep(path: Path) -> Sweep:
     if book.plan_text is None:
         raise FileNotFoundError(f"{path} is not a sweep ledger: it records no sweep start with a plan "
                                 "(written by `spannorm sweep PLAN --out DIR --ledger FILE`)")
-    plan = parse_plan_text(book.plan_text, f"the plan in ledger {str(path)!r}")
+    plan = parse_plan_text(book.plan_text, f"the plan in ledger {str(path)!r}",
+                           stored_placement_names(book.starts[-1].get("record")))
     runs = [RunResult(record, *book.curves(run_id), book.layer_stats(run_id))
             for run_id, record in ledger_records(book).items()]
     starts = sorted((s["record"] for s in book.starts), key=lambda r: float(r["time"]))

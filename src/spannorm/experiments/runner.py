@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from spannorm.config import ConfigError
+from spannorm.config import PLACEMENT_NAMES, ConfigError
 from spannorm.configuration import parse_override
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
@@ -48,7 +48,7 @@ from spannorm.experiments.ledger import (
     run_line,
     start_line,
 )
-from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan
+from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan, stored_overrides
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
 from spannorm.experiments.sweep_setup import sweep_overrides
 from spannorm.experiments.worker_guard import guard_worker
@@ -138,7 +138,7 @@ def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides:
 
     try:
         old_preset = stored.get("preset")
-        old = settings([*(stored.get("overrides") or ()),
+        old = settings([*stored_overrides(stored),
                         *((stored.get("sweep_overrides") or ()) if sweep_overrides is not None else ())])
     except (ValueError, ConfigError, TypeError):
         # an unreadable run.json: the run's own config.yaml still guards a resume; a ledger line has no other guard
@@ -184,7 +184,8 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
     line = ledger.runs.get(spec.run_id)
     if line is None:
         return
-    stored = {**line["spec"], "sweep_overrides": line.get("sweep_overrides") or []}
+    stored = {**line["spec"], "overrides": stored_overrides(line["spec"]), "placement_names": PLACEMENT_NAMES,
+              "sweep_overrides": line.get("sweep_overrides") or []}
     what = settings_conflict(spec, stored, sweep_overrides, strict=True)
     if what is None:
         return

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from spannorm.config import ModelConfig
+from spannorm.config import PLACEMENT_NAMES, ModelConfig
 from spannorm.interop import hf_names
 from spannorm.interop.errors import InteropError
 from spannorm.interop.hf_import import (
@@ -34,7 +34,7 @@ from spannorm.interop.hf_import import (
 from spannorm.interop.hf_tokenizer import BYTE_SPECIAL_ID, write_byte_tokenizer
 from spannorm.interop.output_dir import write_directory
 from spannorm.interop.safetensors_files import write_shards
-from spannorm.model.placements import BLOCKS, LNSBlock, span_clean_constants, span_constants
+from spannorm.model.placements import BLOCKS, LNSBlock, span_post_constants, span_scales
 from spannorm.model.transformer import DecoderLM
 
 LLAMA_LAYER_PLACEMENTS = tuple(p for p, cls in BLOCKS.items() if cls.why_not_llama is None)
@@ -236,9 +236,10 @@ def remote_code_config_dict(model: DecoderLM, dtype: str = "float32",
         "norm": cfg.norm,
         "norm_eps": cfg.norm_eps,
         "delta_t": cfg.delta_t,
-        "span_alpha": span_constants(cfg)[0],
-        "span_beta": cfg.span_beta,
-        "span_clean_beta": span_clean_constants(cfg)[0],
+        "placement_names": PLACEMENT_NAMES,
+        "span_beta": span_scales(cfg)[0],
+        "span_post_alpha": span_post_constants(cfg)[0],
+        "span_post_beta": cfg.span_post_beta,
         "embedding_multiplier": cfg.embedding_multiplier,
         "embed_norm": cfg.embed_norm,
         "final_norm": model.final_norm is not None,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig
+from spannorm.config import ROPE_SCALINGS, ConfigError, ModelConfig, upgrade_placement_name
 from spannorm.interop import hf_names
 from spannorm.interop.errors import InteropError
 from spannorm.interop.safetensors_files import iter_tensors, tensor_names, weight_files
@@ -83,6 +83,9 @@ def remote_code_model_config(config: dict[str, Any], context_length: int | None 
                 "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "norm": cfg.norm,
                 "embedding_multiplier": cfg.embedding_multiplier, "rotary_theta": cfg.rope_theta,
                 "rotary_scaling": cfg.rope_scaling, "tie_embeddings": cfg.tie_embeddings}
+    if "placement_names" not in config and isinstance(config.get("layer_placements"), list):
+        # exported before placement names 2: its layer list uses version 1's names, as its spannorm_config does
+        config = {**config, "layer_placements": [upgrade_placement_name(p) for p in config["layer_placements"]]}
     for key, value in resolved.items():
         if config.get(key) != value:
             raise InteropError(f"{where}: {key}={config.get(key)!r} disagrees with spannorm_config, which implies "

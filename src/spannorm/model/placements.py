@@ -60,7 +60,7 @@ class BlockInit:
     """DeepNet init: Xavier-normal with this gain on V, attention out and every FFN matrix; Xavier-normal
     with gain 1 on Q and K."""
     block_out_gain: float = 1.0
-    """The initial gain of the block-output norm Nₒ, where the block has one (span_clean's learnable form)."""
+    """The initial gain of the block-output norm Nₒ, where the block has one (span's learnable form)."""
 
 
 def deepnorm_constants(n_layers: int) -> tuple[float, float]:
@@ -68,27 +68,27 @@ def deepnorm_constants(n_layers: int) -> tuple[float, float]:
     return (2 * n_layers) ** 0.25, (8 * n_layers) ** -0.25
 
 
-def span_constants(cfg: ModelConfig) -> tuple[float, BlockInit]:
-    """SpanNorm's clean-skip multiplier α and init for ``cfg.span_scaling`` (SPEC §3, our derivation):
-    ``init``: α = 1, output projections scaled by 1/sqrt(2L); ``skip``: α = sqrt(2L), standard init;
-    ``both``: DeepNorm's split, α = (2L)^(1/4) and Xavier gain (8L)^(-1/4)."""
+def span_scales(cfg: ModelConfig) -> tuple[float, float]:
+    """span's run-time multiplier β and the initial gain of its norm Nₒ for ``cfg.span_scaling`` (SPEC §9):
+    ``fixed``: β = 1/sqrt(L), gain 1; ``learnable``: β = 1, gain 1/sqrt(L). Either way each block adds a term
+    of RMS 1/sqrt(L) at init, so Var(x_L) ≤ Var(x_0) + 1 for uncorrelated block outputs."""
+    scale = 1 / math.sqrt(cfg.n_layers)
+    return (scale, 1.0) if cfg.span_scaling == "fixed" else (1.0, scale)
+
+
+def span_post_constants(cfg: ModelConfig) -> tuple[float, BlockInit]:
+    """span_post's (and span_b2t's) clean-skip multiplier α and init for ``cfg.span_post_scaling`` (SPEC §3,
+    our derivation): ``init``: α = 1, output projections scaled by 1/sqrt(2L); ``skip``: α = sqrt(2L),
+    standard init; ``both``: DeepNorm's split, α = (2L)^(1/4) and Xavier gain (8L)^(-1/4)."""
     L = cfg.n_layers
-    if cfg.span_scaling == "init":
+    if cfg.span_post_scaling == "init":
         alpha, init = 1.0, BlockInit(out_proj_scale=1 / math.sqrt(2 * L))
-    elif cfg.span_scaling == "skip":
+    elif cfg.span_post_scaling == "skip":
         alpha, init = math.sqrt(2 * L), BlockInit()
     else:
         alpha, gain = deepnorm_constants(L)
         init = BlockInit(xavier_gain=gain)
-    return (cfg.span_alpha if cfg.span_alpha is not None else alpha), init
-
-
-def span_clean_constants(cfg: ModelConfig) -> tuple[float, float]:
-    """span_clean's run-time multiplier β and the initial gain of its norm Nₒ for ``cfg.span_clean_scaling``
-    (SPEC §9): ``fixed``: β = 1/sqrt(L), gain 1; ``learnable``: β = 1, gain 1/sqrt(L). Either way each block
-    adds a term of RMS 1/sqrt(L) at init, so Var(x_L) ≤ Var(x_0) + 1 for uncorrelated block outputs."""
-    scale = 1 / math.sqrt(cfg.n_layers)
-    return (scale, 1.0) if cfg.span_clean_scaling == "fixed" else (1.0, scale)
+    return (cfg.span_post_alpha if cfg.span_post_alpha is not None else alpha), init
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,11 @@ class Knob:
     name: str
     """``delta_t`` (a larger Δt is less damped) or ``alpha`` (a smaller α is less damped)."""
     config_field: str | None
-    """Where a user sets it (``model.delta_t``, ``model.span_alpha``); None when fixed by the depth."""
+    """Where a user sets it (``model.delta_t``, ``model.span_post_alpha``); None when fixed by the depth."""
 
 
 DELTA_T = Knob("delta_t", "model.delta_t")
-SPAN_ALPHA = Knob("alpha", "model.span_alpha")
+SPAN_POST_ALPHA = Knob("alpha", "model.span_post_alpha")
 DEEPNORM_ALPHA = Knob("alpha", None)
 
 
@@ -216,14 +216,58 @@ class PeriBlock(Block):
 
 
 class SpanBlock(Block):
-    """SpanNorm (our default reading): a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = Nₒ(α·x + β·(a + f))."""
+    """SpanNorm (its clean reading, SPEC §9; the default since the issue-16 study): a = A(N₁(x)); h = x + a;
+    f = F(N₂(h)); x' = x + Δt·β·Nₒ(a + f).
+
+    The stream is never normalized: from the embedding to the final norm it is only added to. The block's
+    aggregated output (both branches) is normalized before it joins the stream, so each block moves a token
+    by at most Δt·β·(√d·‖γ‖∞ + ‖b‖) whatever its weights (the Peri-LN argument with one norm per block).
+    β (``model.span_scaling``): ``fixed`` multiplies by β = 1/sqrt(L) at run time; ``learnable`` puts
+    1/sqrt(L) into Nₒ's initial gain instead (β = 1), so training can move it. The output projections keep the
+    standard init: Nₒ divides out their scale, and β does the variance-aware scaling.
+
+    The knob is Δt, on β: the block has one additive update to a clean stream, like pre and peri, and a
+    larger step is less damped. A knob on a skip multiplier α would compound as α^L along the stream instead
+    of scaling each block's share, so there is no α; span_post_alpha, span_post_beta and span_post_scaling
+    do not apply. Named ``span_clean`` before placement names 2 (:data:`spannorm.config.PLACEMENT_NAMES`)."""
 
     placement = "span"
+    norm_positions = ("attn_in", "ffn_in", "block_out")
+    knob = DELTA_T
+    why_not_llama = ("span normalizes the sum of both branch outputs, x + β·N(a + f); a Llama layer adds "
+                     "each branch to the stream unnormalized and has no block-output norm")
+    span_variant = True
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__(cfg, layer_index)
+        self.beta = self.residual_scales(cfg)[1]
+
+    @classmethod
+    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
+        return BlockInit(block_out_gain=span_scales(cfg)[1])
+
+    @classmethod
+    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
+        return 1.0, span_scales(cfg)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.attn_in_norm(x))
+        h = self.hook_mid(x + a)
+        f = self.ffn(self.ffn_in_norm(h))
+        return self.hook_out(x + self.delta_t * self.beta * self.block_out_norm(a + f))
+
+
+class SpanPostBlock(Block):
+    """SpanNorm, post-normalizing reading (``span`` before placement names 2): a = A(N₁(x)); h = x + a;
+    f = F(N₂(h)); x' = Nₒ(α·x + β·(a + f)). The stream is normalized after every block."""
+
+    placement = "span_post"
     norm_positions: ClassVar[tuple[str, ...]] = ("attn_in", "ffn_in", "block_out")
     normalizes_output = True
     identity_path_norms = (("block_out", "in"),)
-    knob = SPAN_ALPHA
-    why_not_llama = "span normalizes the block output, N(α·x + β·(a + f)); a Llama layer has no block-output norm"
+    knob = SPAN_POST_ALPHA
+    why_not_llama = ("span_post normalizes the block output, N(α·x + β·(a + f)); a Llama layer has no "
+                     "block-output norm")
     span_variant = True
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
@@ -232,11 +276,11 @@ class SpanBlock(Block):
 
     @classmethod
     def init_rule(cls, cfg: ModelConfig) -> BlockInit:
-        return span_constants(cfg)[1]
+        return span_post_constants(cfg)[1]
 
     @classmethod
     def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
-        return span_constants(cfg)[0], cfg.span_beta
+        return span_post_constants(cfg)[0], cfg.span_post_beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn(self.attn_in_norm(x))
@@ -245,9 +289,8 @@ class SpanBlock(Block):
         return self.hook_out(self.block_out_norm(self.alpha * x + self.beta * (a + f)))
 
 
-class SpanB2TBlock(SpanBlock):
-    """SpanNorm, second reading (B2T on a Post-LN block): h = N₁(x + A(x)); f = F(h);
-    x' = Nₒ(α·x + β·(h + f))."""
+class SpanB2TBlock(SpanPostBlock):
+    """SpanNorm, B2T reading (on a Post-LN block): h = N₁(x + A(x)); f = F(h); x' = Nₒ(α·x + β·(h + f))."""
 
     placement = "span_b2t"
     norm_positions = ("attn_out", "block_out")
@@ -258,47 +301,6 @@ class SpanB2TBlock(SpanBlock):
         h = self.hook_mid(self.attn_out_norm(x + self.attn(x)))
         f = self.ffn(h)
         return self.hook_out(self.block_out_norm(self.alpha * x + self.beta * (h + f)))
-
-
-class SpanCleanBlock(Block):
-    """SpanNorm, third reading (PreNorm's clean path, SPEC §9): a = A(N₁(x)); h = x + a; f = F(N₂(h));
-    x' = x + Δt·β·Nₒ(a + f).
-
-    The stream is never normalized: from the embedding to the final norm it is only added to. The block's
-    aggregated output (both branches) is normalized before it joins the stream, so each block moves a token
-    by at most Δt·β·(√d·‖γ‖∞ + ‖b‖) whatever its weights (the Peri-LN argument with one norm per block).
-    β (``model.span_clean_scaling``): ``fixed`` multiplies by β = 1/sqrt(L) at run time; ``learnable`` puts
-    1/sqrt(L) into Nₒ's initial gain instead (β = 1), so training can move it. The output projections keep the
-    standard init: Nₒ divides out their scale, and β does the variance-aware scaling.
-
-    The knob is Δt, on β: the block has one additive update to a clean stream, like pre and peri, and a
-    larger step is less damped. A knob on a skip multiplier α would compound as α^L along the stream instead
-    of scaling each block's share, so there is no α; span_alpha, span_beta and span_scaling do not apply."""
-
-    placement = "span_clean"
-    norm_positions = ("attn_in", "ffn_in", "block_out")
-    knob = DELTA_T
-    why_not_llama = ("span_clean normalizes the sum of both branch outputs, x + β·N(a + f); a Llama layer adds "
-                     "each branch to the stream unnormalized and has no block-output norm")
-    span_variant = True
-
-    def __init__(self, cfg: ModelConfig, layer_index: int):
-        super().__init__(cfg, layer_index)
-        self.beta = self.residual_scales(cfg)[1]
-
-    @classmethod
-    def init_rule(cls, cfg: ModelConfig) -> BlockInit:
-        return BlockInit(block_out_gain=span_clean_constants(cfg)[1])
-
-    @classmethod
-    def residual_scales(cls, cfg: ModelConfig) -> tuple[float, float]:
-        return 1.0, span_clean_constants(cfg)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.attn_in_norm(x))
-        h = self.hook_mid(x + a)
-        f = self.ffn(self.ffn_in_norm(h))
-        return self.hook_out(x + self.delta_t * self.beta * self.block_out_norm(a + f))
 
 
 class DeepNormBlock(Block):
@@ -408,7 +410,7 @@ class ResiDualBlock(Block):
 
 BLOCKS: dict[str, type[Block]] = {
     cls.placement: cls
-    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanB2TBlock, SpanCleanBlock, DeepNormBlock, LNSBlock,
+    for cls in (PreBlock, PostBlock, PeriBlock, SpanBlock, SpanPostBlock, SpanB2TBlock, DeepNormBlock, LNSBlock,
                 HybridBlock, ResiDualBlock)
 }
 """The placement registry: block class by placement name. ``mixln`` is not here: it is a pattern."""

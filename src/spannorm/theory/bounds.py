@@ -8,7 +8,7 @@ Euclidean norm at most √d·‖γ‖∞ + ‖β‖₂ whatever its input, so pe
 for every sub-layer k and any weights. Summed over the 2L sub-layers, the stream's norm grows at most
 linearly in depth, and its second moment at most quadratically.
 
-``span_clean`` (SpanNorm's third reading, SPEC §9) obeys the same argument with one norm per block: each block
+``span`` (SpanNorm's clean reading, SPEC §9) obeys the same argument with one norm per block: each block
 adds Δt·β·Nₒ(a + f), so per token ‖x_{l+1} − x_l‖₂ ≤ Δt·β·(√d·‖γₒ‖∞ + ‖bₒ‖₂), and with β = 1/√L the stream's
 RMS grows by at most Δt·√L·(‖γ‖∞ + ‖b‖₂/√d) over the whole model.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from spannorm.config import ModelConfig
-from spannorm.model.placements import deepnorm_constants, span_constants
+from spannorm.model.placements import deepnorm_constants, span_post_constants
 
 
 def norm_output_bound(norm: nn.Module) -> float:
@@ -41,8 +41,8 @@ def peri_step_bound(norm: nn.Module, delta_t: float) -> float:
     return delta_t * norm_output_bound(norm)
 
 
-def span_clean_step_bound(norm: nn.Module, delta_t: float, beta: float) -> float:
-    """span_clean's bound Δt·β·(√d·‖γₒ‖∞ + ‖bₒ‖₂) on one block's per-token update, for its norm Nₒ."""
+def span_step_bound(norm: nn.Module, delta_t: float, beta: float) -> float:
+    """span's bound Δt·β·(√d·‖γₒ‖∞ + ‖bₒ‖₂) on one block's per-token update, for its norm Nₒ."""
     return delta_t * beta * norm_output_bound(norm)
 
 
@@ -53,7 +53,7 @@ def peri_depth_bound(cfg: ModelConfig, gain_max: float = 1.0, bias_norm: float =
 
 
 def peri_bound_ratios(delta: torch.Tensor, bound: float) -> float:
-    """max over tokens of ‖Δx‖₂ / bound for a sub-layer's (or span_clean block's) update Δx of shape (…, d):
+    """max over tokens of ‖Δx‖₂ / bound for a sub-layer's (or span block's) update Δx of shape (…, d):
     ≤ 1 when the bound holds."""
     return (delta.float().norm(dim=-1).max() / bound).item()
 
@@ -72,12 +72,12 @@ class Scaling:
 
 
 def scalings(n_layers: int) -> list[Scaling]:
-    """DeepNorm's constants and SpanNorm's three candidate scalings (SPEC §3) at depth ``n_layers``."""
+    """DeepNorm's constants and span_post's three candidate scalings (SPEC §3) at depth ``n_layers``."""
     out = []
     alpha, gain = deepnorm_constants(n_layers)
     out.append(Scaling("deepnorm", alpha, 1.0, gain))
     for rule in ("init", "skip", "both"):
-        cfg = ModelConfig(n_layers=n_layers, placement="span", span_scaling=rule)
-        alpha, init = span_constants(cfg)
-        out.append(Scaling(f"span/{rule}", alpha, init.out_proj_scale, init.xavier_gain))
+        cfg = ModelConfig(n_layers=n_layers, placement="span_post", span_post_scaling=rule)
+        alpha, init = span_post_constants(cfg)
+        out.append(Scaling(f"span_post/{rule}", alpha, init.out_proj_scale, init.xavier_gain))
     return out

@@ -4,8 +4,8 @@ multiplier α, that keeps the predicted forward growth and gradient ratio within
 Within a band B means, from the mean-field prediction at init (:func:`~spannorm.theory.meanfield.predict_init`):
 Var(x_L)/Var(x_0) ∈ [1/B, B], ‖∂L/∂x_0‖/‖∂L/∂x_{L-1}‖ ∈ [1/B, B], and an identity-path product ≥ 1/B. Every
 one of these moves toward 1 as the branches shrink relative to the skip, so the criterion finds the boundary
-by bisection: the largest Δt (pre, lns, peri, post, mixln, residual, span_clean, whose Δt multiplies its β), or the
-smallest α (span, span_b2t, deepnorm), that stays within the band. A larger Δt or a smaller α means larger
+by bisection: the largest Δt (pre, lns, peri, post, mixln, residual, span, whose Δt multiplies its β), or the
+smallest α (span_post, span_b2t, deepnorm), that stays within the band. A larger Δt or a smaller α means larger
 updates per block, i.e. faster learning, so the boundary is the least-damped stable choice; the recommendation
 is the configured value when it is already within the band, else the boundary.
 """
@@ -51,7 +51,7 @@ class ScalingSuggestion:
     knob: str | None
     """``delta_t`` or ``alpha`` (None: the placement has no scaling knob here)."""
     config_field: str | None
-    """Where to set it: ``model.delta_t``, ``model.span_alpha``, or None (DeepNet's α is fixed by L)."""
+    """Where to set it: ``model.delta_t``, ``model.span_post_alpha``, or None (DeepNet's α is fixed by L)."""
     configured: BandPrediction
     """The prediction at the configured value."""
     boundary: BandPrediction | None

@@ -311,7 +311,7 @@ def _deepnorm_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]
     return out, backward
 
 
-def _span_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
+def _span_post_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
     a2, b2 = b.alpha ** 2, b.beta ** 2
     n1, n1_back = b.norm(K)
     A, a_back = b.attention(n1)
@@ -353,7 +353,7 @@ def _span_b2t_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]
     return out, backward
 
 
-def _span_clean_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
+def _span_step(b: BlockTheory, K: np.ndarray) -> tuple[np.ndarray, Backward]:
     step2 = (b.delta_t * b.beta) ** 2
     n1, n1_back = b.norm(K)
     A, a_back = b.attention(n1)
@@ -458,7 +458,7 @@ def dual_stream_input_gradient(G: np.ndarray) -> np.ndarray:
 
 STEPS = {
     "pre": _pre_step, "lns": _lns_step, "peri": _peri_step, "post": _post_step, "deepnorm": _deepnorm_step,
-    "span": _span_step, "span_b2t": _span_b2t_step, "span_clean": _span_clean_step, "hybrid": _hybrid_step,
+    "span": _span_step, "span_post": _span_post_step, "span_b2t": _span_b2t_step, "hybrid": _hybrid_step,
     "residual": _residual_step,
 }
 """The mean-field step of each block placement (``mixln`` is a pattern of ``post`` and ``pre``); ``residual``'s
@@ -541,7 +541,7 @@ def predict_init(cfg: ModelConfig, tokens: torch.Tensor | np.ndarray | None = No
                  alpha: float | None = None) -> InitPrediction:
     """The mean-field prediction for ``cfg`` at init on ``tokens`` (B, T), or on ``seq_len`` distinct
     tokens; ``targets`` (B, T) shape the gradient's correlation across tokens (:func:`target_gram`).
-    ``alpha`` overrides the skip multiplier of span, span_b2t and deepnorm blocks (DeepNet's α is not a
+    ``alpha`` overrides the skip multiplier of span_post, span_b2t and deepnorm blocks (DeepNet's α is not a
     config field). Cost: O(L·B·T³) in numpy (about 10 ms per block at T = 64, B = 8)."""
     K = token_gram(cfg, tokens, seq_len)
     placements = cfg.layer_placements()

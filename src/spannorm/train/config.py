@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spannorm.config import ConfigError, ModelConfig, MoEConfig
+from spannorm.config import ConfigError, ModelConfig, MoEConfig, upgrade_model_mapping, upgrade_override
 from spannorm.configuration import MAX_SEED, build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
 from spannorm.train.layout import CONFIG_NAME
@@ -287,10 +287,16 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a YAML config file (also accepts a run directory's ``config.yaml``)."""
+    """The nested dict of a YAML config file (also accepts a run directory, for its ``config.yaml``: a config
+    spannorm saved, whose model section is read as :meth:`ModelConfig.from_saved` reads one, so that a run
+    written before placement names 2 continues as the model it is)."""
     path = Path(path)
     if path.is_dir():
-        path = path / CONFIG_NAME
+        data = load_config_file(path / CONFIG_NAME)
+        model = data.get("model")
+        if isinstance(model, dict) and "placement_names" not in model:
+            data = {**data, "model": upgrade_model_mapping(model)}
+        return data
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; name a YAML file with model/data/optim/train")
     try:
@@ -302,7 +308,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping with keys model, data, optim, train")
+    model = data.get("model")
+    if isinstance(model, dict) and str(model.get("placement_names")).strip() == "1":
+        data = {**data, "model": upgrade_model_mapping(model)}  # read here, so later layers use today's names
     return data
+
+
+def upgrade_override_layer(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Dotted overrides as given; where one of them is ``model.placement_names=1``, all of them read with version
+    1's names (see :data:`spannorm.config.PLACEMENT_NAMES`) and rewritten in today's, that one dropped."""
+    def is_v1(text: str) -> bool:
+        key, _, value = text.partition("=")
+        return key.strip().removeprefix("--") == "model.placement_names" and value.strip() == "1"
+
+    if not any(is_v1(o) for o in overrides):
+        return list(overrides)
+    return [upgrade_override(o.strip().removeprefix("--")) for o in overrides if not is_v1(o)]
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:
@@ -342,7 +363,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     if config_file:
         explicit = load_config_file(config_file)
         _check_keys(explicit, f"config file {str(config_file)!r}")
-    explicit = apply_overrides(explicit, list(overrides))
+    explicit = apply_overrides(explicit, upgrade_override_layer(overrides))
     data = merge(preset_layer, explicit)
     init_from = (data.get("train") or {}).get("init_from")
     # A missing folder is reported by the trainer, except on resume, which needs only the run's own checkpoint.

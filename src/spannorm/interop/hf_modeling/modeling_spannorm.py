@@ -269,13 +269,28 @@ class PeriBlock(Block):
 
 
 class SpanBlock(Block):
+    """a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = x + Δt·β·Nₒ(a + f) (the stream is never normalized)."""
+
+    norm_positions = ("attn_in", "ffn_in", "block_out")
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.beta = config.span_beta
+
+    def forward(self, x, ctx):
+        a = self.attn(self.attn_in_norm(x), ctx)
+        f = self.ffn(self.ffn_in_norm(x + a))
+        return x + self.delta_t * self.beta * self.block_out_norm(a + f)
+
+
+class SpanPostBlock(Block):
     """a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = Nₒ(α·x + β·(a + f))."""
 
     norm_positions: tuple[str, ...] = ("attn_in", "ffn_in", "block_out")
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
-        self.alpha, self.beta = config.span_alpha, config.span_beta
+        self.alpha, self.beta = config.span_post_alpha, config.span_post_beta
 
     def forward(self, x, ctx):
         a = self.attn(self.attn_in_norm(x), ctx)
@@ -283,7 +298,7 @@ class SpanBlock(Block):
         return self.block_out_norm(self.alpha * x + self.beta * (a + f))
 
 
-class SpanB2TBlock(SpanBlock):
+class SpanB2TBlock(SpanPostBlock):
     """h = N₁(x + A(x)); f = F(h); x' = Nₒ(α·x + β·(h + f))."""
 
     norm_positions = ("attn_out", "block_out")
@@ -291,21 +306,6 @@ class SpanB2TBlock(SpanBlock):
     def forward(self, x, ctx):
         h = self.attn_out_norm(x + self.attn(x, ctx))
         return self.block_out_norm(self.alpha * x + self.beta * (h + self.ffn(h)))
-
-
-class SpanCleanBlock(Block):
-    """a = A(N₁(x)); h = x + a; f = F(N₂(h)); x' = x + Δt·β·Nₒ(a + f) (the stream is never normalized)."""
-
-    norm_positions = ("attn_in", "ffn_in", "block_out")
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        self.beta = config.span_clean_beta
-
-    def forward(self, x, ctx):
-        a = self.attn(self.attn_in_norm(x), ctx)
-        f = self.ffn(self.ffn_in_norm(x + a))
-        return x + self.delta_t * self.beta * self.block_out_norm(a + f)
 
 
 class DeepNormBlock(Block):
@@ -360,8 +360,8 @@ class ResiDualBlock(Block):
         return self.ffn_out_norm(h + f), d + a + f
 
 
-BLOCKS = {"pre": PreBlock, "post": PostBlock, "peri": PeriBlock, "span": SpanBlock, "span_b2t": SpanB2TBlock,
-          "span_clean": SpanCleanBlock, "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock,
+BLOCKS = {"pre": PreBlock, "post": PostBlock, "peri": PeriBlock, "span": SpanBlock, "span_post": SpanPostBlock,
+          "span_b2t": SpanB2TBlock, "deepnorm": DeepNormBlock, "lns": LNSBlock, "hybrid": HybridBlock,
           "residual": ResiDualBlock}
 DUAL_STREAM = ("residual",)
 """Placements whose blocks carry the pair (x, d); a model uses them on every layer or on none."""
