@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from spannorm.config import PLACEMENT_NAMES, ConfigError
+from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
@@ -150,7 +150,12 @@ def settings_conflict(spec: RunSpec, stored: Mapping[str, Any], sweep_overrides:
         return f"preset {old_preset!r}, now {spec.preset!r}"
     gone = [f"{k}={v}" for k, v in old.items() if new.get(k) != v]
     added = [f"{k}={v}" for k, v in new.items() if old.get(k) != v]
-    return f"settings {', '.join(gone) or '(none)'}, now {', '.join(added) or '(none)'}"
+    what = f"settings {', '.join(gone) or '(none)'}, now {', '.join(added) or '(none)'}"
+    if "placement_names" not in stored and any(k.startswith("model.") and "span" in f"{k}={v}"
+                                               for k, v in [*old.items(), *new.items()] if new.get(k) != old.get(k)):
+        what += (" (it was stored before placement names 2, and reads in today's names as shown: a plan written "
+                 "then says placement_names: 1)")
+    return what
 
 
 def check_run_settings(spec: RunSpec, run_dir: str | Path) -> None:
@@ -184,13 +189,12 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
     line = ledger.runs.get(spec.run_id)
     if line is None:
         return
-    stored = {**line["spec"], "overrides": stored_overrides(line["spec"]), "placement_names": PLACEMENT_NAMES,
-              "sweep_overrides": line.get("sweep_overrides") or []}
+    stored = {**line["spec"], "sweep_overrides": line.get("sweep_overrides") or []}
     what = settings_conflict(spec, stored, sweep_overrides, strict=True)
     if what is None:
         return
     if what != "settings that do not parse" and stored.get("preset") == spec.preset:
-        old = _resolved(spec.preset, [*stored["overrides"], *stored["sweep_overrides"]])
+        old = _resolved(spec.preset, [*stored_overrides(stored), *stored["sweep_overrides"]])
         if old is not None and old == _resolved(spec.preset, [*spec.overrides, *sweep_overrides]):
             return
     raise ConfigError(f"run {spec.run_id} in ledger {str(ledger.path)!r} was made with other {what}; "
