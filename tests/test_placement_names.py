@@ -4,9 +4,11 @@ names (checkpoints, run folders, sweep ledgers and plans) still reads as what it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +18,13 @@ from spannorm.config import PLACEMENT_NAMES, ConfigError, ModelConfig, upgrade_m
 from spannorm.experiments.ledger import read_ledger, run_line, start_line
 from spannorm.experiments.plan import RunSpec, parse_plan, parse_plan_text
 from spannorm.experiments.results import load_results
-from spannorm.experiments.runner import check_ledger
+from spannorm.experiments.runner import check_ledger, ledger_line_from_folder, measure_run
 from spannorm.model.checksums import write_manifest
 from spannorm.model.io import load_model, save_model
 from spannorm.model.transformer import DecoderLM
 from spannorm.train.config import resolve_config
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(d_model=32, n_heads=2, n_layers=3, context_length=16)
 
 # (version 1 mapping, the same model in version 2's names)
@@ -265,6 +268,7 @@ def test_a_run_folder_written_before_the_rename_resumes_as_the_model_it_trained(
         train(tmp_path / name, "--train.steps=2")
     _rewrite_run_as_version_1(tmp_path / "old")
     assert "placement_names" not in (tmp_path / "old" / "config.yaml").read_text()
+    assert measure_run(tmp_path / "old", 2) == measure_run(tmp_path / "new", 2)  # the sweep's measuring reads it too
     for name in ("old", "new"):
         proc = subprocess.run([sys.executable, "-m", "spannorm", "train", "--resume", "--out", str(tmp_path / name),
                                "--train.steps=3"], capture_output=True, text=True)
@@ -288,3 +292,86 @@ def test_the_command_line_and_a_config_file_may_say_placement_names_1(tmp_path):
         ("span_post", "skip", 2.0, "learnable")
     with pytest.raises(ConfigError, match="version 1's span_clean is span"):
         parse_plan({"grid": {"placements": [{"name": "x", "placement": "span_clean"}], "depths": [2]}})
+
+
+def test_an_old_folder_run_copied_into_a_ledger_is_stored_in_todays_names(tmp_path):
+    """A sweep folder from before the rename given a ledger: the line it copies from a run's ``run.json``
+    carries that run's overrides in today's names, so the plan that made it still resumes from the ledger."""
+    plan = parse_plan(_plan(1))
+    spec = next(s for s in plan.expand({}) if s.run_id == "span-L2-dense-lr1e-3-s0")
+    run_dir = tmp_path / "runs" / spec.run_id
+    run_dir.mkdir(parents=True)
+    old = spec.to_dict()
+    del old["placement_names"]
+    old["overrides"] = ["model.placement=span" if o == "model.placement=span_post" else o for o in old["overrides"]]
+    (run_dir / "run.json").write_text(json.dumps(old))
+    line = ledger_line_from_folder(spec, run_dir, plan.name, {"final_val_loss": 2.0, "diverged": False}, ())
+    assert line["spec"]["placement_names"] == PLACEMENT_NAMES
+    assert "model.placement=span_post" in line["spec"]["overrides"]
+    assert "model.placement=span" not in line["spec"]["overrides"]
+
+
+@pytest.mark.parametrize("where", ["config", "overrides", "variant"])
+def test_a_plan_may_not_set_model_placement_names_below_its_top_level(where):
+    data = _plan(None)
+    data["grid"]["placements"][2] = {"name": "clean-l", "placement": "span",
+                                     "overrides": ["model.span_scaling=learnable"]}
+    if where == "config":
+        data["base"]["config"]["model"]["placement_names"] = 1
+    elif where == "overrides":
+        data["base"]["overrides"] = ["model.placement_names=1"]
+    else:
+        data["grid"]["placements"][2]["overrides"].append("model.placement_names=1")
+    with pytest.raises(ConfigError, match="the plan's top-level placement_names"):
+        parse_plan(data)
+    v1 = _plan(1)  # in a plan that says 1 at the top, the same key in its base config is dropped
+    v1["base"]["config"]["model"]["placement_names"] = 1
+    assert parse_plan(v1).placements[1].placement == "span_post"
+
+
+def test_a_report_refuses_to_average_two_readings_under_one_name(tmp_path):
+    old = tmp_path / "old.jsonl"
+    _v1_ledger(old, _plan(1))
+    new_plan = _plan(2)
+    new_plan["grid"]["placements"] = ["pre", "span"]
+    new_plan["protocol"] = {"kind": "full"}
+    new = tmp_path / "new.jsonl"
+    plan = parse_plan(new_plan)
+    lines = [start_line(plan.name, yaml.safe_dump(new_plan), {"time": 2.0, "finished_before": 0,
+                                                              "placement_names": 2})]
+    new.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ConfigError, match="'span' runs span_post in .* and span in .*average two models"):
+        load_results([old, new])
+
+
+def test_the_tools_that_name_their_own_placements_refuse_a_placement_names_setting():
+    for argv in (["profile", "--placements", "span", "--depths", "2", "--set", "placement_names=1"],
+                 ["check", "span", "--depths", "2", "--steps", "0", "--set", "placement_names=1",
+                  "--out", "unused"]):
+        proc = subprocess.run([sys.executable, "-m", "spannorm", *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and "take today's placement names only" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_hand_written_config_folder_is_read_with_todays_names(tmp_path):
+    """Only a run folder (checkpoints, a summary or metrics) is read as a saved config; a folder that just
+    holds a config.yaml is a config file like any other."""
+    (tmp_path / "config.yaml").write_text("model: {placement: span}\n")
+    assert resolve_config(None, tmp_path).model.placement == "span"
+    (tmp_path / "summary.json").write_text("{}")
+    assert resolve_config(None, tmp_path).model.placement == "span_post"
+
+
+def test_an_old_bench_report_renders_in_todays_names():
+    spec = importlib.util.spec_from_file_location("bench_to_markdown", ROOT / "benchmarks" / "bench_to_markdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = {"meta": {"command": "spannorm bench --placements pre,span,span_clean --ffn dense"},
+              "results": [{"name": "span/dense/eager/fp32", "placement": "span"},
+                          {"name": "span_clean/dense/eager/fp32", "placement": "span_clean"}]}
+    out = module.in_todays_names(report)
+    assert [r["name"] for r in out["results"]] == ["span_post/dense/eager/fp32", "span/dense/eager/fp32"]
+    assert out["meta"]["command"] == "spannorm bench --placements pre,span_post,span --ffn dense"
+    new = {"meta": {"command": "spannorm bench --placements span", "placement_names": 2},
+           "results": [{"name": "span/dense/eager/fp32", "placement": "span"}]}
+    assert module.in_todays_names(json.loads(json.dumps(new))) == new

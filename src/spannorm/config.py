@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spannorm.configuration import ConfigError, build, check_fields, fail
+from spannorm.configuration import ConfigError, build, check_fields, fail, typed_overrides
 
 PLACEMENTS = ("pre", "post", "peri", "span", "span_post", "span_b2t", "deepnorm", "mixln", "lns", "hybrid",
               "residual")
@@ -358,6 +358,18 @@ def refused_v1_spelling(data: dict[str, Any], prefix: str = "model") -> None:
                  f"{PLACEMENT_NAMES}; allowed: {RENAMED_FIELDS_V1[old]} ({V1_HINT})")
 
 
+def tool_model_settings(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The ``--set`` model settings of check, profile and bench (:func:`~spannorm.configuration.typed_overrides`),
+    in today's placement names only: these tools name their placements themselves, so a ``placement_names``
+    setting would reread them with the old names."""
+    settings = typed_overrides(overrides, ModelConfig, "model")
+    if "placement_names" in settings:
+        fail("model.placement_names", settings["placement_names"],
+             f"these tools take today's placement names only (version {PLACEMENT_NAMES}); allowed: no "
+             "placement_names setting")
+    return settings
+
+
 def upgrade_placement_name(name: Any) -> Any:
     """A version 1 placement name as version 2 writes it."""
     return RENAMED_PLACEMENTS_V1.get(name, name) if isinstance(name, str) else name
@@ -404,4 +416,5 @@ def upgrade_override(text: str) -> str:
 
 
 __all__ = ["BLOCK_PLACEMENTS", "DUAL_STREAM_PLACEMENTS", "PLACEMENTS", "PLACEMENT_NAMES", "ConfigError",
-           "ModelConfig", "MoEConfig", "upgrade_model_mapping", "upgrade_override", "upgrade_placement_name"]
+           "ModelConfig", "MoEConfig", "tool_model_settings", "upgrade_model_mapping", "upgrade_override",
+           "upgrade_placement_name"]

@@ -17,8 +17,8 @@ import torch
 from spannorm.bench.harness import DTYPES, FFNS, BenchSettings, format_report, model_config, plan_cases, run_bench
 from spannorm.bench.reference import transformers_available
 from spannorm.cli.main import UsageError, seed_arg
-from spannorm.config import PLACEMENTS, ModelConfig
-from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
+from spannorm.config import PLACEMENT_NAMES, PLACEMENTS, tool_model_settings
+from spannorm.configuration import ConfigError, as_flags, build
 
 MODES = ("eager", "compiled")
 
@@ -111,7 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads={args.threads} is invalid: must be >= 1")
     device = _device(args.device)
-    model_overrides = typed_overrides(args.overrides, ModelConfig, "model")
+    model_overrides = tool_model_settings(args.overrides)
     settings = dict(
         **size, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, tie_embeddings=not args.untied,
         n_experts=args.n_experts, top_k=args.top_k, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
     report = run_bench(settings, cases, log=log)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    report.meta = {"command": command_line(args, dtypes), "created_utc": created}
+    report.meta = {"command": command_line(args, dtypes), "created_utc": created,
+                   "placement_names": PLACEMENT_NAMES}
     print(format_report(report))
     if args.out is not None:
         tmp = args.out.with_name(args.out.name + ".tmp")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from spannorm.cli.main import UsageError, seed_arg
-from spannorm.config import ModelConfig
-from spannorm.configuration import ConfigError, as_flags, build, typed_overrides
+from spannorm.config import tool_model_settings
+from spannorm.configuration import ConfigError, as_flags, build
 from spannorm.diagnostics.check import CheckError, CheckSettings, run_check
 from spannorm.diagnostics.report import REPORT_JSON, REPORT_MD, format_run, write_report
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} is a file; name a folder")
     if not args.overwrite and any((out / name).exists() for name in (REPORT_JSON, REPORT_MD)):
         raise UsageError(f"--out {str(out)!r} already holds a report; allowed: --overwrite or another folder")
-    model_overrides = typed_overrides(args.overrides, ModelConfig, "model")
+    model_overrides = tool_model_settings(args.overrides)
     try:
         settings = build(CheckSettings, dict(
             depths=args.depths, steps=args.steps, d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,

@@ -6,8 +6,7 @@ import argparse
 import json
 
 from spannorm.cli.main import UsageError, seed_arg
-from spannorm.config import PLACEMENTS, ModelConfig
-from spannorm.configuration import typed_overrides
+from spannorm.config import PLACEMENTS, ModelConfig, tool_model_settings
 from spannorm.diagnostics.profile import random_init_profile
 
 
@@ -41,7 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     placements = [p for p in args.placements.split(",") if p]
-    extra = typed_overrides(args.overrides, ModelConfig, "model")
+    extra = tool_model_settings(args.overrides)
     fixed = {"d_model", "n_heads", "n_layers", "placement"} & set(extra)
     if fixed:
         raise UsageError(f"--set {sorted(fixed)[0]} is not allowed: use the dedicated option instead")

@@ -663,7 +663,9 @@ def _upgrade_plan(data: dict[str, Any]) -> dict[str, Any]:
         base = {**base, "overrides": overrides(base.get("overrides", []))}
         config = base.get("config")
         if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            base["config"] = {**config, "model": upgrade_model_mapping(config["model"])}
+            model = upgrade_model_mapping(config["model"])
+            model.pop("placement_names", None)  # the plan's top-level key says it (and the grid owns it)
+            base["config"] = {**config, "model": model}
         data["base"] = base
     grid = data.get("grid")
     if isinstance(grid, dict):

@@ -24,7 +24,8 @@ import yaml
 from spannorm.config import ConfigError
 
 GRID_OWNED = {"model.placement": "grid.placements (a variant's placement)", "model.n_layers": "grid.depths",
-              "optim.lr": "grid.lrs", "train.seed": "grid.seeds"}
+              "optim.lr": "grid.lrs", "train.seed": "grid.seeds",
+              "model.placement_names": "the plan's top-level placement_names"}
 """Override keys a plan may not set outside the grid, and the grid key that sets each."""
 INDEX_NAME = "index.json"
 PLAN_NAME = "plan.yaml"

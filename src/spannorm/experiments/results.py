@@ -8,6 +8,7 @@ means and tests use the runs that finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -153,7 +154,10 @@ def load_sweep(path: str | Path) -> Sweep:
                                 "(written by `spannorm sweep`), or a ledger file (`spannorm sweep --ledger`)")
     index = read_index(path) or {}
     starts = index.get("starts") or []
-    plan = load_plan(plan_file, stored_placement_names(starts[-1] if starts else None))  # errors name the file
+    digest = hashlib.sha256(plan_file.read_bytes()).hexdigest()
+    written = [s for s in starts if isinstance(s, Mapping) and s.get("plan_sha256") == digest]  # the start that
+    # wrote plan.yaml (a start killed between writing it and the index leaves the previous start last)
+    plan = load_plan(plan_file, stored_placement_names(written[-1] if written else starts[-1] if starts else None))
     book: Ledger | None = None
     runs = []
     for record in load_index(path).values():
@@ -212,6 +216,16 @@ class StudyResults:
     """Finished runs of one or more sweeps, grouped by cell and LR."""
 
     def __init__(self, sweeps: list[Sweep]):
+        placed: dict[str, tuple[str, Sweep]] = {}
+        for sweep in sweeps:  # one name, one model: a cell must not average two placements
+            for variant in sweep.plan.placements:
+                seen = placed.setdefault(variant.name, (variant.placement, sweep))
+                if seen[0] != variant.placement:
+                    raise ConfigError(
+                        f"{variant.name!r} runs {seen[0]} in {str(seen[1].path)!r} (plan {seen[1].plan.name!r}) and "
+                        f"{variant.placement} in {str(sweep.path)!r} (plan {sweep.plan.name!r}), so one report would "
+                        "average two models in one row (placement names 1 and 2 read span differently); allowed: "
+                        "sweeps whose variants of one name run one placement (report them apart)")
         self.sweeps = sweeps
         self.plan_of: dict[str, StudyPlan] = {}
         self.runs: dict[str, list[RunResult]] = {}

@@ -57,7 +57,7 @@ from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
 from spannorm.train.config import RunConfig, load_config_file, resolve_config
-from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, SUMMARY_NAME
+from spannorm.train.layout import CHECKPOINTS_DIR, SUMMARY_NAME
 from spannorm.train.run_lock import hold_run_folder
 
 RUNS_DIR = "runs"
@@ -254,7 +254,9 @@ def ledger_line_from_folder(spec: RunSpec, run_dir: Path, plan_name: str, summar
     with contextlib.suppress(OSError, ValueError):
         loaded = json.loads((run_dir / RUN_INFO_NAME).read_text())
         stored = loaded if isinstance(loaded, dict) else {}
-    spec_data: dict[str, Any] = {**spec.to_dict(), **{k: stored[k] for k in ("preset", "overrides") if k in stored}}
+    spec_data: dict[str, Any] = {**spec.to_dict(), **{k: stored[k] for k in ("preset",) if k in stored}}
+    if "overrides" in stored:  # in today's placement names, as the line's placement_names says
+        spec_data["overrides"] = stored_overrides(stored)
     extra = stored.get("sweep_overrides", list(sweep_overrides))
     stats = None
     with contextlib.suppress(OSError, ValueError):
@@ -269,7 +271,7 @@ def measure_run(run_dir: Path, batch_size: int) -> dict[str, Any] | None:
     model_dir = _latest_model_dir(run_dir)
     if model_dir is None:
         return None
-    cfg = RunConfig.from_dict(load_config_file(run_dir / CONFIG_NAME))
+    cfg = RunConfig.from_dict(load_config_file(run_dir))  # the run folder: its config.yaml, read as saved
     stats = measure_model_dir(model_dir, cfg.data, batch_size)
     stats["checkpoint"] = str(model_dir.relative_to(run_dir))
     _write_json_atomic(run_dir / LAYER_STATS_NAME, stats)

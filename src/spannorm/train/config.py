@@ -27,7 +27,7 @@ import yaml
 from spannorm.config import ConfigError, ModelConfig, MoEConfig, upgrade_model_mapping, upgrade_override
 from spannorm.configuration import MAX_SEED, build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
-from spannorm.train.layout import CONFIG_NAME
+from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME
 
 Schedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["fp32", "bf16"]
@@ -287,14 +287,17 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a YAML config file (also accepts a run directory, for its ``config.yaml``: a config
-    spannorm saved, whose model section is read as :meth:`ModelConfig.from_saved` reads one, so that a run
-    written before placement names 2 continues as the model it is)."""
+    """The nested dict of a YAML config file (also accepts a directory, for its ``config.yaml``). A run folder's
+    (one with checkpoints, a summary or metrics) is a config spannorm saved: its model section is read as
+    :meth:`ModelConfig.from_saved` reads one, so that a run written before placement names 2 continues as the
+    model it is."""
     path = Path(path)
     if path.is_dir():
         data = load_config_file(path / CONFIG_NAME)
         model = data.get("model")
-        if isinstance(model, dict) and "placement_names" not in model:
+        run_folder = ((path / CHECKPOINTS_DIR).is_dir() or (path / SUMMARY_NAME).is_file()
+                      or (path / METRICS_NAME).is_file())
+        if run_folder and isinstance(model, dict) and "placement_names" not in model:
             data = {**data, "model": upgrade_model_mapping(model)}
         return data
     if not path.is_file():
