@@ -9,6 +9,7 @@ from spannorm.cli.main import UsageError
 from spannorm.experiments.ledger import read_ledger
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
+from spannorm.experiments.recover import check_recoverable, recover_runs
 from spannorm.experiments.runner import (
     RUNS_DIR,
     check_ledger,
@@ -21,6 +22,7 @@ from spannorm.experiments.runner import (
 )
 from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
 from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
+from spannorm.hardware.devices import usable_cpu_cores
 from spannorm.interop.init_from import run_config_layer
 from spannorm.train.config import resolve_config
 from spannorm.train.run_lock import hold_run_folder
@@ -63,8 +65,29 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "cheapest first (shortest; the most runs done by a deadline)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the runs the plan asks for now and their status, train nothing")
+    p.add_argument("--recover", default=None, metavar="RUN_ID[,RUN_ID...]",
+                   help="with --ledger: retrain these runs, which the ledger keeps as numbers only, into "
+                        "DIR/runs/, and append each one's curves and layer stats to the ledger if it ends at "
+                        "exactly the recorded final val loss; nothing else of the plan runs (docs/sweeps.md, "
+                        "'Recovering curves')")
     p.set_defaults(run=run)
     return p
+
+
+def _recover(args: argparse.Namespace, plan, out: Path) -> int:
+    if args.ledger is None:
+        raise UsageError("--recover needs --ledger FILE (the ledger that keeps the runs as numbers only)")
+    if args.dry_run or args.max_runs is not None:
+        raise UsageError("--recover trains exactly the runs it names; allowed: no --dry-run or --max-runs with it")
+    run_ids = [r.strip() for r in args.recover.split(",") if r.strip()]
+    check_recoverable(plan, args.ledger, run_ids)  # every refusal before anything is written
+    threads = args.threads or None
+    workers = args.workers if args.workers != AUTO else min(len(run_ids), max(1, usable_cpu_cores() // (threads or 1)))
+    print(f"[recover] {len(run_ids)} run(s), {workers} worker(s) x {threads or 'default'} thread(s)")
+    outcome = recover_runs(plan, out, args.ledger, run_ids, workers=workers, threads=threads)
+    print(f"[recover] {len(outcome.recovered)} recovered, {len(outcome.mismatched)} did not reproduce, "
+          f"{len(outcome.failed)} failed; ledger: {args.ledger}")
+    return 0 if len(outcome.recovered) == len(run_ids) else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out={args.out!r} is invalid: it exists and is not a directory")
     plan = load_plan(args.plan)
+    if args.recover is not None:
+        return _recover(args, plan, out)
     book = None if args.ledger is None else read_ledger(args.ledger)  # not a ledger: refused, one line
     # Resolve every run's config now, so a bad override fails before anything is written.
     index = load_index(out) if out.is_dir() else {}

@@ -1,0 +1,132 @@
+"""Retrain runs that a ledger keeps as numbers only, to get back their loss curves and per-layer stats.
+
+A ledger line without curves (for example one rebuilt from a ``results.csv`` after the run folders were lost)
+still counts the run as finished, but a report cannot plot it. ``spannorm sweep PLAN --out DIR --ledger FILE
+--recover RUN_ID[,RUN_ID...]`` trains each named run again, with the settings the ledger recorded (the plan's
+overrides and the sweep's own, such as its precision), into ``DIR/runs/RUN_ID``. Training is deterministic on
+one machine and code, so the retrained run must end at exactly the recorded final val loss. Only then is its
+full line (curves, layer stats) appended to the ledger, where it takes the old line's place. A run that ends
+elsewhere is reported, and the ledger keeps the recorded line. Nothing else of the plan runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from spannorm.config import ConfigError
+from spannorm.experiments.ledger import check_ledger_plan, check_ledger_writable, read_ledger
+from spannorm.experiments.plan import RunSpec, StudyPlan
+from spannorm.experiments.runner import (
+    RUNS_DIR,
+    check_ledger_settings,
+    execute_run,
+    ledger_line_from_folder,
+    ledger_records,
+    read_summary,
+)
+from spannorm.experiments.worker_guard import guard_worker
+from spannorm.train.run_lock import hold_run_folder
+
+
+@dataclass
+class RecoverOutcome:
+    """What one call of :func:`recover_runs` did."""
+
+    recovered: list[str] = field(default_factory=list)
+    """Runs retrained to the recorded final val loss, their full lines appended to the ledger."""
+    mismatched: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """(run id, recorded final val loss, retrained final val loss) of runs that did not reproduce."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(run id, error) of runs whose retraining failed."""
+
+
+def _outcome(summary: dict[str, Any]) -> tuple[bool, Any]:
+    return bool(summary.get("diverged")), summary.get("final_val_loss")
+
+
+def check_recoverable(plan: StudyPlan, ledger_path: str | Path, run_ids: list[str]) -> dict[str, RunSpec]:
+    """The specs of ``run_ids`` after every check, each a one-line :class:`ConfigError`: the ledger can be
+    appended to and belongs to ``plan``; each run is in it as numbers only (no curves), the plan still asks for
+    it, and with the settings the ledger recorded."""
+    book = read_ledger(ledger_path)
+    check_ledger_writable(book.path)
+    check_ledger_plan(book, plan.name)
+    if not run_ids:
+        raise ConfigError("--recover names no run; allowed: run ids of the ledger, separated by commas")
+    wanted = {spec.run_id: spec for spec in plan.expand(ledger_records(book))}
+    specs = {}
+    for run_id in run_ids:
+        line = book.runs.get(run_id)
+        if line is None:
+            example = next(iter(book.runs), "none")
+            raise ConfigError(f"--recover {run_id}: ledger {str(book.path)!r} holds no such run; allowed: a run "
+                              f"id the ledger holds (e.g. {example})")
+        if line.get("val_curve") or line.get("train_curve"):
+            raise ConfigError(f"--recover {run_id}: ledger {str(book.path)!r} already holds its curves; allowed: "
+                              "a run the ledger keeps as numbers only")
+        if run_id not in wanted:
+            raise ConfigError(f"--recover {run_id}: plan {plan.name!r} no longer asks for it; allowed: a run of "
+                              "the plan that made the ledger")
+        check_ledger_settings(wanted[run_id], book, tuple(line.get("sweep_overrides") or ()))
+        specs[run_id] = wanted[run_id]
+    return specs
+
+
+def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, run_ids: list[str], *,
+                 workers: int = 1, threads: int | None = 1,
+                 log: Callable[[str], None] = print) -> RecoverOutcome:
+    """Retrain ``run_ids`` (see the module docstring) in ``workers`` processes (0: in this process), each
+    with ``threads`` torch threads, and append the line of each that reproduces its recorded final val loss."""
+    specs = check_recoverable(plan, ledger_path, run_ids)
+    book = read_ledger(ledger_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    measure = {"layer_stats": plan.measure.layer_stats, "batch_size": plan.measure.batch_size,
+               "prune_checkpoints": plan.measure.prune_checkpoints}
+    jobs = {run_id: (specs[run_id].to_dict(), str(out / RUNS_DIR / run_id), threads, measure,
+                     tuple(book.runs[run_id].get("sweep_overrides") or ()))
+            for run_id in specs}
+    outcome = RecoverOutcome()
+    with hold_run_folder(out):  # one sweep or recovery per folder at a time
+        if workers == 0:
+            records = {}
+            for run_id, job in jobs.items():
+                log(f"[recover] start {run_id}")
+                records[run_id] = execute_run(*job)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=guard_worker, initargs=(os.getpid(),)) as pool:
+                futures = {run_id: pool.submit(execute_run, *job) for run_id, job in jobs.items()}
+                for run_id in futures:
+                    log(f"[recover] start {run_id}")
+                records = {run_id: future.result() for run_id, future in futures.items()}
+        for run_id, record in records.items():
+            run_dir = out / RUNS_DIR / run_id
+            summary = read_summary(run_dir)
+            recorded = book.runs[run_id].get("summary") or {}
+            if summary is None:
+                outcome.failed.append((run_id, str(record.get("error") or record.get("status"))))
+                log(f"[recover] {run_id} failed: {outcome.failed[-1][1]}")
+                continue
+            if _outcome(summary) != _outcome(recorded):
+                outcome.mismatched.append((run_id, recorded.get("final_val_loss"), summary.get("final_val_loss")))
+                log(f"[recover] {run_id} did not reproduce: recorded final val loss "
+                    f"{recorded.get('final_val_loss')!r}, retrained {summary.get('final_val_loss')!r}; the ledger "
+                    "keeps the recorded line")
+                continue
+            kept = {**summary, "recovered": {"recorded_summary_source": recorded.get("source"),
+                                             "note": "retrained by spannorm sweep --recover; final val loss equal "
+                                                     "to the recorded one bit for bit"}}
+            book.append(ledger_line_from_folder(specs[run_id], run_dir, plan.name, kept, jobs[run_id][4]))
+            outcome.recovered.append(run_id)
+            log(f"[recover] {run_id}: final val loss {summary.get('final_val_loss')!r} equals the recorded one; "
+                "its curves and layer stats are in the ledger now")
+    return outcome
+
+
+__all__ = ["RecoverOutcome", "check_recoverable", "recover_runs"]

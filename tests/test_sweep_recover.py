@@ -1,0 +1,93 @@
+"""``spannorm sweep --recover``: a run the ledger keeps as numbers only is retrained, and its curves and layer
+stats enter the ledger only when it reproduces the recorded final val loss exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from spannorm.cli.main import main
+from spannorm.config import ConfigError
+from spannorm.experiments.ledger import read_ledger
+from spannorm.experiments.plan import parse_plan
+from spannorm.experiments.recover import check_recoverable, recover_runs
+from spannorm.experiments.results import load_results
+from spannorm.experiments.runner import run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _plan(cache_dir) -> dict:
+    return {"name": "recoverable",
+            "base": {"config": {
+                "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
+                "data": {"embedded_max_bytes": 60000, "cache_dir": str(cache_dir)},
+                "optim": {"warmup_steps": 1},
+                "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
+                          "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu",
+                          "precision": "fp32"}}},
+            "grid": {"placements": ["span"], "depths": [1], "lrs": [3e-3, 1e-2], "seeds": [0]},
+            "measure": {"layer_stats": True, "batch_size": 2, "prune_checkpoints": True}}
+
+
+def _numbers_only(ledger, edit=None) -> None:
+    """The ledger as it is after its run folders were lost and only the numbers survived."""
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for line in lines:
+        if line["kind"] == "run":
+            line.update(val_curve=[], train_curve=[], layer_stats=None)
+            line["summary"] = {"final_val_loss": line["summary"]["final_val_loss"],
+                               "best_val_loss": line["summary"]["best_val_loss"], "diverged": False,
+                               "status": "completed", "source": "results.csv of an earlier commit"}
+            if edit:
+                edit(line)
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_numbers_only_run_is_retrained_and_its_curves_kept_only_when_it_reproduces(tmp_path, capsys):
+    data = _plan(tmp_path / "cache")
+    plan, text = parse_plan(data), yaml.safe_dump(data)
+    ledger = tmp_path / "ledger.jsonl"
+    first = run_sweep(plan, tmp_path / "lost", workers=0, log=lambda _: None, plan_text=text, ledger=ledger)
+    assert sorted(first.executed) == ["span-L1-dense-lr1e-2-s0", "span-L1-dense-lr3e-3-s0"]
+    full = read_ledger(ledger).runs
+
+    def tamper(line):  # one recorded number that no retraining can reproduce
+        if line["spec"]["run_id"] == "span-L1-dense-lr1e-2-s0":
+            line["summary"]["final_val_loss"] += 1e-9
+
+    _numbers_only(ledger, tamper)
+    assert all(not line["val_curve"] for line in read_ledger(ledger).runs.values())
+    outcome = recover_runs(plan, tmp_path / "again", ledger, ["span-L1-dense-lr3e-3-s0", "span-L1-dense-lr1e-2-s0"],
+                           workers=0, log=lambda _: None)
+    assert outcome.recovered == ["span-L1-dense-lr3e-3-s0"] and not outcome.failed
+    (run_id, recorded, got), = outcome.mismatched
+    assert run_id == "span-L1-dense-lr1e-2-s0" and recorded == full[run_id]["summary"]["final_val_loss"] + 1e-9
+    assert got == full[run_id]["summary"]["final_val_loss"]
+
+    book = read_ledger(ledger)
+    back = book.runs["span-L1-dense-lr3e-3-s0"]  # the later line wins: curves and stats are back
+    assert back["summary"]["final_val_loss"] == full["span-L1-dense-lr3e-3-s0"]["summary"]["final_val_loss"]
+    assert back["summary"]["recovered"]["recorded_summary_source"] == "results.csv of an earlier commit"
+    assert back["val_curve"] == full["span-L1-dense-lr3e-3-s0"]["val_curve"]
+    assert back["layer_stats"]["rms"] == full["span-L1-dense-lr3e-3-s0"]["layer_stats"]["rms"]
+    assert not book.runs["span-L1-dense-lr1e-2-s0"]["val_curve"]  # not reproduced: the recorded line stays
+    results = load_results([ledger])
+    assert sum(bool(r.val_curve) for runs in results.runs.values() for r in runs) == 1
+
+    # Refusals, one line each, nothing written: a run that has its curves now, one the ledger lacks, no ledger.
+    size = ledger.stat().st_size
+    with pytest.raises(ConfigError, match="already holds its curves"):
+        check_recoverable(plan, ledger, ["span-L1-dense-lr3e-3-s0"])
+    with pytest.raises(ConfigError, match="holds no such run"):
+        check_recoverable(plan, ledger, ["pre-L1-dense-lr3e-3-s0"])
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(text)
+    assert main(["sweep", str(plan_file), "--out", str(tmp_path / "x"), "--recover", "a"]) == 2
+    assert "--recover needs --ledger" in capsys.readouterr().err
+    assert main(["sweep", str(plan_file), "--out", str(tmp_path / "x"), "--ledger", str(ledger),
+                 "--recover", "span-L1-dense-lr3e-3-s0"]) == 2
+    assert "already holds its curves" in capsys.readouterr().err
+    assert ledger.stat().st_size == size and not (tmp_path / "x").exists()
