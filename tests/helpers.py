@@ -28,6 +28,17 @@ def tiny_run_config(tmp_path, *overrides: str) -> RunConfig:
     return resolve_config(None, None, base + list(overrides))
 
 
+def tiny_sweep_base(cache_dir) -> dict:
+    """A plan's ``base`` for sweeps that train in seconds: width 16, 3 steps, the embedded corpus, fp32."""
+    return {"config": {
+        "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
+        "data": {"embedded_max_bytes": 60000, "cache_dir": str(cache_dir)},
+        "optim": {"warmup_steps": 1},
+        "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
+                  "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu",
+                  "precision": "fp32"}}}
+
+
 def refused_sweep_line(tmp_path, plan: dict) -> str:
     """Run ``spannorm sweep`` on ``plan`` (written to ``tmp_path``), assert that it is refused the house way (exit
     2, nothing written, one line on stderr) and return that line."""

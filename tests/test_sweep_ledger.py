@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import tiny_sweep_base
 from spannorm.config import ConfigError
 from spannorm.experiments.ledger import read_ledger
 from spannorm.experiments.plan import parse_plan
@@ -23,13 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def plan_dict(cache_dir: Path) -> dict:
     return {"name": "ledgered",
-            "base": {"config": {
-                "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
-                "data": {"embedded_max_bytes": 60000, "cache_dir": str(cache_dir)},
-                "optim": {"warmup_steps": 1},
-                "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
-                          "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu",
-                          "precision": "fp32"}}},
+            "base": tiny_sweep_base(cache_dir),
             "grid": {"placements": ["pre", "span"], "depths": [1], "ffn": {"dense": []}, "lrs": [3e-3, 1e-2],
                      "seeds": [0, 1]},
             "protocol": {"kind": "lr_search", "search_seeds": [0], "shared_lr": 3e-3,

@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+from helpers import tiny_sweep_base
 from spannorm.cli.main import main
 from spannorm.config import ConfigError
 from spannorm.experiments.ledger import read_ledger
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _plan(cache_dir) -> dict:
     return {"name": "recoverable",
-            "base": {"config": {
-                "model": {"d_model": 16, "n_heads": 2, "context_length": 16},
-                "data": {"embedded_max_bytes": 60000, "cache_dir": str(cache_dir)},
-                "optim": {"warmup_steps": 1},
-                "train": {"steps": 3, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "tensorboard": False,
-                          "progress": "none", "checkpoint_every": 0, "keep_checkpoints": 1, "device": "cpu",
-                          "precision": "fp32"}}},
+            "base": tiny_sweep_base(cache_dir),
             "grid": {"placements": ["span"], "depths": [1], "lrs": [3e-3, 1e-2], "seeds": [0]},
             "measure": {"layer_stats": True, "batch_size": 2, "prune_checkpoints": True}}
 
