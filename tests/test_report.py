@@ -201,3 +201,23 @@ def test_a_side_with_one_run_is_not_tested_not_called_equal():
     assert "not tested (fewer than 2 runs on a side)" in table and "no significant difference" not in table
     table = "\n".join(significance_table([{**row, "p": 0.5, "n": 3}]))
     assert "no significant difference" in table
+
+
+def test_a_variant_is_tested_against_its_control(tmp_path):
+    """``peri-dt0.1`` is tested against ``peri`` (the plan's plain variant of the same placement), in the report
+    and in results.json; a placement without such a sibling has no control."""
+    root = tmp_path / "sweep"
+    make_fake_sweep(root)
+    results = load_results([root])
+    assert results.control_of("peri-dt0.1") == "peri"
+    assert results.control_of("peri") is None and results.control_of("pre") is None
+    test = results.welch_control("peri-dt0.1", 2, "dense")
+    expected = stats.ttest_ind([2.95, 3.0, 3.05], [2.9, 3.0, 3.1], equal_var=False).pvalue
+    assert test["baseline"] == "peri" and test["p"] == pytest.approx(expected)
+    build_report(results, tmp_path / "report", title="Controls")
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = _section(md, "## Variants against their control")
+    assert "| dense | 2 | `peri-dt0.1` @" in section and "`peri` @" in section and f"{expected:.3f}" in section
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert {(r["placement"], r["depth"]) for r in data["welch_control"]["best"]} == {("peri-dt0.1", 2),
+                                                                                      ("peri-dt0.1", 4)}

@@ -319,9 +319,21 @@ def significance_rows(results: StudyResults, which: str) -> list[dict[str, Any]]
     return rows
 
 
-def significance_table(rows: list[dict[str, Any]]) -> list[str]:
-    header = ["ffn", "depth", "SpanNorm variant", "val loss", "best baseline", "baseline val loss", "Δ",
-              "Welch p", "verdict"]
+def control_rows(results: StudyResults, which: str) -> list[dict[str, Any]]:
+    """Welch's tests of every variant against its control (:meth:`StudyResults.control_of`)."""
+    rows = []
+    for ffn in results.ffns:
+        for depth in results.depths:
+            for placement in results.placements:
+                test = results.welch_control(placement, depth, ffn, which)
+                if test is not None:
+                    rows.append(test)
+    return rows
+
+
+def significance_table(rows: list[dict[str, Any]], against: str = "best baseline",
+                       subject: str = "SpanNorm variant") -> list[str]:
+    header = ["ffn", "depth", subject, "val loss", against, f"{against} val loss", "Δ", "Welch p", "verdict"]
     out = []
     for r in rows:
         delta = None if r["mean"] is None or r["baseline_mean"] is None else r["mean"] - r["baseline_mean"]
@@ -690,6 +702,7 @@ def corpus_json(results: StudyResults) -> dict[str, Any]:
         cells.append(entry)
     ref = results.unigram
     return {"cells": cells, "welch": {w: significance_rows(results, w) for w in WHICH},
+            "welch_control": {w: control_rows(results, w) for w in WHICH},
             "unigram": {"corpus": ref.corpus, "loss": ref.loss, "reason": ref.reason, "train_bytes": ref.train_bytes,
                         "learned_margin": LEARNED_MARGIN, "not_learned_margin": NOT_LEARNED_MARGIN},
             "preregistered": [results.preregistered_outcome(s, p) for s, p in results.preregistered()]}
@@ -724,6 +737,13 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
                   "a depth where a run of some baseline at that LR is unfinished is left out, and a variant with a run "
                   "unfinished is `pending`, not tested. `verdict` reads p < 0.05 (two-sided).", ""]
         lines += significance_table(significance_rows(results, which)) + [""]
+    controls = control_rows(results, "best")
+    if controls:
+        lines += [f"## Variants against their control at each placement's best LR (Welch's t-test, final val "
+                  f"loss){tag}", "", "A variant is tested against the plan's variant of the same model placement "
+                  "that has no overrides of its own (else the first listed): `peri-dt0.1` against `peri`, say. "
+                  "`verdict` reads p < 0.05 (two-sided).", ""]
+        lines += significance_table(controls, against="control", subject="variant") + [""]
     lines += [f"## Divergences{tag}", ""] + divergence_table(results) + [""]
     collapsed = collapse_table(results)
     if collapsed:
@@ -803,4 +823,5 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
 
 __all__ = ["bracketing_section", "build_report", "collapse_table", "corpus_body", "divergence_table", "fmt_cell",
            "loss_table", "mean_layer_stats", "plot_kan", "preregistered_section", "ranking_side_by_side",
-           "results_json", "significance_rows", "significance_table", "unigram_section", "write_csv"]
+           "results_json", "significance_rows", "significance_table", "unigram_section", "write_csv",
+           "control_rows"]

@@ -376,16 +376,40 @@ class StudyResults:
         """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
         the best baseline's, at ``which`` LR (None while the best baseline is not known). No test while a run
         the plan asks for on either side is unfinished (``missing``), or either side has fewer than two
-        finished runs."""
-        # Start-up time: scipy.stats takes seconds to import; only the Welch test needs it.
+        finished runs. (Start-up time: scipy.stats takes seconds to import, so only the test imports it.)"""
+        base = self.best_baseline(depth, ffn, which)
+        return None if base is None else self._welch_against(placement, *base, depth, ffn, which)
+
+    def control_of(self, placement: str) -> str | None:
+        """The variant that ``placement`` is tested against as its control: among the plan's variants of the
+        same model placement (e.g. ``peri-dt0.1`` beside ``peri``), the one with no overrides of its own, else
+        the first listed. None for the control itself, and for a placement with no such sibling."""
+        for sweep in self.sweeps:
+            siblings = [v for v in sweep.plan.placements
+                        if v.placement == self.base_placement(placement)]
+            if placement not in [v.name for v in siblings]:
+                continue
+            plain = [v for v in siblings if not v.overrides and not v.overrides_by_depth]
+            control = (plain or siblings)[0].name
+            return None if control == placement else control
+        return None
+
+    def welch_control(self, placement: str, depth: int, ffn: str, which: str = "best") -> dict[str, Any] | None:
+        """Welch's t-test of ``placement`` against its control (:meth:`control_of`), each at ``which`` LR, as
+        :meth:`welch` tests against the best baseline; None without a control or a finished search."""
+        control = self.control_of(placement)
+        cell = None if control is None else self.cell(control, depth, ffn)
+        group = None if cell is None else self.at(cell, which)
+        return None if group is None else self._welch_against(placement, control, group, depth, ffn, which)
+
+    def _welch_against(self, placement: str, base_name: str, base_group: GroupStats, depth: int, ffn: str,
+                       which: str) -> dict[str, Any] | None:
         from scipy import stats
 
         cell = self.cell(placement, depth, ffn)
-        base = self.best_baseline(depth, ffn, which)
         group = self.at(cell, which) if cell else None
-        if group is None or base is None:
+        if group is None:
             return None
-        base_name, base_group = base
         out: dict[str, Any] = {"placement": placement, "depth": depth, "ffn": ffn, "which": which,
                                "lr": group.lr, "mean": group.final_mean, "n": len(group.final),
                                "n_diverged": group.n_diverged, "baseline": base_name, "baseline_lr": base_group.lr,
