@@ -376,7 +376,7 @@ class StudyResults:
         """Welch's t-test (scipy ``ttest_ind(equal_var=False)``) of ``placement``'s final val losses against
         the best baseline's, at ``which`` LR (None while the best baseline is not known). No test while a run
         the plan asks for on either side is unfinished (``missing``), or either side has fewer than two
-        finished runs. (Start-up time: scipy.stats takes seconds to import, so only the test imports it.)"""
+        finished runs."""
         base = self.best_baseline(depth, ffn, which)
         return None if base is None else self._welch_against(placement, *base, depth, ffn, which)
 
@@ -398,13 +398,15 @@ class StudyResults:
         """Welch's t-test of ``placement`` against its control (:meth:`control_of`), each at ``which`` LR, as
         :meth:`welch` tests against the best baseline; None without a control or a finished search."""
         control = self.control_of(placement)
-        cell = None if control is None else self.cell(control, depth, ffn)
+        if control is None:
+            return None
+        cell = self.cell(control, depth, ffn)
         group = None if cell is None else self.at(cell, which)
         return None if group is None else self._welch_against(placement, control, group, depth, ffn, which)
 
     def _welch_against(self, placement: str, base_name: str, base_group: GroupStats, depth: int, ffn: str,
                        which: str) -> dict[str, Any] | None:
-        from scipy import stats
+        from scipy import stats  # start-up time: scipy.stats takes seconds to import; only the test needs it
 
         cell = self.cell(placement, depth, ffn)
         group = self.at(cell, which) if cell else None
