@@ -236,11 +236,7 @@ class ModelConfig:
             fail(f"{prefix}.placement_names", self.placement_names,
                  f"allowed: {PLACEMENT_NAMES}, or 1 in a mapping (a config file, a saved config), which is "
                  f"read with version 1's names")
-        refused_v1_spelling(self.to_dict_raw(), prefix)
-
-    def to_dict_raw(self) -> dict[str, Any]:
-        """The fields as they are, unfiltered (what :func:`refused_v1_spelling` reads)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        refused_v1_spelling(vars(self), prefix)
 
     def _validate_rope_scaling(self, prefix: str) -> None:
         scaling = self.rope_scaling
@@ -304,7 +300,7 @@ class ModelConfig:
     def prepare_mapping(cls, data: Any, path: str = "model") -> Any:
         """The mapping :func:`~spannorm.configuration.build` reads: one that says ``placement_names: 1`` with its
         names and fields renamed to the current version's (:func:`upgrade_model_mapping`)."""
-        if isinstance(data, dict) and str(data.get("placement_names")).strip() == "1":  # 1, or "1" from an override
+        if isinstance(data, dict) and says_names_1(data.get("placement_names")):
             return upgrade_model_mapping(data)
         if isinstance(data, dict):
             refused_v1_spelling(data, path or "model")
@@ -331,6 +327,11 @@ class ModelConfig:
             if not data["tie_embeddings"]:  # a tied head has no init of its own: head_init stays the default
                 data["head_init"] = "fan_in"
         return cls.from_dict(data)
+
+
+def says_names_1(value: Any) -> bool:
+    """Whether a ``placement_names`` value asks for version 1's names: 1, or "1" as an override gives it."""
+    return str(value).strip() == "1"
 
 
 V1_HINT = "write placement_names: 1 to read a config with version 1's names"

@@ -9,7 +9,7 @@ from spannorm.cli.main import UsageError
 from spannorm.experiments.ledger import read_ledger
 from spannorm.experiments.plan import load_plan
 from spannorm.experiments.plan_checks import check_sweep_folder
-from spannorm.experiments.recover import check_recoverable, recover_runs
+from spannorm.experiments.recover import recover_runs
 from spannorm.experiments.runner import (
     RUNS_DIR,
     check_ledger,
@@ -80,10 +80,8 @@ def _recover(args: argparse.Namespace, plan, out: Path) -> int:
     if args.dry_run or args.max_runs is not None:
         raise UsageError("--recover trains exactly the runs it names; allowed: no --dry-run or --max-runs with it")
     run_ids = [r.strip() for r in args.recover.split(",") if r.strip()]
-    check_recoverable(plan, args.ledger, run_ids)  # every refusal before anything is written
     threads = args.threads or None
     workers = args.workers if args.workers != AUTO else min(len(run_ids), max(1, usable_cpu_cores() // (threads or 1)))
-    print(f"[recover] {len(run_ids)} run(s), {workers} worker(s) x {threads or 'default'} thread(s)")
     outcome = recover_runs(plan, out, args.ledger, run_ids, workers=workers, threads=threads)
     print(f"[recover] {len(outcome.recovered)} recovered, {len(outcome.mismatched)} did not reproduce, "
           f"{len(outcome.failed)} failed; ledger: {args.ledger}")

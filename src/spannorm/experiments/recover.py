@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spannorm.config import ConfigError
-from spannorm.experiments.ledger import check_ledger_plan, check_ledger_writable, read_ledger
+from spannorm.experiments.ledger import Ledger, check_ledger_plan, check_ledger_writable, read_ledger
 from spannorm.experiments.plan import RunSpec, StudyPlan
 from spannorm.experiments.runner import (
     RUNS_DIR,
@@ -49,10 +49,11 @@ def _outcome(summary: dict[str, Any]) -> tuple[bool, Any]:
     return bool(summary.get("diverged")), summary.get("final_val_loss")
 
 
-def check_recoverable(plan: StudyPlan, ledger_path: str | Path, run_ids: list[str]) -> dict[str, RunSpec]:
-    """The specs of ``run_ids`` after every check, each a one-line :class:`ConfigError`: the ledger can be
-    appended to and belongs to ``plan``; each run is in it as numbers only (no curves), the plan still asks for
-    it, and with the settings the ledger recorded."""
+def check_recoverable(plan: StudyPlan, ledger_path: str | Path,
+                      run_ids: list[str]) -> tuple[Ledger, dict[str, RunSpec]]:
+    """The ledger and the specs of ``run_ids`` after every check, each a one-line :class:`ConfigError`: the
+    ledger can be appended to and belongs to ``plan``; each run is in it as numbers only (no curves), the plan
+    still asks for it, and with the settings the ledger recorded."""
     book = read_ledger(ledger_path)
     check_ledger_writable(book.path)
     check_ledger_plan(book, plan.name)
@@ -74,7 +75,7 @@ def check_recoverable(plan: StudyPlan, ledger_path: str | Path, run_ids: list[st
                               "the plan that made the ledger")
         check_ledger_settings(wanted[run_id], book, tuple(line.get("sweep_overrides") or ()))
         specs[run_id] = wanted[run_id]
-    return specs
+    return book, specs
 
 
 def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, run_ids: list[str], *,
@@ -82,8 +83,8 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
                  log: Callable[[str], None] = print) -> RecoverOutcome:
     """Retrain ``run_ids`` (see the module docstring) in ``workers`` processes (0: in this process), each
     with ``threads`` torch threads, and append the line of each that reproduces its recorded final val loss."""
-    specs = check_recoverable(plan, ledger_path, run_ids)
-    book = read_ledger(ledger_path)
+    book, specs = check_recoverable(plan, ledger_path, run_ids)  # every refusal before anything is written
+    log(f"[recover] {len(specs)} run(s), {workers} worker(s) x {threads or 'default'} thread(s)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     measure = {"layer_stats": plan.measure.layer_stats, "batch_size": plan.measure.batch_size,

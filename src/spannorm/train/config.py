@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spannorm.config import ConfigError, ModelConfig, MoEConfig, upgrade_model_mapping, upgrade_override
+from spannorm.config import ConfigError, ModelConfig, MoEConfig, says_names_1, upgrade_model_mapping, upgrade_override
 from spannorm.configuration import MAX_SEED, build, check_fields, fail, merge, parse_override
 from spannorm.configuration import apply_overrides as _apply_overrides
 from spannorm.train.layout import CHECKPOINTS_DIR, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME
@@ -312,7 +312,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping with keys model, data, optim, train")
     model = data.get("model")
-    if isinstance(model, dict) and str(model.get("placement_names")).strip() == "1":
+    if isinstance(model, dict) and says_names_1(model.get("placement_names")):
         data = {**data, "model": upgrade_model_mapping(model)}  # read here, so later layers use today's names
     return data
 
@@ -322,7 +322,7 @@ def upgrade_override_layer(overrides: list[str] | tuple[str, ...]) -> list[str]:
     1's names (see :data:`spannorm.config.PLACEMENT_NAMES`) and rewritten in today's, that one dropped."""
     def is_v1(text: str) -> bool:
         key, _, value = text.partition("=")
-        return key.strip().removeprefix("--") == "model.placement_names" and value.strip() == "1"
+        return key.strip().removeprefix("--") == "model.placement_names" and says_names_1(value)
 
     if not any(is_v1(o) for o in overrides):
         return list(overrides)
