@@ -17,6 +17,7 @@ import yaml
 from spannorm.config import PLACEMENT_NAMES, ConfigError, ModelConfig, upgrade_model_mapping, upgrade_override
 from spannorm.experiments.ledger import read_ledger, run_line, start_line
 from spannorm.experiments.plan import RunSpec, parse_plan, parse_plan_text
+from spannorm.experiments.report import build_report
 from spannorm.experiments.results import load_results
 from spannorm.experiments.runner import check_ledger, ledger_line_from_folder, measure_run
 from spannorm.model.checksums import write_manifest
@@ -215,6 +216,18 @@ def test_a_report_reads_a_plan_text_stored_before_the_rename_with_version_1_name
                                                            "protocol": {"kind": "full"}}),
                            "text", 2).placement_names == PLACEMENT_NAMES
 
+
+
+def test_a_report_header_names_each_plan_written_in_version_1_names(tmp_path):
+    ledgers = []
+    for name in ("first", "second"):
+        ledgers.append(tmp_path / f"{name}.jsonl")
+        _v1_ledger(ledgers[-1], _plan(1) | {"name": name})
+    one = build_report(load_results(ledgers[:1]), tmp_path / "one").read_text()
+    assert "Placement names: plan `first` is written in the names of before placement names 2." in one
+    both = build_report(load_results(ledgers), tmp_path / "both").read_text()
+    assert "Placement names: plans `first`, `second` are written in the names of before placement names 2." in both
+    assert "a plan's `span` is today's `span_post`" in both
 
 V1_BACK = {"placement": {"span_post": "span", "span": "span_clean"},
            "fields": {"span_post_scaling": "span_scaling", "span_post_alpha": "span_alpha",

@@ -793,9 +793,12 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
              + ".", ""]
     old_names = [s.plan.name for s in results.sweeps if s.plan.placement_names == 1]
     if old_names:
-        lines += [f"Placement names: plan {', '.join(f'`{n}`' for n in dict.fromkeys(old_names))} is written in "
-                  "the names of before placement names 2. The rows keep its names: its `span` is today's "
-                  "`span_post`, and its `span_clean` (with any variant of it) today's `span`.", ""]
+        names = list(dict.fromkeys(old_names))
+        which = (f"plan `{names[0]}` is" if len(names) == 1
+                 else f"plans {', '.join(f'`{n}`' for n in names)} are")
+        lines += [f"Placement names: {which} written in the names of before placement names 2. The rows keep "
+                  "those names: a plan's `span` is today's `span_post`, and its `span_clean` (with any variant "
+                  "of it) today's `span`.", ""]
     bare = sum(not (r.val_curve or r.train_curve) for v in results.runs.values() for r in v)
     if bare:
         lines += [f"Of these, {bare} carry their final numbers only: no loss curves or per-layer stats were found "
