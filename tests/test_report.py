@@ -46,7 +46,7 @@ def _write_run(root: Path, placement: str, depth: int, lr: float, seed: int, los
     diverged = loss is None
     summary = {"final_val_loss": None if diverged else loss, "best_val_loss": None if diverged else loss - 0.05,
                "diverged": diverged, "diverged_step": 7 if diverged else None, "steps": 7 if diverged else 10,
-               "tokens": 100, "wall_s": 1.0, "tokens_per_s": 100.0}
+               "tokens": 100, "wall_s": 900.0 * depth, "tokens_per_s": 100.0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     curve = [{"step": s, "train_loss": 3.0 - 0.05 * s} for s in range(1, 11)]
     curve[4]["val_loss"] = 2.9
@@ -157,6 +157,15 @@ def test_divergence_table_and_csv_list_every_run(report_dir):
     assert len(rows) == len(LOSSES) * 3 + 3 * 2 * 2 * 3
     assert sum(r["status"] == "diverged" for r in rows) == 7
 
+
+
+def test_compute_section_sums_each_depths_training_time(report_dir):
+    section = _section((report_dir / "report.md").read_text(), "## Compute")
+    runs = {depth: 3 * sum(d == depth for (_, d, _) in LOSSES) + 3 * 2 * 3 for depth in (2, 4)}
+    # every fake run at depth L took 900·L seconds
+    assert f"| 2 | dense | {runs[2]} | {runs[2] * 0.5:.2f} | 1800 |" in section
+    assert f"| 4 | dense | {runs[4]} | {runs[4] * 1.0:.2f} | 3600 |" in section
+    assert f"| all |  | {runs[2] + runs[4]} | {runs[2] * 0.5 + runs[4]:.2f} |" in section
 
 @pytest.mark.slow
 def test_plots_are_written_and_linked(report_dir):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +400,30 @@ def collapse_table(results: StudyResults) -> list[str]:
     return [intro, ""] + _table(header, rows)
 
 
+def compute_table(results: StudyResults) -> list[str]:
+    """What the study cost: per depth and FFN, the finished runs, their summed training wall time and the
+    median per run. A run's time is its trainer's own (``wall_s``, summed over any resumes); it leaves out the
+    sweep's start-up and measurement, and it depends on how many runs shared the machine."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    missing = 0
+    for runs in results.runs.values():
+        for run in runs:
+            wall = run.record.get("wall_s")
+            if wall is None:
+                missing += 1
+                continue
+            groups.setdefault((run.cell.depth, run.cell.ffn), []).append(float(wall))
+    if not groups:
+        return ["No run recorded its wall time."]
+    header = ["depth", "ffn", "runs", "run-hours (sum)", "median per run (s)"]
+    rows = [[str(depth), ffn, str(len(walls)), f"{sum(walls) / 3600:.2f}", f"{statistics.median(walls):.0f}"]
+            for (depth, ffn), walls in sorted(groups.items())]
+    every = [w for walls in groups.values() for w in walls]
+    rows.append(["all", "", str(len(every)), f"{sum(every) / 3600:.2f}", f"{statistics.median(every):.0f}"])
+    note = [f"{missing} finished run(s) recorded no wall time and are left out.", ""] if missing else []
+    return note + _table(header, rows)
+
+
 def lr_table(results: StudyResults, ffn: str) -> list[str]:
     """The mean final val loss of every LR on the search seeds at each searched cell: how best LRs were picked."""
     header = ["placement", "depth"] + [f"lr {format_lr(lr)}" for lr in _all_lrs(results)] + ["best"]
@@ -752,6 +777,9 @@ def corpus_body(results: StudyResults, out: Path, tag: str = "", suffix: str = "
         lines += [f"## LR search ({ffn}): mean final val loss on the search seeds{tag}", ""]
         lines += lr_table(results, ffn) + [""]
     lines += [f"## LR bracketing{tag}", ""] + bracketing_section(results) + [""]
+    lines += [f"## Compute{tag}", "", "Training wall time as each run's trainer recorded it (summed over resumes; "
+              "start-up and measurement left out). It depends on the machine and on how many runs shared it.",
+              ""] + compute_table(results) + [""]
     lines += [f"## Plots{tag}", ""]
     for ffn in results.ffns:
         name = f"val_vs_depth_{ffn}{suffix}.png"
