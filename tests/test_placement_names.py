@@ -217,7 +217,6 @@ def test_a_report_reads_a_plan_text_stored_before_the_rename_with_version_1_name
                            "text", 2).placement_names == PLACEMENT_NAMES
 
 
-
 def test_a_report_header_names_each_plan_written_in_version_1_names(tmp_path):
     ledgers = []
     for name in ("first", "second"):
@@ -228,6 +227,7 @@ def test_a_report_header_names_each_plan_written_in_version_1_names(tmp_path):
     both = build_report(load_results(ledgers), tmp_path / "both").read_text()
     assert "Placement names: plans `first`, `second` are written in the names of before placement names 2." in both
     assert "a plan's `span` is today's `span_post`" in both
+
 
 V1_BACK = {"placement": {"span_post": "span", "span": "span_clean"},
            "fields": {"span_post_scaling": "span_scaling", "span_post_alpha": "span_alpha",

@@ -158,7 +158,6 @@ def test_divergence_table_and_csv_list_every_run(report_dir):
     assert sum(r["status"] == "diverged" for r in rows) == 7
 
 
-
 def test_compute_section_sums_each_depths_training_time(report_dir):
     section = _section((report_dir / "report.md").read_text(), "## Compute")
     runs = {depth: 3 * sum(d == depth for (_, d, _) in LOSSES) + 3 * 2 * 3 for depth in (2, 4)}
@@ -166,6 +165,7 @@ def test_compute_section_sums_each_depths_training_time(report_dir):
     assert f"| 2 | dense | {runs[2]} | {runs[2] * 0.5:.2f} | 1800 |" in section
     assert f"| 4 | dense | {runs[4]} | {runs[4] * 1.0:.2f} | 3600 |" in section
     assert f"| all |  | {runs[2] + runs[4]} | {runs[2] * 0.5 + runs[4]:.2f} |" in section
+
 
 @pytest.mark.slow
 def test_plots_are_written_and_linked(report_dir):

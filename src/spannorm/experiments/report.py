@@ -852,7 +852,7 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
     return out / "report.md"
 
 
-__all__ = ["bracketing_section", "build_report", "collapse_table", "corpus_body", "divergence_table", "fmt_cell",
-           "loss_table", "mean_layer_stats", "plot_kan", "preregistered_section", "ranking_side_by_side",
-           "results_json", "significance_rows", "significance_table", "unigram_section", "write_csv",
-           "control_rows"]
+__all__ = ["bracketing_section", "build_report", "collapse_table", "compute_table", "control_rows", "corpus_body",
+           "divergence_table", "fmt_cell", "loss_table", "mean_layer_stats", "plot_kan", "preregistered_section",
+           "ranking_side_by_side", "results_json", "significance_rows", "significance_table", "unigram_section",
+           "write_csv"]
