@@ -141,6 +141,7 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(finished_run, capsys):
     report = json.loads(capsys.readouterr().out)
     summary = json.loads((finished_run / "summary.json").read_text())
     assert report["tokens"] == summary_val_tokens(finished_run) == 2 * 4 * 32
+    assert report["corpus_sha256"] == summary["data"]["sha256"]  # scored on the data it trained on
     assert report["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
     assert report["perplexity"] == pytest.approx(torch.tensor(report["loss"]).exp().item(), rel=1e-6)
     assert report["bits_per_byte"] == pytest.approx(report["loss"] / 0.6931471805599453)

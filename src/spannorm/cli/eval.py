@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                           parallel=parallel)
     if not parallel.is_main:
         return 0
-    report = {"checkpoint": str(ckpt), "corpus": splits.source, "split": args.split, "device": device,
+    report = {"checkpoint": str(ckpt), "corpus": splits.source, "corpus_sha256": splits.corpus_hash,
+              "split": args.split, "device": device,
               "processes": parallel.world_size, "loss": result.loss,
               "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens}
     if args.json:

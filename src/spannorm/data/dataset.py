@@ -13,12 +13,17 @@ shards and ``index.json``):
 Training windows are drawn at random by a seeded :class:`WindowSampler` whose state can be saved and
 restored exactly (over several shards a window may span two of them); validation windows are fixed and
 evenly spaced.
+
+:func:`data_fingerprint` identifies what a run trained on (the content's SHA-256, the tokenizer, the split
+sizes); a run records it in ``summary.json`` and its checkpoints, and :func:`content_sha256` computes the same
+hash from a config without tokenizing, so a sweep can tell when the data under a finished run has changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +67,10 @@ class TokenSplits:
     """What the text came from: a path (a text file or folder, or a prepared token folder), or
     ``embedded:stdlib``."""
     corpus_hash: str
+    """The SHA-256 of the text (all of it, before the split), or for a prepared token folder of its index's
+    split entries, which list every shard's own SHA-256 (:func:`content_sha256`)."""
+    prepared: bool = False
+    """Whether the splits are a prepared token folder's (``spannorm prepare``), not text tokenized here."""
 
     def split(self, name: str) -> shards.TokenStream:
         if name not in SPLITS:
@@ -90,6 +99,37 @@ def tokenizer_from_config(data_cfg, corpus: bytes | None = None, corpus_hash: st
         corpus_hash = corpus_hash or hashlib.sha256(corpus).hexdigest()
         return bpe_tokenizer(corpus, corpus_hash, data_cfg.bpe_vocab_size, resolve_cache_dir(data_cfg.cache_dir))
     return HFTokenizer.from_file(data_cfg.tokenizer)
+
+
+def _index_sha256(index: dict[str, Any]) -> str:
+    """A prepared token folder's content hash: the SHA-256 of its split entries (shard names, sizes, hashes)."""
+    return hashlib.sha256(repr(index["splits"]).encode()).hexdigest()
+
+
+def content_sha256(data_cfg) -> str:
+    """The content hash a run on ``data_cfg`` records (:attr:`TokenSplits.corpus_hash`), without tokenizing:
+    the text's SHA-256, or a prepared folder's index hash. Reads the text (or the folder's index); a missing
+    or unreadable corpus raises as :func:`load_splits` would."""
+    folder = prepared_folder(data_cfg)
+    if folder is not None:
+        return _index_sha256(shards.open_dataset(folder).index)
+    corpus, _ = corpus_from_config(data_cfg)
+    return hashlib.sha256(corpus).hexdigest()
+
+
+def data_fingerprint(splits: TokenSplits, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a run trained on, as JSON: ``source`` (a path or ``embedded:stdlib``), ``sha256`` (the content
+    hash), ``hash_of`` (``text``, or ``token index`` for a prepared folder), the ``tokenizer``'s fingerprint,
+    and the tokens in each split. The embedded corpus is the running interpreter's standard library, so its
+    fingerprint also names the ``python`` version that made it."""
+    record: dict[str, Any] = {
+        "source": splits.source, "sha256": splits.corpus_hash,
+        "hash_of": "token index" if splits.prepared else "text",
+        "tokenizer": fingerprint(tokenizer),
+        "train_tokens": len(splits.train), "val_tokens": len(splits.val)}
+    if splits.source == f"embedded:{EMBEDDED_NAME}":
+        record["python"] = platform.python_version()
+    return record
 
 
 def split_point(corpus: bytes, val_fraction: float) -> int:
@@ -163,10 +203,10 @@ def _dataset_tokenizer(folder: Path, entry: dict[str, Any], data_cfg, tokenizer:
 def _load_prepared(folder: Path, data_cfg, tokenizer: Tokenizer | None) -> tuple[Tokenizer, TokenSplits]:
     dataset = shards.open_dataset(folder)
     tokenizer = _dataset_tokenizer(folder, dataset.tokenizer, data_cfg, tokenizer)
-    index_hash = hashlib.sha256(repr(dataset.index["splits"]).encode()).hexdigest()
+    index_hash = _index_sha256(dataset.index)
     return tokenizer, TokenSplits(train=dataset.splits["train"], val=dataset.splits["val"],
                                   train_bytes=dataset.text_bytes("train"), val_bytes=dataset.text_bytes("val"),
-                                  source=str(folder), corpus_hash=index_hash)
+                                  source=str(folder), corpus_hash=index_hash, prepared=True)
 
 
 def _write_cache(folder: Path, parts: dict[str, bytes], tokenizer: Tokenizer) -> None:

@@ -28,7 +28,7 @@ import shutil
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -36,6 +36,7 @@ import torch
 
 from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
+from spannorm.data.dataset import content_sha256
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.ledger import (
@@ -199,6 +200,35 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
             return
     raise ConfigError(f"run {spec.run_id} in ledger {str(ledger.path)!r} was made with other {what}; "
                       "allowed: the plan (and precision) that made it, or another --ledger file")
+
+
+def check_data_unchanged(specs: list[RunSpec], finished: Callable[[str], tuple[str, Mapping[str, Any]] | None]) -> None:
+    """Raise :class:`ConfigError` when a finished run recorded a data fingerprint
+    (:func:`~spannorm.data.dataset.data_fingerprint`, in its summary) whose content hash differs from what its
+    settings name now: a new run beside it would train on other data under the same plan (an edited corpus,
+    or the embedded corpus of another Python version). ``finished(run_id)`` is where the run's summary was
+    found (words for the message) and the summary, or None. Runs that predate fingerprints are not checked.
+    The content is hashed once per data setting, and only when some finished run has a fingerprint."""
+    current: dict[str, str] = {}
+    for spec in specs:
+        found = finished(spec.run_id)
+        if found is None:
+            continue
+        where, summary = found
+        data = summary.get("data")
+        if not isinstance(data, Mapping) or not isinstance(data.get("sha256"), str):
+            continue
+        data_cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer).data
+        key = json.dumps(asdict(data_cfg), sort_keys=True)
+        if key not in current:
+            current[key] = content_sha256(data_cfg)
+        if current[key] != data["sha256"]:
+            made_by = f" (the embedded corpus of Python {data['python']})" if data.get("python") else ""
+            raise ConfigError(
+                f"run {spec.run_id} ({where}) trained on {data.get('source')}{made_by} with content sha256 "
+                f"{data['sha256'][:16]}..., but that data now hashes to {current[key][:16]}...; the plan's other "
+                "runs would train on other data; allowed: the data it trained on, or a new --out (and another "
+                "--ledger)")
 
 
 def ledger_records(ledger: Ledger) -> dict[str, dict[str, Any]]:
@@ -396,9 +426,20 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         checked.add(spec.run_id)
 
     finished = {**(ledger_records(book) if book is not None else {}), **load_index(out)}
-    for spec in plan.expand(finished):  # before anything is written: a changed plan keeps the old files
+    expanded = plan.expand(finished)
+    for spec in expanded:  # before anything is written: a changed plan keeps the old files
         check_run_settings(spec, runs_root / spec.run_id)  # check_ledger checked these specs against the ledger
         checked.add(spec.run_id)
+
+    def finished_summary(run_id: str) -> tuple[str, Mapping[str, Any]] | None:
+        summary = read_summary(runs_root / run_id)
+        if summary is not None:
+            return f"in {runs_root}", summary
+        if book is None or run_id not in book.runs:
+            return None
+        return f"in ledger {book.path}", book.runs[run_id].get("summary") or {}
+
+    check_data_unchanged(expanded, finished_summary)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
         (out / "plan.yaml").write_text(plan_text)
@@ -564,7 +605,7 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
     note(record, status)
 
 
-__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_ledger", "check_ledger_settings",
+__all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_data_unchanged", "check_ledger", "check_ledger_settings",
            "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_precision_setup", "ledger_records",
            "load_index",
            "measure_run", "read_summary", "record_from_summary", "run_sweep"]

@@ -13,7 +13,8 @@ progress display and the writer of ``metrics.jsonl`` and TensorBoard. A run writ
   and ``peak_mem_bytes`` on logging steps; ``val_loss``/``val_ppl``/``val_bpb``/``val_above_best`` on evaluation steps);
 - ``tensorboard/``: TensorBoard event files;
 - ``checkpoints/``: see :mod:`spannorm.train.checkpoint`;
-- ``summary.json``: the :class:`RunSummary`.
+- ``summary.json``: the :class:`RunSummary`, with the fingerprint of the data the run trained on
+  (:func:`~spannorm.data.dataset.data_fingerprint`), which every checkpoint's trainer state records too.
 
 A step holds no host sync unless it is a *reading step* (:meth:`Trainer.should_read`): the losses and norms
 stay on the device, and the non-finite check stops the update on the device where the optimizer can (see
@@ -41,7 +42,14 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from spannorm.config import ConfigError, ModelConfig
-from spannorm.data.dataset import BatchesAhead, TokenSplits, WindowSampler, check_long_enough, load_splits
+from spannorm.data.dataset import (
+    BatchesAhead,
+    TokenSplits,
+    WindowSampler,
+    check_long_enough,
+    data_fingerprint,
+    load_splits,
+)
 from spannorm.data.tokenizer import HFTokenizer, Tokenizer
 from spannorm.hardware.calibrate import MEASURED, measured_peak_tflops
 from spannorm.hardware.devices import bf16_cpu_note, device_name, matmul_precision, peak_tflops
@@ -69,7 +77,7 @@ from spannorm.train.optimizer import build_optimizer, load_keeping_kernel, uses_
 from spannorm.train.schedule import lr_for
 
 TRAINER_STATE_KEYS = ("step", "tokens", "train_time_s", "wall_s", "best_val_loss", "last_eval", "last_train_loss",
-                      "sampler", "rng")
+                      "sampler", "data", "rng")
 """The trainer's own keys in ``trainer_state.json``; every other key is a callback's state."""
 
 
@@ -97,6 +105,9 @@ class RunSummary:
     message: str = ""
     checkpoint: str | None = None
     """The newest checkpoint folder, relative to the run folder."""
+    data: dict[str, Any] | None = None
+    """What the run trained on (:func:`~spannorm.data.dataset.data_fingerprint`): source, content SHA-256,
+    tokenizer and split sizes."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +179,25 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if va != vb:
                 changes.append(f"{section}.{key} {va!r} -> {vb!r}")
     return changes
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else str(value)
+
+
+def _changed_data(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """How the data a checkpoint trained on (its trainer state's fingerprint) differs from the data now, in
+    words; None when it does not, or when the checkpoint predates fingerprints. A moved file with the same
+    content is the same data."""
+    if not isinstance(old, dict):
+        return None
+    changed = [key for key in ("sha256", "tokenizer", "train_tokens", "val_tokens") if old.get(key) != new.get(key)]
+    if not changed:
+        return None
+    if old.get("python") != new.get("python"):  # the embedded corpus is the interpreter's standard library
+        changed.append("python")
+    parts = [f"{key} {_short(old.get(key))} -> {_short(new.get(key))}" for key in changed]
+    return f"{old.get('source')} -> {new.get('source')}: " + "; ".join(parts)
 
 
 def training_objective(out, moe_cfg) -> torch.Tensor:
@@ -260,6 +290,7 @@ class Trainer:
             self.run_folder, self.resume_from, self.overwrite = self._build_run_folder(out_dir, resume, overwrite,
                                                                                            use_intact)
             cfg, self.tokenizer, self.splits = self._build_data(cfg)
+            self.data = data_fingerprint(self.splits, self.tokenizer)
             self.cfg = self._build_model_config(cfg)
             self.saved_run_config = self._check_resume()
             self.device = self._build_device()
@@ -404,12 +435,16 @@ class Trainer:
         if changes:
             self.resume_warnings.append("resumed with changed settings (losses will differ from an uninterrupted "
                                         "run): " + "; ".join(changes))
+        changed_data = _changed_data(state.get("data"), self.data)
+        if changed_data:
+            self.resume_warnings.append(f"resumed on other data than the checkpoint's (losses will differ from an "
+                                        f"uninterrupted run): {changed_data}")
 
     def _trainer_state(self) -> dict[str, Any]:
         state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
                  "wall_s": self._wall_s(), "best_val_loss": self.validation.best_loss,
                  "last_eval": self.validation.last, "last_train_loss": self.last_train_loss,
-                 "sampler": self.batches.state_dict()}
+                 "sampler": self.batches.state_dict(), "data": self.data}
         state.update(callback_states(self.callbacks))
         state["rng"] = ckpt_io.rng_states()
         return state
@@ -665,7 +700,8 @@ class Trainer:
             wall_s=self._wall_s(), tokens_per_s=self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0,
             status=status, final_train_loss=self.last_train_loss, final_val_bpb=last.get("val_bpb"),
             final_val_ppl=last.get("val_ppl"), message=message,
-            checkpoint=str(self.last_checkpoint.relative_to(self.run_folder.root)) if self.last_checkpoint else None)
+            checkpoint=str(self.last_checkpoint.relative_to(self.run_folder.root)) if self.last_checkpoint else None,
+            data=self.data)
         if self.is_main:
             ckpt_io.atomic_write_text(self.run_folder.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
         self._call("on_train_end", summary)

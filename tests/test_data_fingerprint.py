@@ -1,0 +1,126 @@
+"""The data fingerprint: a run records what it trained on (content hash, tokenizer, split sizes), a resume on
+other data says so, and a sweep refuses to add runs beside finished ones whose data has changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import TEXT, tiny_run_config, tiny_sweep_base
+from spannorm.config import ConfigError
+from spannorm.data import dataset as ds
+from spannorm.data.prepare import PrepareOptions, prepare
+from spannorm.data.tokenizer import ByteTokenizer
+from spannorm.experiments.plan import parse_plan
+from spannorm.experiments.runner import run_sweep
+from spannorm.launch import train
+from spannorm.train.checkpoint import latest_checkpoint
+from spannorm.train.config import DataConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_a_run_records_its_data_in_the_summary_and_every_checkpoint(tmp_path):
+    cfg = tiny_run_config(tmp_path, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2")
+    train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    data = summary["data"]
+    assert data["sha256"] == hashlib.sha256(TEXT).hexdigest() == ds.content_sha256(cfg.data)
+    assert data["source"] == str(tmp_path / "corpus.txt") and data["hash_of"] == "text"
+    assert data["tokenizer"] == "byte" and "python" not in data  # a file's content does not depend on Python
+    assert data["train_tokens"] + data["val_tokens"] == len(TEXT)  # bytes are tokens
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["data"] == data
+
+
+def test_the_embedded_corpus_names_the_python_that_made_it(tmp_path):
+    cfg = DataConfig(embedded_max_bytes=20_000, cache_dir=str(tmp_path / "cache"))
+    tokenizer, splits = ds.load_splits(cfg)
+    data = ds.data_fingerprint(splits, tokenizer)
+    assert data["source"] == "embedded:stdlib" and data["python"] == platform.python_version()
+    assert data["sha256"] == ds.content_sha256(cfg)
+    assert data["train_tokens"] + data["val_tokens"] == 20_000
+
+
+def test_a_prepared_folder_is_identified_by_its_shard_hashes(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    folder = tmp_path / "tokens"
+    prepare([text], folder, PrepareOptions(tokenizer="byte", document_split="line"), log=lambda _line: None)
+    cfg = DataConfig(path=str(folder))
+    tokenizer, splits = ds.load_splits(cfg)
+    data = ds.data_fingerprint(splits, tokenizer)
+    assert data["hash_of"] == "token index" and data["sha256"] == ds.content_sha256(cfg)
+    assert data["sha256"] != hashlib.sha256(TEXT).hexdigest()
+    assert isinstance(tokenizer, ByteTokenizer) and data["tokenizer"] == "byte"
+
+
+def test_a_resume_on_edited_text_warns_and_a_moved_copy_does_not(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_run_config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"), run)
+    capsys.readouterr()
+    moved = tmp_path / "moved" / "corpus.txt"  # the same bytes elsewhere: the same data
+    moved.parent.mkdir()
+    moved.write_bytes(TEXT)
+    train(tiny_run_config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "train.eval_every=3",
+                          f"data.path={moved}"), run, resume=True)
+    err = capsys.readouterr().err
+    assert "other data" not in err and "data.path" in err  # the path is a changed setting, the data is not
+    moved.write_bytes(TEXT.replace(b"e", b"E"))  # same size, other content
+    train(tiny_run_config(tmp_path, "train.steps=4", "train.checkpoint_every=4", "train.eval_every=4",
+                          f"data.path={moved}"), run, resume=True)
+    err = capsys.readouterr().err
+    old, new = hashlib.sha256(TEXT).hexdigest(), hashlib.sha256(TEXT.replace(b"e", b"E")).hexdigest()
+    assert "resumed on other data than the checkpoint's" in err
+    assert f"sha256 {old[:12]}... -> {new[:12]}..." in err and "train_tokens" not in err
+    assert json.loads((run / "summary.json").read_text())["data"]["sha256"] == new
+
+
+def sweep_plan(tmp_path) -> dict:
+    base = tiny_sweep_base(tmp_path / "cache")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(TEXT * 4)
+    base["config"]["data"] = {"path": str(corpus), "cache_dir": str(tmp_path / "cache")}
+    return {"name": "fingerprinted", "base": base,
+            "grid": {"placements": ["pre"], "depths": [1], "ffn": {"dense": []}, "lrs": [3e-3], "seeds": [0]},
+            "protocol": {"kind": "full"}}
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+@pytest.mark.slow
+def test_a_sweep_refuses_to_add_runs_beside_finished_ones_whose_data_changed(tmp_path):
+    data = sweep_plan(tmp_path)
+    ledger = tmp_path / "ledger.jsonl"
+    first = run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger)
+    assert first.executed == ["pre-L1-dense-lr3e-3-s0"] and not first.failed
+    data["grid"]["seeds"] = [0, 1]  # one more seed: the same plan, extended
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 4 + b"one more line\n")
+    kept, index = ledger.read_text(), (tmp_path / "a" / "index.json").read_text()
+    message = (r"run pre-L1-dense-lr3e-3-s0 \(in .*\) trained on .*corpus\.txt with content sha256 [0-9a-f]{16}\.\.\., "
+               r"but that data now hashes to [0-9a-f]{16}\.\.\.; .*allowed: the data it trained on, or a new --out")
+    with pytest.raises(ConfigError, match=message):  # the folder's own summary
+        run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet)
+    with pytest.raises(ConfigError, match=message.replace(r"\(in .*\)", r"\(in ledger .*\)")):  # folder gone
+        run_sweep(parse_plan(data), tmp_path / "b", workers=0, log=quiet, ledger=ledger)
+    assert not (tmp_path / "b").exists() and ledger.read_text() == kept
+    assert (tmp_path / "a" / "index.json").read_text() == index
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(tmp_path / "c"),
+                           "--ledger", str(ledger)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "that data now hashes to" in proc.stderr and not (tmp_path / "c").exists()
+
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 4)  # the data restored: the sweep goes on
+    again = run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger)
+    assert again.executed == ["pre-L1-dense-lr3e-3-s1"] and again.skipped == ["pre-L1-dense-lr3e-3-s0"]
