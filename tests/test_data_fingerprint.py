@@ -18,6 +18,8 @@ from spannorm.data import dataset as ds
 from spannorm.data.prepare import PrepareOptions, prepare
 from spannorm.data.tokenizer import ByteTokenizer
 from spannorm.experiments.plan import parse_plan
+from spannorm.experiments.report import build_report
+from spannorm.experiments.results import load_results
 from spannorm.experiments.runner import run_sweep
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
@@ -122,5 +124,24 @@ def test_a_sweep_refuses_to_add_runs_beside_finished_ones_whose_data_changed(tmp
     assert "that data now hashes to" in proc.stderr and not (tmp_path / "c").exists()
 
     (tmp_path / "corpus.txt").write_bytes(TEXT * 4)  # the data restored: the sweep goes on
-    again = run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger)
+    again = run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger,
+                      plan_text=yaml.safe_dump(data))
     assert again.executed == ["pre-L1-dense-lr3e-3-s1"] and again.skipped == ["pre-L1-dense-lr3e-3-s0"]
+
+    # The report says what the runs trained on, and warns when that is not one corpus, or not the one read now.
+    sha = hashlib.sha256(TEXT * 4).hexdigest()
+    report = build_report(load_results([ledger]), tmp_path / "report").read_text()
+    assert f"Data: content sha256 `{sha[:16]}` (2 runs), every one of 2 runs. The unigram loss above was " \
+           "computed from the same text." in report and "Warning" not in report
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["data_sha256"] == {sha: 2}
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for line in lines:
+        if line["kind"] == "run" and line["spec"]["seed"] == 1:
+            line["summary"]["data"]["sha256"] = "0" * 64
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 5)
+    report = build_report(load_results([ledger]), tmp_path / "report2").read_text()
+    assert f"`{sha[:16]}` (1 run), `{'0' * 16}` (1 run), every one of 2 runs." in report
+    assert "**Warning: the runs trained on 2 versions of this corpus**" in report
+    assert f"**Warning: the corpus read now (sha256 `{hashlib.sha256(TEXT * 5).hexdigest()[:16]}`) is none of them**" \
+           in report

@@ -127,7 +127,7 @@ def unigram_section(results: StudyResults) -> list[str]:
     :data:`LEARNED_MARGIN` nats below it), and which cells did not learn."""
     ref = results.unigram
     if ref.loss is None:
-        return [f"Unigram reference for {ref.corpus}: not available ({ref.reason})."]
+        return [f"Unigram reference for {ref.corpus}: not available ({ref.reason})."] + data_lines(results)
     lines = [f"Corpus: {ref.corpus}. Byte-unigram loss (the entropy of the training split's byte distribution, "
              f"{ref.train_bytes:,} bytes; the loss of predicting byte frequencies only): **{ref.loss:.3f}** nats. "
              f"The study's criterion: at every depth the best baseline ends at least {LEARNED_MARGIN:g} nats "
@@ -159,7 +159,31 @@ def unigram_section(results: StudyResults) -> list[str]:
         if at_best is not None and at_best.n and not_learned(results, at_best):
             stuck.append(f"`{cell.placement}` L={cell.depth} {cell.ffn} ({at_best.final_mean:.3f})")
     lines += ["", "Not learned at the best LR: " + (", ".join(stuck) if stuck else "none") + "."]
-    return lines
+    return lines + data_lines(results)
+
+
+def data_lines(results: StudyResults) -> list[str]:
+    """What the finished runs trained on, by the content hash each recorded (a run's data fingerprint), set
+    against the corpus read now for the unigram reference: a warning when the runs trained on more than one
+    version, or on another one than is read now. Nothing for runs that all predate fingerprints."""
+    versions = results.data_versions()
+    recorded = {sha: n for sha, n in versions.items() if sha is not None}
+    if not recorded:
+        return []
+    total, now = sum(versions.values()), results.unigram.sha256
+    older = versions.get(None, 0)
+    parts = [f"`{sha[:16]}` ({n} run{'s' if n != 1 else ''})" for sha, n in recorded.items()]
+    text = f"Data: content sha256 {', '.join(parts)}"
+    text += f"; {older} of {total} runs predate data fingerprints." if older else f", every one of {total} runs."
+    if len(recorded) > 1:
+        text += (f" **Warning: the runs trained on {len(recorded)} versions of this corpus**, so the tables "
+                 "compare runs on different data.")
+    if now is not None and now not in recorded:
+        text += f" **Warning: the corpus read now (sha256 `{now[:16]}`) is none of them**, so the unigram loss " \
+                "above is not the one of the data the runs trained on."
+    elif now is not None:
+        text += " The unigram loss above was computed from the same text."
+    return ["", text]
 
 
 def learned_at_no_lr(results: StudyResults, cell, lrs) -> bool:
@@ -729,7 +753,9 @@ def corpus_json(results: StudyResults) -> dict[str, Any]:
     return {"cells": cells, "welch": {w: significance_rows(results, w) for w in WHICH},
             "welch_control": {w: control_rows(results, w) for w in WHICH},
             "unigram": {"corpus": ref.corpus, "loss": ref.loss, "reason": ref.reason, "train_bytes": ref.train_bytes,
-                        "learned_margin": LEARNED_MARGIN, "not_learned_margin": NOT_LEARNED_MARGIN},
+                        "sha256": ref.sha256, "learned_margin": LEARNED_MARGIN,
+                        "not_learned_margin": NOT_LEARNED_MARGIN},
+            "data_sha256": {sha or "not recorded": n for sha, n in results.data_versions().items()},
             "preregistered": [results.preregistered_outcome(s, p) for s, p in results.preregistered()]}
 
 
@@ -853,6 +879,6 @@ def build_report(results: StudyResults, out_dir: str | Path, title: str = "Study
 
 
 __all__ = ["bracketing_section", "build_report", "collapse_table", "compute_table", "control_rows", "corpus_body",
-           "divergence_table", "fmt_cell", "loss_table", "mean_layer_stats", "plot_kan", "preregistered_section",
-           "ranking_side_by_side", "results_json", "significance_rows", "significance_table", "unigram_section",
-           "write_csv"]
+           "data_lines", "divergence_table", "fmt_cell", "loss_table", "mean_layer_stats", "plot_kan",
+           "preregistered_section", "ranking_side_by_side", "results_json", "significance_rows", "significance_table",
+           "unigram_section", "write_csv"]

@@ -439,6 +439,16 @@ class StudyResults:
             return [(names[0], self)]
         return [(name, StudyResults(sweeps)) for name, sweeps in zip(names, groups.values())]
 
+    def data_versions(self) -> dict[str | None, int]:
+        """The content hashes of the data the finished runs trained on, each with its number of runs (most
+        first); None counts the runs that predate data fingerprints."""
+        counts: dict[str | None, int] = {}
+        for runs in self.runs.values():
+            for run in runs:
+                key = run.record.get("data_sha256")
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
     @cached_property
     def unigram(self) -> UnigramReference:
         """The byte-unigram loss of the corpus of these sweeps (the first sweep's data; see

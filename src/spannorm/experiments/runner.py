@@ -108,12 +108,15 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any]:
-    """The index record of a finished run: its coordinates, its status and the summary's numbers."""
+    """The index record of a finished run: its coordinates, its status, the summary's numbers and the content
+    hash of its data (``data_sha256``; None for a run that predates data fingerprints)."""
     record = spec.to_dict()
     record.pop("overrides")
     for name in SUMMARY_FIELDS:
         record[name] = summary.get(name)
     record["diverged"] = bool(summary.get("diverged"))
+    data = summary.get("data")
+    record["data_sha256"] = data.get("sha256") if isinstance(data, Mapping) else None  # None: before fingerprints
     for name in ("final_val_loss", "best_val_loss"):
         record[name] = _finite_or_none(record[name])
     record["status"] = "diverged" if record["diverged"] else "done"

@@ -8,6 +8,7 @@ letter frequencies only ("not learned"); the study asks its best baseline to end
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,8 @@ class UnigramReference:
     loss: float | None
     reason: str = ""
     train_bytes: int = 0
+    sha256: str | None = None
+    """The content hash of the corpus read here (the whole text, as a run's data fingerprint records it)."""
 
 
 def corpus_label(data_cfg) -> str:
@@ -62,7 +65,8 @@ def unigram_reference(data) -> UnigramReference:
     except (ConfigError, OSError) as err:
         return UnigramReference(label, None, f"the corpus cannot be read here ({str(err).splitlines()[0]})")
     train = corpus[:split_point(corpus, data.val_fraction)]
-    return UnigramReference(label, byte_unigram_loss(train), train_bytes=len(train))
+    return UnigramReference(label, byte_unigram_loss(train), train_bytes=len(train),
+                            sha256=hashlib.sha256(corpus).hexdigest())
 
 
 __all__ = ["LEARNED_MARGIN", "NOT_LEARNED_MARGIN", "UnigramReference", "byte_unigram_loss", "corpus_label",
