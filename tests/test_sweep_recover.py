@@ -86,3 +86,26 @@ def test_a_numbers_only_run_is_retrained_and_its_curves_kept_only_when_it_reprod
                  "--recover", "span-L1-dense-lr3e-3-s0"]) == 2
     assert "already holds its curves" in capsys.readouterr().err
     assert ledger.stat().st_size == size and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_pooled_recovery_starts_a_run_when_a_worker_is_free_and_keeps_each_line_as_it_ends(tmp_path):
+    """With workers, each run is logged when it starts, not when it is queued, and its line is in the ledger
+    as soon as it reproduces: a recovery killed later keeps what it recovered so far."""
+    data = _plan(tmp_path / "cache")
+    plan = parse_plan(data)
+    ledger = tmp_path / "ledger.jsonl"
+    run_sweep(plan, tmp_path / "lost", workers=0, log=lambda _: None, plan_text=yaml.safe_dump(data), ledger=ledger)
+    _numbers_only(ledger)
+    events = []
+
+    def log(line: str) -> None:  # what the ledger holds with curves whenever a line is logged
+        with_curves = sorted(r for r, line_ in read_ledger(ledger).runs.items() if line_["val_curve"])
+        events.append((line.split(":")[0], with_curves))
+
+    ids = ["span-L1-dense-lr3e-3-s0", "span-L1-dense-lr1e-2-s0"]
+    outcome = recover_runs(plan, tmp_path / "again", ledger, ids, workers=1, log=log)
+    assert outcome.recovered == ids and not outcome.failed and not outcome.mismatched
+    assert [e for e, _ in events[1:]] == [f"[recover] start {ids[0]}", f"[recover] {ids[0]}",
+                                          f"[recover] start {ids[1]}", f"[recover] {ids[1]}"]
+    assert events[3][1] == [ids[0]]  # the first run's line was appended before the second started

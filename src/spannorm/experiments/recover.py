@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -93,40 +93,49 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
                      tuple(book.runs[run_id].get("sweep_overrides") or ()))
             for run_id in specs}
     outcome = RecoverOutcome()
+
+    def settle(run_id: str, record: dict[str, Any]) -> None:
+        """Append the run's line to the ledger if it reproduced its recorded outcome, at once: a recovery
+        killed later keeps every line appended so far."""
+        run_dir = out / RUNS_DIR / run_id
+        summary = read_summary(run_dir)
+        recorded = book.runs[run_id].get("summary") or {}
+        if summary is None:
+            outcome.failed.append((run_id, str(record.get("error") or record.get("status"))))
+            log(f"[recover] {run_id} failed: {outcome.failed[-1][1]}")
+            return
+        if _outcome(summary) != _outcome(recorded):
+            outcome.mismatched.append((run_id, recorded.get("final_val_loss"), summary.get("final_val_loss")))
+            log(f"[recover] {run_id} did not reproduce: recorded final val loss "
+                f"{recorded.get('final_val_loss')!r}, retrained {summary.get('final_val_loss')!r}; the ledger "
+                "keeps the recorded line")
+            return
+        kept = {**summary, "recovered": {"recorded_summary_source": recorded.get("source"),
+                                         "note": "retrained by spannorm sweep --recover; final val loss equal "
+                                                 "to the recorded one bit for bit"}}
+        book.append(ledger_line_from_folder(specs[run_id], run_dir, plan.name, kept, jobs[run_id][4]))
+        outcome.recovered.append(run_id)
+        log(f"[recover] {run_id}: final val loss {summary.get('final_val_loss')!r} equals the recorded one; "
+            "its curves and layer stats are in the ledger now")
+
     with hold_run_folder(out):  # one sweep or recovery per folder at a time
         if workers == 0:
-            records = {}
             for run_id, job in jobs.items():
                 log(f"[recover] start {run_id}")
-                records[run_id] = execute_run(*job)
+                settle(run_id, execute_run(*job))
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=guard_worker, initargs=(os.getpid(),)) as pool:
-                futures = {run_id: pool.submit(execute_run, *job) for run_id, job in jobs.items()}
-                for run_id in futures:
-                    log(f"[recover] start {run_id}")
-                records = {run_id: future.result() for run_id, future in futures.items()}
-        for run_id, record in records.items():
-            run_dir = out / RUNS_DIR / run_id
-            summary = read_summary(run_dir)
-            recorded = book.runs[run_id].get("summary") or {}
-            if summary is None:
-                outcome.failed.append((run_id, str(record.get("error") or record.get("status"))))
-                log(f"[recover] {run_id} failed: {outcome.failed[-1][1]}")
-                continue
-            if _outcome(summary) != _outcome(recorded):
-                outcome.mismatched.append((run_id, recorded.get("final_val_loss"), summary.get("final_val_loss")))
-                log(f"[recover] {run_id} did not reproduce: recorded final val loss "
-                    f"{recorded.get('final_val_loss')!r}, retrained {summary.get('final_val_loss')!r}; the ledger "
-                    "keeps the recorded line")
-                continue
-            kept = {**summary, "recovered": {"recorded_summary_source": recorded.get("source"),
-                                             "note": "retrained by spannorm sweep --recover; final val loss equal "
-                                                     "to the recorded one bit for bit"}}
-            book.append(ledger_line_from_folder(specs[run_id], run_dir, plan.name, kept, jobs[run_id][4]))
-            outcome.recovered.append(run_id)
-            log(f"[recover] {run_id}: final val loss {summary.get('final_val_loss')!r} equals the recorded one; "
-                "its curves and layer stats are in the ledger now")
+                queue: list[str] = list(jobs)
+                running: dict[Future, str] = {}
+                while queue or running:
+                    while queue and len(running) < workers:  # submitted when a worker is free: it starts now
+                        run_id = queue.pop(0)
+                        running[pool.submit(execute_run, *jobs[run_id])] = run_id
+                        log(f"[recover] start {run_id}")
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        settle(running.pop(future), future.result())
     return outcome
 
 
