@@ -16,11 +16,11 @@ from helpers import TEXT, tiny_run_config, tiny_sweep_base
 from spannorm.config import ConfigError
 from spannorm.data import dataset as ds
 from spannorm.data.prepare import PrepareOptions, prepare
-from spannorm.data.tokenizer import ByteTokenizer
+from spannorm.data.tokenizer import ByteTokenizer, bpe_tokenizer, fingerprint
 from spannorm.experiments.plan import parse_plan
 from spannorm.experiments.report import build_report
 from spannorm.experiments.results import load_results
-from spannorm.experiments.runner import run_sweep
+from spannorm.experiments.runner import check_data_unchanged, run_sweep
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
 from spannorm.train.config import DataConfig
@@ -81,7 +81,9 @@ def test_a_resume_on_edited_text_warns_and_a_moved_copy_does_not(tmp_path, capsy
     old, new = hashlib.sha256(TEXT).hexdigest(), hashlib.sha256(TEXT.replace(b"e", b"E")).hexdigest()
     assert "resumed on other data than the checkpoint's" in err
     assert f"sha256 {old[:12]}... -> {new[:12]}..." in err and "train_tokens" not in err
-    assert json.loads((run / "summary.json").read_text())["data"]["sha256"] == new
+    data = json.loads((run / "summary.json").read_text())["data"]
+    assert data["sha256"] == new  # the data of its last stretch, and before it what it started on
+    assert data["earlier"] == [{"sha256": old, "source": str(moved), "until_step": 3}]
 
 
 def sweep_plan(tmp_path) -> dict:
@@ -138,10 +140,50 @@ def test_a_sweep_refuses_to_add_runs_beside_finished_ones_whose_data_changed(tmp
     for line in lines:
         if line["kind"] == "run" and line["spec"]["seed"] == 1:
             line["summary"]["data"]["sha256"] = "0" * 64
+            line["summary"]["data"]["earlier"] = [{"sha256": sha, "source": "corpus.txt", "until_step": 2}]
     ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp_path / "corpus.txt").write_bytes(TEXT * 5)
     report = build_report(load_results([ledger]), tmp_path / "report2").read_text()
     assert f"`{sha[:16]}` (1 run), `{'0' * 16}` (1 run), every one of 2 runs." in report
     assert "**Warning: the runs trained on 2 versions of this corpus**" in report
+    assert "**Warning: 1 run(s) were resumed on other data than they started on** (pre-L1-dense-lr3e-3-s1)" in report
     assert f"**Warning: the corpus read now (sha256 `{hashlib.sha256(TEXT * 5).hexdigest()[:16]}`) is none of them**" \
            in report
+
+
+def test_the_data_check_reads_unfinished_runs_checkpoints_tokenizer_files_and_unreadable_data(tmp_path):
+    data = sweep_plan(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    spec, = parse_plan(data).expand({})
+    runs_root = tmp_path / "out" / "runs"
+    run_dir = runs_root / spec.run_id
+    train(tiny_run_config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2",
+                          f"data.path={corpus}"), run_dir)
+    (run_dir / "summary.json").unlink()  # started, not finished: a sweep would resume it from its checkpoint
+    check_data_unchanged([spec], runs_root, None)  # the same data: nothing to say
+    corpus.write_bytes(TEXT * 4 + b"x")
+    with pytest.raises(ConfigError, match=rf"run {spec.run_id} \(in {runs_root}\) trained on .* now hashes to"):
+        check_data_unchanged([spec], runs_root, None)
+
+    corpus.unlink()  # gone: refused while the run would still train, ignored once every run is finished
+    with pytest.raises(ConfigError, match=r"but that data cannot be read now \(data\.path=.* is invalid"):
+        check_data_unchanged([spec], runs_root, None)
+    sha = hashlib.sha256(TEXT * 4).hexdigest()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 2.0,
+                                                      "data": {"source": str(corpus), "sha256": sha}}))
+    check_data_unchanged([spec], runs_root, None)
+
+    corpus.write_bytes(TEXT * 4)  # a tokenizer.json edited since: the same text, other tokens
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer_file.write_text(bpe_tokenizer(TEXT * 4, sha, 300, tmp_path / "bpe").to_json())
+    data["base"]["config"]["data"]["tokenizer"] = str(tokenizer_file)
+    spec, = parse_plan(data).expand({})
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 2.0, "data": {
+        "source": str(corpus), "sha256": sha, "tokenizer": "json-sha256:0123456789abcdef"}}))
+    with pytest.raises(ConfigError, match=r"and tokenizer json-sha256:0123456789abcdef, but data\.tokenizer=.* is "
+                                          r"now json-sha256:[0-9a-f]{16}; allowed: the tokenizer it trained with"):
+        check_data_unchanged([spec], runs_root, None)
+    tokenizer = bpe_tokenizer(TEXT * 4, sha, 300, tmp_path / "bpe")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 2.0, "data": {
+        "source": str(corpus), "sha256": sha, "tokenizer": fingerprint(tokenizer)}}))
+    check_data_unchanged([spec], runs_root, None)

@@ -82,7 +82,12 @@ def _recover(args: argparse.Namespace, plan, out: Path) -> int:
     run_ids = [r.strip() for r in args.recover.split(",") if r.strip()]
     threads = args.threads or None
     workers = args.workers if args.workers != AUTO else min(len(run_ids), max(1, usable_cpu_cores() // (threads or 1)))
-    outcome = recover_runs(plan, out, args.ledger, run_ids, workers=workers, threads=threads)
+    try:
+        outcome = recover_runs(plan, out, args.ledger, run_ids, workers=workers, threads=threads)
+    except KeyboardInterrupt:
+        print(f"[recover] stopped by Ctrl-C; the lines recovered so far are in the ledger ({args.ledger}), and the "
+              "same command without them resumes the rest")
+        return EXIT_INTERRUPTED
     print(f"[recover] {len(outcome.recovered)} recovered, {len(outcome.mismatched)} did not reproduce, "
           f"{len(outcome.failed)} failed; ledger: {args.ledger}")
     return 0 if len(outcome.recovered) == len(run_ids) else 1

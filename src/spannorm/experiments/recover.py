@@ -22,6 +22,7 @@ from spannorm.config import ConfigError
 from spannorm.experiments.ledger import Ledger, check_ledger_plan, check_ledger_writable, read_ledger
 from spannorm.experiments.plan import RunSpec, StudyPlan
 from spannorm.experiments.runner import (
+    INTERRUPTED,
     RUNS_DIR,
     check_ledger_settings,
     execute_run,
@@ -98,6 +99,9 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
         """Append the run's line to the ledger if it reproduced its recorded outcome, at once: a recovery
         killed later keeps every line appended so far."""
         run_dir = out / RUNS_DIR / run_id
+        if record.get("status") == INTERRUPTED:  # Ctrl-C reached the run: stop; the same command resumes it
+            log(f"[recover] interrupted {run_id} after step {record.get('steps')}: the same command resumes it")
+            raise KeyboardInterrupt
         summary = read_summary(run_dir)
         recorded = book.runs[run_id].get("summary") or {}
         if summary is None:
@@ -135,7 +139,12 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
                         log(f"[recover] start {run_id}")
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
-                        settle(running.pop(future), future.result())
+                        run_id = running.pop(future)
+                        try:
+                            record = future.result()
+                        except Exception as err:  # noqa: BLE001 - a worker killed (out of memory): the others go on
+                            record = {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                        settle(run_id, record)
     return outcome
 
 

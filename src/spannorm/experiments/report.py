@@ -174,10 +174,17 @@ def data_lines(results: StudyResults) -> list[str]:
     older = versions.get(None, 0)
     parts = [f"`{sha[:16]}` ({n} run{'s' if n != 1 else ''})" for sha, n in recorded.items()]
     text = f"Data: content sha256 {', '.join(parts)}"
-    text += f"; {older} of {total} runs predate data fingerprints." if older else f", every one of {total} runs."
+    if older:
+        text += f"; {older} of {total} runs predate data fingerprints."
+    else:
+        text += ", the only run." if total == 1 else f", every one of {total} runs."
     if len(recorded) > 1:
         text += (f" **Warning: the runs trained on {len(recorded)} versions of this corpus**, so the tables "
                  "compare runs on different data.")
+    mixed = sorted(run.run_id for runs in results.runs.values() for run in runs if run.record.get("data_earlier"))
+    if mixed:
+        text += (f" **Warning: {len(mixed)} run(s) were resumed on other data than they started on** "
+                 f"({', '.join(mixed[:3])}{', ...' if len(mixed) > 3 else ''}); each is counted under its last data.")
     if now is not None and now not in recorded:
         text += f" **Warning: the corpus read now (sha256 `{now[:16]}`) is none of them**, so the unigram loss " \
                 "above is not the one of the data the runs trained on."

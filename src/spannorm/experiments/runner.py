@@ -36,7 +36,8 @@ import torch
 
 from spannorm.config import ConfigError
 from spannorm.configuration import parse_override
-from spannorm.data.dataset import content_sha256
+from spannorm.data.dataset import content_sha256, prepared_folder, tokenizer_from_config
+from spannorm.data.tokenizer import fingerprint
 from spannorm.experiments.declaration import start_record
 from spannorm.experiments.layer_stats import measure_model_dir
 from spannorm.experiments.ledger import (
@@ -58,7 +59,7 @@ from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
 from spannorm.train.checkpoint import latest_checkpoint
 from spannorm.train.config import RunConfig, load_config_file, resolve_config
-from spannorm.train.layout import CHECKPOINTS_DIR, SUMMARY_NAME
+from spannorm.train.layout import CHECKPOINTS_DIR, STATE_NAME, SUMMARY_NAME
 from spannorm.train.run_lock import hold_run_folder
 
 RUNS_DIR = "runs"
@@ -109,7 +110,8 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any]:
     """The index record of a finished run: its coordinates, its status, the summary's numbers and the content
-    hash of its data (``data_sha256``; None for a run that predates data fingerprints)."""
+    hash of its data (``data_sha256``; None for a run that predates data fingerprints) and, for a run resumed
+    on other data, the hashes of its earlier steps' data (``data_earlier``)."""
     record = spec.to_dict()
     record.pop("overrides")
     for name in SUMMARY_FIELDS:
@@ -117,6 +119,8 @@ def record_from_summary(spec: RunSpec, summary: dict[str, Any]) -> dict[str, Any
     record["diverged"] = bool(summary.get("diverged"))
     data = summary.get("data")
     record["data_sha256"] = data.get("sha256") if isinstance(data, Mapping) else None  # None: before fingerprints
+    if isinstance(data, Mapping) and data.get("earlier"):  # resumed on other data: its earlier steps' hashes
+        record["data_earlier"] = [e.get("sha256") for e in data["earlier"] if isinstance(e, Mapping)]
     for name in ("final_val_loss", "best_val_loss"):
         record[name] = _finite_or_none(record[name])
     record["status"] = "diverged" if record["diverged"] else "done"
@@ -205,33 +209,81 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
                       "allowed: the plan (and precision) that made it, or another --ledger file")
 
 
-def check_data_unchanged(specs: list[RunSpec], finished: Callable[[str], tuple[str, Mapping[str, Any]] | None]) -> None:
-    """Raise :class:`ConfigError` when a finished run recorded a data fingerprint
-    (:func:`~spannorm.data.dataset.data_fingerprint`, in its summary) whose content hash differs from what its
-    settings name now: a new run beside it would train on other data under the same plan (an edited corpus,
-    or the embedded corpus of another Python version). ``finished(run_id)`` is where the run's summary was
-    found (words for the message) and the summary, or None. Runs that predate fingerprints are not checked.
-    The content is hashed once per data setting, and only when some finished run has a fingerprint."""
-    current: dict[str, str] = {}
+def recorded_data(run_dir: Path, ledger: Ledger | None, run_id: str) -> tuple[str, Mapping[str, Any], bool] | None:
+    """The data fingerprint a run recorded (:func:`~spannorm.data.dataset.data_fingerprint`), where it was found
+    (words for a message) and whether the run is finished: its folder's summary, else its ledger line's, else
+    (an unfinished run a sweep would resume) its latest checkpoint's trainer state; None when none records
+    one (the run predates fingerprints, or has not started)."""
+    summary = read_summary(run_dir)
+    if summary is None and ledger is not None and run_id in ledger.runs:
+        summary, where = ledger.runs[run_id].get("summary") or {}, f"in ledger {ledger.path}"
+    else:
+        where = f"in {run_dir.parent}"
+    if summary is not None:
+        data, finished = summary.get("data"), True
+    else:
+        ckpt = latest_checkpoint(run_dir)
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text()) if ckpt is not None else {}
+        except (OSError, ValueError):
+            state = {}  # a damaged checkpoint: the trainer's own resume check names it
+        data, finished = (state.get("data") if isinstance(state, dict) else None), False
+    if not isinstance(data, Mapping) or not isinstance(data.get("sha256"), str):
+        return None
+    return where, data, finished
+
+
+def _current_data(data_cfg) -> tuple[str, str | None]:
+    """The content hash of the data ``data_cfg`` names now and, for a text corpus with a ``tokenizer.json``
+    tokenizer, that tokenizer's fingerprint (None where the content hash covers the tokenizer, or it is
+    trained here: byte, bpe, a prepared folder)."""
+    sha = content_sha256(data_cfg)
+    if data_cfg.tokenizer in ("byte", "bpe") or prepared_folder(data_cfg) is not None:
+        return sha, None
+    return sha, fingerprint(tokenizer_from_config(data_cfg))
+
+
+def check_data_unchanged(specs: list[RunSpec], runs_root: Path, ledger: Ledger | None) -> None:
+    """Raise :class:`ConfigError` when a run under ``runs_root`` or in ``ledger`` recorded a data fingerprint
+    whose content hash (or ``tokenizer.json``) differs from what its settings name now: a new or resumed run
+    beside it would train on other data under the same plan (an edited corpus, or the embedded corpus of
+    another Python version). Data that cannot be read now is refused the same way when some run of ``specs``
+    would still train; when every one is finished there is nothing to check it for. Runs that predate
+    fingerprints are not checked; the data is read once per data setting, and only for runs that record one."""
+    current: dict[str, tuple[str, str | None] | str] = {}  # data setting -> hashes now, or why it is unreadable
+    recorded = {spec.run_id: recorded_data(runs_root / spec.run_id, ledger, spec.run_id) for spec in specs}
+    all_finished = all(found is not None and found[2] for found in recorded.values())
     for spec in specs:
-        found = finished(spec.run_id)
+        found = recorded[spec.run_id]
         if found is None:
             continue
-        where, summary = found
-        data = summary.get("data")
-        if not isinstance(data, Mapping) or not isinstance(data.get("sha256"), str):
-            continue
+        where, data, _ = found
         data_cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer).data
         key = json.dumps(asdict(data_cfg), sort_keys=True)
         if key not in current:
-            current[key] = content_sha256(data_cfg)
-        if current[key] != data["sha256"]:
-            made_by = f" (the embedded corpus of Python {data['python']})" if data.get("python") else ""
-            raise ConfigError(
-                f"run {spec.run_id} ({where}) trained on {data.get('source')}{made_by} with content sha256 "
-                f"{data['sha256'][:16]}..., but that data now hashes to {current[key][:16]}...; the plan's other "
-                "runs would train on other data; allowed: the data it trained on, or a new --out (and another "
-                "--ledger)")
+            try:
+                current[key] = _current_data(data_cfg)
+            except (ConfigError, OSError) as err:
+                current[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        now = current[key]
+        made_by = f" (the embedded corpus of Python {data['python']})" if data.get("python") else ""
+        said = f"run {spec.run_id} ({where}) trained on {data.get('source')}{made_by} with content sha256 " \
+               f"{data['sha256'][:16]}..."
+        if isinstance(now, str):
+            if all_finished:
+                continue
+            raise ConfigError(f"{said}, but that data cannot be read now ({now}); the plan's other runs would "
+                              "train on other data or none; allowed: the data it trained on, where it was, or a "
+                              "new --out (and another --ledger)")
+        sha, tokenizer = now
+        if sha != data["sha256"]:
+            raise ConfigError(f"{said}, but that data now hashes to {sha[:16]}...; the plan's other runs would "
+                              "train on other data; allowed: the data it trained on, or a new --out (and another "
+                              "--ledger)")
+        if tokenizer is not None and data.get("tokenizer") not in (None, tokenizer):
+            raise ConfigError(f"{said} and tokenizer {data.get('tokenizer')}, but data.tokenizer="
+                              f"{data_cfg.tokenizer} is now {tokenizer}; allowed: the tokenizer it trained with, "
+                              "or a new --out (and another --ledger)")
 
 
 def ledger_records(ledger: Ledger) -> dict[str, dict[str, Any]]:
@@ -434,15 +486,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         check_run_settings(spec, runs_root / spec.run_id)  # check_ledger checked these specs against the ledger
         checked.add(spec.run_id)
 
-    def finished_summary(run_id: str) -> tuple[str, Mapping[str, Any]] | None:
-        summary = read_summary(runs_root / run_id)
-        if summary is not None:
-            return f"in {runs_root}", summary
-        if book is None or run_id not in book.runs:
-            return None
-        return f"in ledger {book.path}", book.runs[run_id].get("summary") or {}
-
-    check_data_unchanged(expanded, finished_summary)
+    check_data_unchanged(expanded, runs_root, book)
     runs_root.mkdir(parents=True, exist_ok=True)
     if plan_text is not None:
         (out / "plan.yaml").write_text(plan_text)
@@ -611,4 +655,4 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
 __all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_data_unchanged", "check_ledger", "check_ledger_settings",
            "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_precision_setup", "ledger_records",
            "load_index",
-           "measure_run", "read_summary", "record_from_summary", "run_sweep"]
+           "measure_run", "read_summary", "record_from_summary", "recorded_data", "run_sweep"]

@@ -107,7 +107,8 @@ class RunSummary:
     """The newest checkpoint folder, relative to the run folder."""
     data: dict[str, Any] | None = None
     """What the run trained on (:func:`~spannorm.data.dataset.data_fingerprint`): source, content SHA-256,
-    tokenizer and split sizes."""
+    tokenizer and split sizes; after a resume on other data, ``earlier`` lists the data of the steps before it
+    (``sha256``, ``source``, ``until_step``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -435,10 +436,18 @@ class Trainer:
         if changes:
             self.resume_warnings.append("resumed with changed settings (losses will differ from an uninterrupted "
                                         "run): " + "; ".join(changes))
-        changed_data = _changed_data(state.get("data"), self.data)
+        saved_data = state.get("data")
+        changed_data = _changed_data(saved_data, self.data)
         if changed_data:
             self.resume_warnings.append(f"resumed on other data than the checkpoint's (losses will differ from an "
                                         f"uninterrupted run): {changed_data}")
+        if isinstance(saved_data, dict):  # the data of earlier stretches of this run stay on record
+            earlier = list(saved_data.get("earlier") or [])
+            if changed_data:
+                earlier.append({"sha256": saved_data.get("sha256"), "source": saved_data.get("source"),
+                                "until_step": self.step})
+            if earlier:
+                self.data = {**self.data, "earlier": earlier}
 
     def _trainer_state(self) -> dict[str, Any]:
         state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
