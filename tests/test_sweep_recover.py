@@ -74,8 +74,7 @@ def test_a_numbers_only_run_is_retrained_and_its_curves_kept_only_when_it_reprod
 
     # Refusals, one line each, nothing written: a run that has its curves now, one the ledger lacks, no ledger.
     size = ledger.stat().st_size
-    with pytest.raises(ConfigError, match="already holds its curves"):
-        check_recoverable(plan, ledger, ["span-L1-dense-lr3e-3-s0"])
+    assert check_recoverable(plan, ledger, ["span-L1-dense-lr3e-3-s0"])[1] == {}  # recovered: nothing to train
     with pytest.raises(ConfigError, match="holds no such run"):
         check_recoverable(plan, ledger, ["pre-L1-dense-lr3e-3-s0"])
     plan_file = tmp_path / "plan.yaml"
@@ -83,9 +82,15 @@ def test_a_numbers_only_run_is_retrained_and_its_curves_kept_only_when_it_reprod
     assert main(["sweep", str(plan_file), "--out", str(tmp_path / "x"), "--recover", "a"]) == 2
     assert "--recover needs --ledger" in capsys.readouterr().err
     assert main(["sweep", str(plan_file), "--out", str(tmp_path / "x"), "--ledger", str(ledger),
-                 "--recover", "span-L1-dense-lr3e-3-s0"]) == 2
-    assert "already holds its curves" in capsys.readouterr().err
+                 "--recover", "pre-L1-dense-lr3e-3-s0"]) == 2
+    assert "holds no such run" in capsys.readouterr().err
     assert ledger.stat().st_size == size and not (tmp_path / "x").exists()
+    # The same command again (after a kill, say): the run recovered already is left alone, nothing trains.
+    assert main(["sweep", str(plan_file), "--out", str(tmp_path / "x"), "--ledger", str(ledger),
+                 "--recover", "span-L1-dense-lr3e-3-s0,span-L1-dense-lr3e-3-s0"]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) already hold their curves" in out and "0 recovered" in out and "1 had their curves already" in out
+    assert ledger.stat().st_size == size and not (tmp_path / "x" / "runs").exists()
 
 
 @pytest.mark.slow

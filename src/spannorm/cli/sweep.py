@@ -79,18 +79,18 @@ def _recover(args: argparse.Namespace, plan, out: Path) -> int:
         raise UsageError("--recover needs --ledger FILE (the ledger that keeps the runs as numbers only)")
     if args.dry_run or args.max_runs is not None:
         raise UsageError("--recover trains exactly the runs it names; allowed: no --dry-run or --max-runs with it")
-    run_ids = [r.strip() for r in args.recover.split(",") if r.strip()]
+    run_ids = list(dict.fromkeys(r.strip() for r in args.recover.split(",") if r.strip()))
     threads = args.threads or None
     workers = args.workers if args.workers != AUTO else min(len(run_ids), max(1, usable_cpu_cores() // (threads or 1)))
     try:
         outcome = recover_runs(plan, out, args.ledger, run_ids, workers=workers, threads=threads)
     except KeyboardInterrupt:
         print(f"[recover] stopped by Ctrl-C; the lines recovered so far are in the ledger ({args.ledger}), and the "
-              "same command without them resumes the rest")
+              "same command goes on with the rest")
         return EXIT_INTERRUPTED
     print(f"[recover] {len(outcome.recovered)} recovered, {len(outcome.mismatched)} did not reproduce, "
-          f"{len(outcome.failed)} failed; ledger: {args.ledger}")
-    return 0 if len(outcome.recovered) == len(run_ids) else 1
+          f"{len(outcome.failed)} failed, {len(outcome.had_curves)} had their curves already; ledger: {args.ledger}")
+    return 0 if len(outcome.recovered) + len(outcome.had_curves) == len(run_ids) else 1
 
 
 def run(args: argparse.Namespace) -> int:

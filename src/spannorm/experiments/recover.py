@@ -44,6 +44,8 @@ class RecoverOutcome:
     """(run id, recorded final val loss, retrained final val loss) of runs that did not reproduce."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """(run id, error) of runs whose retraining failed."""
+    had_curves: list[str] = field(default_factory=list)
+    """Runs named that the ledger already holds with their curves (recovered before): not trained."""
 
 
 def _outcome(summary: dict[str, Any]) -> tuple[bool, Any]:
@@ -52,9 +54,10 @@ def _outcome(summary: dict[str, Any]) -> tuple[bool, Any]:
 
 def check_recoverable(plan: StudyPlan, ledger_path: str | Path,
                       run_ids: list[str]) -> tuple[Ledger, dict[str, RunSpec]]:
-    """The ledger and the specs of ``run_ids`` after every check, each a one-line :class:`ConfigError`: the
-    ledger can be appended to and belongs to ``plan``; each run is in it as numbers only (no curves), the plan
-    still asks for it, and with the settings the ledger recorded."""
+    """The ledger and the specs of the runs of ``run_ids`` it keeps as numbers only (a run that already has its
+    curves is left out: the same command, run again after a kill, goes on with the rest), after every check,
+    each a one-line :class:`ConfigError`: the ledger can be appended to and belongs to ``plan``; each run is in
+    it, the plan still asks for it, and with the settings the ledger recorded."""
     book = read_ledger(ledger_path)
     check_ledger_writable(book.path)
     check_ledger_plan(book, plan.name)
@@ -69,8 +72,7 @@ def check_recoverable(plan: StudyPlan, ledger_path: str | Path,
             raise ConfigError(f"--recover {run_id}: ledger {str(book.path)!r} holds no such run; allowed: a run "
                               f"id the ledger holds (e.g. {example})")
         if line.get("val_curve") or line.get("train_curve"):
-            raise ConfigError(f"--recover {run_id}: ledger {str(book.path)!r} already holds its curves; allowed: "
-                              "a run the ledger keeps as numbers only")
+            continue  # recovered already (by an earlier, killed call of the same command), or never lost
         if run_id not in wanted:
             raise ConfigError(f"--recover {run_id}: plan {plan.name!r} no longer asks for it; allowed: a run of "
                               "the plan that made the ledger")
@@ -85,6 +87,12 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
     """Retrain ``run_ids`` (see the module docstring) in ``workers`` processes (0: in this process), each
     with ``threads`` torch threads, and append the line of each that reproduces its recorded final val loss."""
     book, specs = check_recoverable(plan, ledger_path, run_ids)  # every refusal before anything is written
+    outcome = RecoverOutcome(had_curves=[run_id for run_id in run_ids if run_id not in specs])
+    if outcome.had_curves:
+        log(f"[recover] {len(outcome.had_curves)} run(s) already hold their curves in the ledger, left as they are "
+            f"(e.g. {outcome.had_curves[0]})")
+    if not specs:
+        return outcome
     log(f"[recover] {len(specs)} run(s), {workers} worker(s) x {threads or 'default'} thread(s)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,6 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
     jobs = {run_id: (specs[run_id].to_dict(), str(out / RUNS_DIR / run_id), threads, measure,
                      tuple(book.runs[run_id].get("sweep_overrides") or ()))
             for run_id in specs}
-    outcome = RecoverOutcome()
 
     def settle(run_id: str, record: dict[str, Any]) -> None:
         """Append the run's line to the ledger if it reproduced its recorded outcome, at once: a recovery
