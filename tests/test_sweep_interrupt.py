@@ -96,3 +96,27 @@ def test_the_cli_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys)
     dry = main(["sweep", str(plan_file), "--out", str(tmp_path / "sweep"), "--workers", "0", "--dry-run"])
     assert dry == 0
     assert "pre-L1-dense-lr3e-3-s0" in capsys.readouterr().out.split("pending")[0]
+
+
+def test_a_run_stopped_part_way_is_resumed_before_runs_not_started(tmp_path, monkeypatch):
+    """A sweep started again finishes the runs that have a checkpoint first, whatever the plan's order: that
+    work is the most at risk, and a session may end before the run's turn would come."""
+    data = plan_dict(tmp_path / "cache")
+    data["grid"]["seeds"] = [1]
+    out = tmp_path / "sweep"
+    stop_first_run_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(parse_plan(data), out, workers=0, log=lambda _: None)
+    monkeypatch.undo()
+    data["grid"]["seeds"] = [0, 1]  # extended: seed 0 comes first in the plan's order
+    plan = parse_plan(data)
+    assert [s.run_id for s in plan.expand()] == ["pre-L1-dense-lr3e-3-s0", "pre-L1-dense-lr3e-3-s1"]
+    real_train, order = runner.train, []
+
+    def train(cfg, out_dir, **kwargs):
+        order.append((Path(out_dir).name, kwargs["resume"]))
+        return real_train(cfg, out_dir, **kwargs)
+
+    monkeypatch.setattr(runner, "train", train)
+    run_sweep(plan, out, workers=0, log=lambda _: None)
+    assert order == [("pre-L1-dense-lr3e-3-s1", True), ("pre-L1-dense-lr3e-3-s0", False)]

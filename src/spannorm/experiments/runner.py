@@ -567,6 +567,9 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=guard_worker, initargs=(os.getpid(),))  # workers die with this process
     attempted: set[str] = set()
+    # Runs stopped part way (a kill, Ctrl-C) go first: their checkpoints are the work most at risk of being lost
+    # with the folder, and a run started is a run its stage had already reached.
+    resumable = {d.name for d in runs_root.iterdir() if d.is_dir() and _has_checkpoint(d)}
     if setup is not None:
         events.write(json.dumps({"event": "start", "time": round(time.time(), 3), "setup": dict(setup)}) + "\n")
         events.flush()
@@ -582,7 +585,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             pending = [s for s in specs if s.run_id not in records and s.run_id not in running
                        and s.run_id not in attempted]
             sign = -1.0 if order == "longest" else 1.0
-            pending.sort(key=lambda s: (plan.start_rank(s), STAGE_ORDER.get(s.stage, 0), sign * _cost(s, plan)))
+            pending.sort(key=lambda s: (s.run_id not in resumable, plan.start_rank(s), STAGE_ORDER.get(s.stage, 0),
+                                        sign * _cost(s, plan)))
             slots = max(1, workers) - len(running)
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))
