@@ -172,6 +172,13 @@ def test_the_data_check_reads_unfinished_runs_checkpoints_tokenizer_files_and_un
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 2.0,
                                                       "data": {"source": str(corpus), "sha256": sha}}))
     check_data_unchanged([spec], runs_root, None)
+    data["grid"]["seeds"] = [0, 1]  # beside it, a finished run from before fingerprints: still nothing to train
+    old_spec = parse_plan(data).expand({})[1]
+    (runs_root / old_spec.run_id).mkdir()
+    (runs_root / old_spec.run_id / "summary.json").write_text(json.dumps({"status": "completed",
+                                                                          "final_val_loss": 2.0}))
+    check_data_unchanged([spec, old_spec], runs_root, None)
+    data["grid"]["seeds"] = [0]
 
     corpus.write_bytes(TEXT * 4)  # a tokenizer.json edited since: the same text, other tokens
     tokenizer_file = tmp_path / "tokenizer.json"

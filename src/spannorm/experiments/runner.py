@@ -57,7 +57,7 @@ from spannorm.experiments.worker_guard import guard_worker
 from spannorm.files import atomic_write_text
 from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
-from spannorm.train.checkpoint import latest_checkpoint
+from spannorm.train.checkpoint import latest_checkpoint, read_json
 from spannorm.train.config import RunConfig, load_config_file, resolve_config
 from spannorm.train.layout import CHECKPOINTS_DIR, STATE_NAME, SUMMARY_NAME
 from spannorm.train.run_lock import hold_run_folder
@@ -209,11 +209,11 @@ def check_ledger_settings(spec: RunSpec, ledger: Ledger, sweep_overrides: tuple[
                       "allowed: the plan (and precision) that made it, or another --ledger file")
 
 
-def recorded_data(run_dir: Path, ledger: Ledger | None, run_id: str) -> tuple[str, Mapping[str, Any], bool] | None:
-    """The data fingerprint a run recorded (:func:`~spannorm.data.dataset.data_fingerprint`), where it was found
-    (words for a message) and whether the run is finished: its folder's summary, else its ledger line's, else
-    (an unfinished run a sweep would resume) its latest checkpoint's trainer state; None when none records
-    one (the run predates fingerprints, or has not started)."""
+def recorded_data(run_dir: Path, ledger: Ledger | None, run_id: str) -> tuple[str, Mapping[str, Any] | None, bool]:
+    """Where a run's record was found (words for a message), the data fingerprint it records
+    (:func:`~spannorm.data.dataset.data_fingerprint`; None when it predates fingerprints or has not started),
+    and whether the run is finished: its folder's summary, else its ledger line's, else (an unfinished run a
+    sweep would resume) its latest checkpoint's trainer state."""
     summary = read_summary(run_dir)
     if summary is None and ledger is not None and run_id in ledger.runs:
         summary, where = ledger.runs[run_id].get("summary") or {}, f"in ledger {ledger.path}"
@@ -224,12 +224,12 @@ def recorded_data(run_dir: Path, ledger: Ledger | None, run_id: str) -> tuple[st
     else:
         ckpt = latest_checkpoint(run_dir)
         try:
-            state = json.loads((ckpt / STATE_NAME).read_text()) if ckpt is not None else {}
-        except (OSError, ValueError):
-            state = {}  # a damaged checkpoint: the trainer's own resume check names it
-        data, finished = (state.get("data") if isinstance(state, dict) else None), False
+            data = read_json(ckpt / STATE_NAME).get("data") if ckpt is not None else None
+        except ConfigError:
+            data = None  # a damaged checkpoint: the trainer's own resume check names it
+        finished = False
     if not isinstance(data, Mapping) or not isinstance(data.get("sha256"), str):
-        return None
+        data = None
     return where, data, finished
 
 
@@ -252,12 +252,11 @@ def check_data_unchanged(specs: list[RunSpec], runs_root: Path, ledger: Ledger |
     fingerprints are not checked; the data is read once per data setting, and only for runs that record one."""
     current: dict[str, tuple[str, str | None] | str] = {}  # data setting -> hashes now, or why it is unreadable
     recorded = {spec.run_id: recorded_data(runs_root / spec.run_id, ledger, spec.run_id) for spec in specs}
-    all_finished = all(found is not None and found[2] for found in recorded.values())
+    all_finished = all(finished for _, _, finished in recorded.values())
     for spec in specs:
-        found = recorded[spec.run_id]
-        if found is None:
+        where, data, _ = recorded[spec.run_id]
+        if data is None:
             continue
-        where, data, _ = found
         data_cfg = resolve_config(spec.preset, None, list(spec.overrides), init_from_layer=run_config_layer).data
         key = json.dumps(asdict(data_cfg), sort_keys=True)
         if key not in current:
