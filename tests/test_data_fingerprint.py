@@ -124,6 +124,10 @@ def test_a_sweep_refuses_to_add_runs_beside_finished_ones_whose_data_changed(tmp
                            "--ledger", str(ledger)], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "that data now hashes to" in proc.stderr and not (tmp_path / "c").exists()
+    assert proc.stdout == ""  # refused before the setup line, and a dry run says the same
+    proc = subprocess.run([sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(tmp_path / "c"),
+                           "--ledger", str(ledger), "--dry-run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "" and "that data now hashes to" in proc.stderr, proc.stderr
 
     (tmp_path / "corpus.txt").write_bytes(TEXT * 4)  # the data restored: the sweep goes on
     again = run_sweep(parse_plan(data), tmp_path / "a", workers=0, log=quiet, ledger=ledger,

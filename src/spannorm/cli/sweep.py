@@ -12,6 +12,7 @@ from spannorm.experiments.plan_checks import check_sweep_folder
 from spannorm.experiments.recover import recover_runs
 from spannorm.experiments.runner import (
     RUNS_DIR,
+    check_data_unchanged,
     check_ledger,
     check_run_settings,
     ledger_precision_setup,
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     setup = choose_setup(specs, args.workers, args.threads or None, stored=stored, earlier_runs=bool(index))
     if book is not None:
         check_ledger(plan, book, out, setup.precision)
+    check_data_unchanged(specs, out / RUNS_DIR, book)  # before the setup line: a refusal is its only line
     print(f"[sweep] {setup.describe()}")
     if args.dry_run:
         for spec in specs:
