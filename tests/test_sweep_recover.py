@@ -11,11 +11,13 @@ import yaml
 from helpers import tiny_sweep_base
 from spannorm.cli.main import main
 from spannorm.config import ConfigError
+from spannorm.experiments import runner
 from spannorm.experiments.ledger import read_ledger
 from spannorm.experiments.plan import parse_plan
 from spannorm.experiments.recover import check_recoverable, recover_runs
 from spannorm.experiments.results import load_results
 from spannorm.experiments.runner import run_sweep
+from test_sweep_interrupt import StopAfter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -114,3 +116,48 @@ def test_a_pooled_recovery_starts_a_run_when_a_worker_is_free_and_keeps_each_lin
     assert [e for e, _ in events[1:]] == [f"[recover] start {ids[0]}", f"[recover] {ids[0]}",
                                           f"[recover] start {ids[1]}", f"[recover] {ids[1]}"]
     assert events[3][1] == [ids[0]]  # the first run's line was appended before the second started
+
+
+def test_ctrl_c_stops_a_recovery_keeps_its_lines_and_the_same_command_resumes_the_run_bit_for_bit(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches the second run being recovered: the command stops with exit status 130 and says so, the
+    ledger keeps the first run's recovered line and nothing of the stopped one, and the same command resumes
+    the stopped run from its checkpoint to exactly the recorded final val loss."""
+    data = _plan(tmp_path / "cache")
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.jsonl"
+    run_sweep(parse_plan(data), tmp_path / "lost", workers=0, log=lambda _: None, plan_text=plan_file.read_text(),
+              ledger=ledger)
+    _numbers_only(ledger)
+    ids = ["span-L1-dense-lr3e-3-s0", "span-L1-dense-lr1e-2-s0"]
+    real_train, calls = runner.train, []
+
+    def train(cfg, out, **kwargs):  # a stop request after step 2 of the second run, as the Ctrl-C handler makes
+        calls.append(out)
+        return real_train(cfg, out, callbacks=[StopAfter(2)] if len(calls) == 2 else [], **kwargs)
+
+    monkeypatch.setattr(runner, "train", train)
+    command = ["sweep", str(plan_file), "--out", str(tmp_path / "again"), "--ledger", str(ledger), "--workers", "0",
+               "--recover", ",".join(ids)]
+    assert main(command) == 130
+    out = capsys.readouterr().out
+    assert f"[recover] interrupted {ids[1]} after step 2" in out and "[recover] stopped by Ctrl-C" in out
+    runs = read_ledger(ledger).runs
+    assert runs[ids[0]]["val_curve"] and not runs[ids[1]]["val_curve"]  # the first kept, the second untouched
+
+    resumed = []
+
+    def train_again(cfg, out, **kwargs):
+        resumed.append(kwargs["resume"])
+        return real_train(cfg, out, **kwargs)
+
+    monkeypatch.setattr(runner, "train", train_again)
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "1 recovered, 0 did not reproduce, 0 failed, 1 had their curves already" in out
+    assert resumed == [True]  # from the checkpoint the stop wrote, not from step 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "again" / "runs" / ids[1] / "metrics.jsonl")
+             .read_text().splitlines() if "step" in json.loads(line)]
+    assert sorted(set(steps)) == steps and steps[0] == 1  # every step once
+    assert read_ledger(ledger).runs[ids[1]]["val_curve"]

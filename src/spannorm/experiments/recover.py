@@ -11,9 +11,6 @@ elsewhere is reported, and the ledger keeps the recorded line. Nothing else of t
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +18,7 @@ from typing import Any, Callable
 from spannorm.config import ConfigError
 from spannorm.experiments.ledger import Ledger, check_ledger_plan, check_ledger_writable, read_ledger
 from spannorm.experiments.plan import RunSpec, StudyPlan
+from spannorm.experiments.pool import RunPool
 from spannorm.experiments.runner import (
     INTERRUPTED,
     RUNS_DIR,
@@ -30,7 +28,6 @@ from spannorm.experiments.runner import (
     ledger_records,
     read_summary,
 )
-from spannorm.experiments.worker_guard import guard_worker
 from spannorm.train.run_lock import hold_run_folder
 
 
@@ -129,29 +126,16 @@ def recover_runs(plan: StudyPlan, out_dir: str | Path, ledger_path: str | Path, 
         log(f"[recover] {run_id}: final val loss {summary.get('final_val_loss')!r} equals the recorded one; "
             "its curves and layer stats are in the ledger now")
 
-    with hold_run_folder(out):  # one sweep or recovery per folder at a time
-        if workers == 0:
-            for run_id, job in jobs.items():
+    # one sweep or recovery per folder at a time
+    with hold_run_folder(out), RunPool(workers, execute_run, log=lambda line: log(f"[recover] {line}")) as pool:
+        queue = list(jobs)
+        while queue or pool.running:
+            while queue and pool.free > 0:  # submitted when a worker is free: it starts now
+                run_id = queue.pop(0)
+                pool.submit(run_id, jobs[run_id])
                 log(f"[recover] start {run_id}")
-                settle(run_id, execute_run(*job))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=guard_worker, initargs=(os.getpid(),)) as pool:
-                queue: list[str] = list(jobs)
-                running: dict[Future, str] = {}
-                while queue or running:
-                    while queue and len(running) < workers:  # submitted when a worker is free: it starts now
-                        run_id = queue.pop(0)
-                        running[pool.submit(execute_run, *jobs[run_id])] = run_id
-                        log(f"[recover] start {run_id}")
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        run_id = running.pop(future)
-                        try:
-                            record = future.result()
-                        except Exception as err:  # noqa: BLE001 - a worker killed (out of memory): the others go on
-                            record = {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0]}
-                        settle(run_id, record)
+            for run_id, record in pool.wait():
+                settle(run_id, record)
     return outcome
 
 

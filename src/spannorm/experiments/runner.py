@@ -12,9 +12,11 @@ Layout of a sweep directory::
 A run whose ``summary.json`` exists is finished and is never run again: a sweep that is started again
 (after a kill, or with more seeds in the plan) runs only what is missing. A run directory without a summary is
 resumed from its last checkpoint when it has one, and restarted otherwise. A run that raises is recorded as
-``failed`` and retried by the next sweep; a run that diverges is finished, recorded as ``diverged``. A run
-stopped early (Ctrl-C reaches the trainer, which checkpoints and writes a summary with ``status:
-interrupted``) is not finished: the sweep stops, and the next one resumes that run from its checkpoint.
+``failed`` and retried by the next sweep, and so is a run whose worker process dies (the out-of-memory killer)
+while it trains alone (:mod:`~spannorm.experiments.pool`: the runs beside it train on); a run that diverges is
+finished, recorded as ``diverged``. A run stopped early (Ctrl-C reaches the trainer, which checkpoints and
+writes a summary with ``status: interrupted``) is not finished: the sweep stops, and the next one resumes that
+run from its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -52,8 +52,8 @@ from spannorm.experiments.ledger import (
 )
 from spannorm.experiments.plan import FINISHED, RunSpec, StudyPlan, stored_overrides
 from spannorm.experiments.plan_checks import check_sweep_folder, read_index
+from spannorm.experiments.pool import RunPool
 from spannorm.experiments.sweep_setup import sweep_overrides
-from spannorm.experiments.worker_guard import guard_worker
 from spannorm.files import atomic_write_text
 from spannorm.interop.init_from import run_config_layer
 from spannorm.launch import train
@@ -500,7 +500,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
     measure = {"layer_stats": plan.measure.layer_stats, "batch_size": plan.measure.batch_size,
                "prune_checkpoints": plan.measure.prune_checkpoints}
     records: dict[str, dict[str, Any]] = {}
-    running: dict[str, Future | None] = {}
+    pool = RunPool(workers, execute_run, log=lambda line: log(f"[sweep] {line}"))  # workers die with this process
     submitted: dict[str, RunSpec] = {}
     events = open(out / "runs.jsonl", "a")
 
@@ -511,6 +511,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
 
     def write_index(specs: list[RunSpec]) -> None:
         rows = []
+        running = set(pool.running)
         for spec in specs:
             row = records.get(spec.run_id)
             if row is None:
@@ -532,6 +533,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
 
     # Runs finished by earlier sweeps (their summary is on disk) are recorded without being touched.
     def absorb_finished(specs: list[RunSpec]) -> None:
+        running = set(pool.running)
         for spec in specs:
             if spec.run_id in records or spec.run_id in running:
                 continue
@@ -562,9 +564,6 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
             book.append(ledger_line_from_folder(spec, runs_root / spec.run_id, plan.name, summary,
                                                 sweep_overrides(spec, precision)))
 
-    pool = None if workers == 0 else ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=guard_worker, initargs=(os.getpid(),))  # workers die with this process
     attempted: set[str] = set()
     # Runs stopped part way (a kill, Ctrl-C) go first: their checkpoints are the work most at risk of being lost
     # with the folder, and a run started is a run its stage had already reached.
@@ -581,46 +580,27 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                 specs = plan.expand(records)
                 if len(records) == known:
                     break
-            pending = [s for s in specs if s.run_id not in records and s.run_id not in running
-                       and s.run_id not in attempted]
+            pending = [s for s in specs if s.run_id not in records and s.run_id not in attempted]
             sign = -1.0 if order == "longest" else 1.0
             pending.sort(key=lambda s: (s.run_id not in resumable, plan.start_rank(s), STAGE_ORDER.get(s.stage, 0),
                                         sign * _cost(s, plan)))
-            slots = max(1, workers) - len(running)
+            slots = pool.free
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))
             for spec in pending[:max(0, slots)]:
                 attempted.add(spec.run_id)
-                run_dir = str(runs_root / spec.run_id)
-                if pool is None:
-                    running[spec.run_id] = None
-                    write_index(specs)
-                    log(f"[sweep] start {spec.run_id}")
-                    record = execute_run(spec.to_dict(), run_dir, None, measure, sweep_overrides(spec, precision))
-                    del running[spec.run_id]
-                    _finish(record, outcome, note, log)
-                    keep(spec, record)
-                else:
-                    submitted[spec.run_id] = spec
-                    running[spec.run_id] = pool.submit(execute_run, spec.to_dict(), run_dir, threads, measure,
-                                                       sweep_overrides(spec, precision))
-                    log(f"[sweep] start {spec.run_id}")
+                submitted[spec.run_id] = spec
+                pool.submit(spec.run_id, (spec.to_dict(), str(runs_root / spec.run_id), threads if workers else None,
+                                          measure, sweep_overrides(spec, precision)))
+                log(f"[sweep] start {spec.run_id}")
             write_index(plan.expand(records))
-            if not running:
-                if pool is None and pending and (max_runs is None or len(attempted) < max_runs):
-                    continue
+            if not pool.running:
                 break
-            done, _ = wait([f for f in running.values() if f is not None], return_when=FIRST_COMPLETED)
-            for run_id, future in list(running.items()):
-                if future in done:
-                    del running[run_id]
-                    record = future.result()
-                    _finish(record, outcome, note, log)
-                    keep(submitted[run_id], record)
+            for run_id, record in pool.wait():
+                _finish(record, outcome, note, log)
+                keep(submitted[run_id], record)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        running.clear()
+        pool.close()
         write_index(plan.expand(records))
         events.close()
     outcome.wall_s = time.time() - started
