@@ -243,3 +243,24 @@ def test_sweep_killed_mid_run_resumes_that_run_from_its_checkpoint(tmp_path):
     assert summary["steps"] == 400 and summary["status"] == "completed"
     steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 401))  # resumed, not restarted, and no step logged twice
+
+
+def test_dry_run_lists_the_pending_runs_in_the_order_the_sweep_starts_them(tmp_path, capsys):
+    """Finished runs first, then the pending ones as run_sweep would start them: here the deepest first
+    (--order longest, the default), the shallowest first with --order shortest; the plan's own order (depth 1
+    first) is neither."""
+    from spannorm.cli.main import main
+
+    data = micro_plan(tmp_path / "cache")
+    data["grid"]["placements"] = ["pre"]
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    listed = {}
+    for order in ("longest", "shortest"):
+        assert main(["sweep", str(plan_file), "--out", str(tmp_path / "out"), "--dry-run", "--order", order]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        listed[order] = [line.split()[0] for line in lines if line.endswith("pending")]
+        assert lines[-1].endswith("the finished first, then the 2 pending in the order the sweep starts them")
+    assert listed["longest"] == ["pre-L2-dense-lr3e-3-s0", "pre-L1-dense-lr3e-3-s0"]
+    assert listed["shortest"] == ["pre-L1-dense-lr3e-3-s0", "pre-L2-dense-lr3e-3-s0"]
+    assert not (tmp_path / "out").exists()

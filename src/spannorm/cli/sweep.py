@@ -19,7 +19,9 @@ from spannorm.experiments.runner import (
     ledger_records,
     load_index,
     read_summary,
+    resumable_runs,
     run_sweep,
+    start_order,
 )
 from spannorm.experiments.sweep_setup import AUTO, choose_setup, parse_workers, stored_setup
 from spannorm.hardware.calibrate import BF16_MIN_SPEEDUP
@@ -120,13 +122,18 @@ def run(args: argparse.Namespace) -> int:
     check_data_unchanged(specs, out / RUNS_DIR, book)  # before the setup line: a refusal is its only line
     print(f"[sweep] {setup.describe()}")
     if args.dry_run:
+        status = {}
         for spec in specs:
             done = read_summary(out / RUNS_DIR / spec.run_id)
             if done is None and book is not None and spec.run_id in book.runs:
                 done = book.runs[spec.run_id].get("summary") or {}
-            status = "pending" if done is None else ("diverged" if done.get("diverged") else "done")
-            print(f"{spec.run_id:<40} {spec.stage:<7} {status}")
-        print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search)")
+            status[spec.run_id] = "pending" if done is None else ("diverged" if done.get("diverged") else "done")
+        pending = start_order([s for s in specs if status[s.run_id] == "pending"], plan, args.order,
+                              resumable_runs(out / RUNS_DIR))
+        for spec in [s for s in specs if status[s.run_id] != "pending"] + pending:
+            print(f"{spec.run_id:<40} {spec.stage:<7} {status[spec.run_id]}")
+        print(f"{len(specs)} runs now ({plan.protocol} protocol; more may follow the LR search); the finished first, "
+              f"then the {len(pending)} pending in the order the sweep starts them")
         return 0
     try:
         with hold_run_folder(out):  # one sweep per folder at a time

@@ -422,6 +422,23 @@ def _cost(spec: RunSpec, plan: StudyPlan) -> float:
     return spec.cell.depth * (1.5 if moe else 1.0)
 
 
+def resumable_runs(runs_root: Path) -> set[str]:
+    """The run ids under ``runs_root`` stopped part way (a kill, Ctrl-C): a folder with a checkpoint."""
+    if not runs_root.is_dir():
+        return set()
+    return {d.name for d in runs_root.iterdir() if d.is_dir() and _has_checkpoint(d)}
+
+
+def start_order(pending: list[RunSpec], plan: StudyPlan, order: str, resumable: set[str]) -> list[RunSpec]:
+    """``pending`` in the order a sweep starts them: the ``resumable`` runs first (their checkpoints are the
+    work most at risk of being lost with the folder, and a run started is a run its stage had already
+    reached); then by the plan's start rank (``protocol.order``), stage, and cost (``order``: ``longest`` or
+    ``shortest`` first); ties keep the plan's order."""
+    sign = -1.0 if order == "longest" else 1.0
+    return sorted(pending, key=lambda s: (s.run_id not in resumable, plan.start_rank(s), STAGE_ORDER.get(s.stage, 0),
+                                          sign * _cost(s, plan)))
+
+
 def load_index(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The sweep's ``index.json`` as ``run_id -> record`` (empty when there is none); a corrupt index is
     :class:`ConfigError` naming the file."""
@@ -565,9 +582,7 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                                                 sweep_overrides(spec, precision)))
 
     attempted: set[str] = set()
-    # Runs stopped part way (a kill, Ctrl-C) go first: their checkpoints are the work most at risk of being lost
-    # with the folder, and a run started is a run its stage had already reached.
-    resumable = {d.name for d in runs_root.iterdir() if d.is_dir() and _has_checkpoint(d)}
+    resumable = resumable_runs(runs_root)  # started before the ones not started (start_order)
     if setup is not None:
         events.write(json.dumps({"event": "start", "time": round(time.time(), 3), "setup": dict(setup)}) + "\n")
         events.flush()
@@ -580,10 +595,8 @@ def run_sweep(plan: StudyPlan, out_dir: str | Path, *, workers: int = 1, threads
                 specs = plan.expand(records)
                 if len(records) == known:
                     break
-            pending = [s for s in specs if s.run_id not in records and s.run_id not in attempted]
-            sign = -1.0 if order == "longest" else 1.0
-            pending.sort(key=lambda s: (s.run_id not in resumable, plan.start_rank(s), STAGE_ORDER.get(s.stage, 0),
-                                        sign * _cost(s, plan)))
+            pending = start_order([s for s in specs if s.run_id not in records and s.run_id not in attempted],
+                                  plan, order, resumable)
             slots = pool.free
             if max_runs is not None:
                 slots = min(slots, max_runs - len(attempted))
@@ -638,4 +651,5 @@ def _finish(record: dict[str, Any], outcome: SweepOutcome, note, log) -> None:
 __all__ = ["FINISHED", "INTERRUPTED", "SweepOutcome", "check_data_unchanged", "check_ledger", "check_ledger_settings",
            "check_run_settings", "execute_run", "ledger_line_from_folder", "ledger_precision_setup", "ledger_records",
            "load_index",
-           "measure_run", "read_summary", "record_from_summary", "recorded_data", "run_sweep"]
+           "measure_run", "read_summary", "record_from_summary", "recorded_data", "resumable_runs", "run_sweep",
+           "start_order"]
