@@ -161,3 +161,54 @@ def test_ctrl_c_stops_a_recovery_keeps_its_lines_and_the_same_command_resumes_th
              .read_text().splitlines() if "step" in json.loads(line)]
     assert sorted(set(steps)) == steps and steps[0] == 1  # every step once
     assert read_ledger(ledger).runs[ids[1]]["val_curve"]
+
+
+@pytest.mark.slow
+def test_a_real_ctrl_c_stops_a_pooled_recovery_and_the_same_command_resumes_it(tmp_path):
+    """SIGINT to the recovery's process group (what Ctrl-C in a terminal sends) while its worker trains: exit
+    status 130 and the Ctrl-C line, nothing appended for that run, and the same command resumes it from the
+    checkpoint its worker wrote on the way out, to exactly the recorded final val loss."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _plan(tmp_path / "cache")
+    data["grid"]["lrs"] = [3e-3]
+    data["base"]["config"]["train"].update(steps=400, eval_every=100)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.jsonl"
+    run_sweep(parse_plan(data), tmp_path / "lost", workers=0, log=lambda _: None, plan_text=plan_file.read_text(),
+              ledger=ledger)
+    _numbers_only(ledger)
+    run_id = "span-L1-dense-lr3e-3-s0"
+    command = [sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(tmp_path / "again"),
+               "--ledger", str(ledger), "--workers", "1", "--recover", run_id]
+    metrics = tmp_path / "again" / "runs" / run_id / "metrics.jsonl"
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 5):  # the worker is training
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    assert "[recover] stopped by Ctrl-C" in out and "Traceback" not in err, (out, err)
+    assert not read_ledger(ledger).runs[run_id]["val_curve"]
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 5 <= stopped_at < 400
+    # train.checkpoint_every is 0: the one checkpoint is the one the worker wrote when Ctrl-C stopped it
+    checkpoints = sorted((metrics.parent / "checkpoints").glob("step_*"))
+    assert [int(p.name.split("_")[1]) for p in checkpoints] == [stopped_at]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "1 recovered, 0 did not reproduce" in again.stdout, (again.stdout, again.stderr)
+    assert read_ledger(ledger).runs[run_id]["val_curve"]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 401))  # resumed where the Ctrl-C stopped it, every step once

@@ -7,11 +7,12 @@ Its callers ask it three things: how many runs may start now (:attr:`RunPool.fre
 
 A worker that ends abruptly (the out-of-memory killer, a segfault, ``kill -9``) breaks a
 :class:`~concurrent.futures.ProcessPoolExecutor`: every run in flight then fails with ``BrokenProcessPool``,
-the healthy ones included, and nothing more can be submitted. The pool replaces the executor and trains the
-runs that were in flight again, one at a time (each resumes from its last checkpoint), before it takes new
-ones, so that a worker that dies again is known to have held the run it died in. That run is returned as
-``failed`` (the next sweep retries it); the others go on. A run that was alone in flight when its worker died
-is known at once.
+the healthy ones included, and nothing more can be submitted; the worker that died may even have been idle.
+The pool replaces the executor and trains the runs that were in flight again, one at a time on the new
+executor (each resumes from its last checkpoint), before it takes new ones, so that a worker that dies then
+is known to have held the run it died in. That run is returned as ``failed`` (the next start retries it);
+the others go on. The price of knowing: after a death, the runs that were side by side train back to back.
+A break found when a run is submitted (an idle worker died) costs nothing but a new executor.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ Job = tuple[Any, ...]
 """The arguments of one call of the pool's function; with ``execute_run`` the first is the run's spec dict."""
 
 WORKER_LOST = ("its worker process ended abruptly while it trained alone (killed from outside, for example by "
-               "the out-of-memory killer, or crashed); the next sweep resumes it from its last checkpoint")
+               "the out-of-memory killer, or crashed); the same command, started again, resumes it from its last "
+               "checkpoint")
 
 
 def lost_record(job: Job) -> dict[str, Any]:
@@ -85,11 +87,11 @@ class RunPool:
         if self.workers == 0:
             self._inline.append((key, job))
         else:
-            self._futures[self._pool().submit(self._fn, *job)] = (key, job)
+            self._send(key, job)
 
     def wait(self) -> list[tuple[str, dict[str, Any]]]:
         """Block until at least one run ends (or until a dead worker's runs are set to retrain), and return
-        ``(key, record)`` of each run that ended, in the order they ended."""
+        ``(key, record)`` of each run that ended, in the order they were submitted."""
         if self.workers == 0:
             if not self._inline:
                 return []
@@ -136,29 +138,45 @@ class RunPool:
                                                  initializer=guard_worker, initargs=(os.getpid(),))
         return self._executor
 
-    def _start_suspect(self) -> None:
-        if self._suspects and not self._futures:
-            key, job = self._suspects.pop(0)
-            self._futures[self._pool().submit(self._fn, *job)] = (key, job)
+    def _send(self, key: str, job: Job) -> None:
+        """Submit to the executor; one that broke while idle (a worker with no run died) is replaced first."""
+        try:
+            future = self._pool().submit(self._fn, *job)
+        except BrokenProcessPool:
+            self._log(f"a worker with no run had ended abruptly; new workers take {key}")
+            self._replace_executor()
+            future = self._pool().submit(self._fn, *job)
+        self._futures[future] = (key, job)
 
-    def _after_broken(self) -> list[tuple[str, dict[str, Any]]]:
-        """A worker died: every run in flight lost its worker. One that was alone is the one that died; the
-        others retrain one at a time, on a new executor."""
-        lost = list(self._futures.values())
-        self._futures.clear()
+    def _replace_executor(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        if len(lost) == 1:
-            key, job = lost[0]
-            self._log(f"the worker training {key} ended abruptly; {key} counts as failed")
-            return [(key, lost_record(job))]
-        self._log(f"a worker ended abruptly while {len(lost)} runs trained "
-                  f"({', '.join(str(key) for key, _ in lost)}); each trains again alone, from its last checkpoint, "
-                  "to find the one that dies")
-        self._alone.update(key for key, _ in lost)
-        self._suspects = [*lost, *self._suspects]
-        return []
+
+    def _start_suspect(self) -> None:
+        if self._suspects and not self._futures:
+            key, job = self._suspects[0]
+            self._send(key, job)
+            self._suspects.pop(0)
+
+    def _after_broken(self) -> list[tuple[str, dict[str, Any]]]:
+        """A worker died: every run in flight lost its worker. A run that was already training alone, on an
+        executor of its own, is the one whose worker died: it fails. The others (even a run alone in flight
+        on an older executor, whose idle neighbour may be the one that died) retrain one at a time."""
+        lost = list(self._futures.values())
+        self._futures.clear()
+        self._replace_executor()
+        failed = [(key, job) for key, job in lost if key in self._alone]
+        for key, _ in failed:
+            self._log(f"the worker training {key} alone ended abruptly; {key} counts as failed")
+        again = [(key, job) for key, job in lost if key not in self._alone]
+        if again:
+            self._log(f"a worker ended abruptly while {len(lost)} run(s) trained "
+                      f"({', '.join(key for key, _ in lost)}); each trains again alone, from its last checkpoint, "
+                      "to find the one that dies")
+        self._alone.update(key for key, _ in again)
+        self._suspects = [*again, *self._suspects]
+        return [(key, lost_record(job)) for key, job in failed]
 
 
 __all__ = ["WORKER_LOST", "RunPool", "lost_record"]
