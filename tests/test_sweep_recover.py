@@ -43,6 +43,18 @@ def _numbers_only(ledger, edit=None) -> None:
     ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def _swept_then_lost(tmp_path, data: dict):
+    """The plan ``data`` written to a file and swept in-process with a ledger, which is then cut back to numbers
+    only: (plan file, ledger)."""
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.jsonl"
+    run_sweep(parse_plan(data), tmp_path / "lost", workers=0, log=lambda _: None, plan_text=plan_file.read_text(),
+              ledger=ledger)
+    _numbers_only(ledger)
+    return plan_file, ledger
+
+
 def test_a_numbers_only_run_is_retrained_and_its_curves_kept_only_when_it_reproduces(tmp_path, capsys):
     data = _plan(tmp_path / "cache")
     plan, text = parse_plan(data), yaml.safe_dump(data)
@@ -124,12 +136,7 @@ def test_ctrl_c_stops_a_recovery_keeps_its_lines_and_the_same_command_resumes_th
     ledger keeps the first run's recovered line and nothing of the stopped one, and the same command resumes
     the stopped run from its checkpoint to exactly the recorded final val loss."""
     data = _plan(tmp_path / "cache")
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(data))
-    ledger = tmp_path / "ledger.jsonl"
-    run_sweep(parse_plan(data), tmp_path / "lost", workers=0, log=lambda _: None, plan_text=plan_file.read_text(),
-              ledger=ledger)
-    _numbers_only(ledger)
+    plan_file, ledger = _swept_then_lost(tmp_path, data)
     ids = ["span-L1-dense-lr3e-3-s0", "span-L1-dense-lr1e-2-s0"]
     real_train, calls = runner.train, []
 
@@ -177,12 +184,7 @@ def test_a_real_ctrl_c_stops_a_pooled_recovery_and_the_same_command_resumes_it(t
     data = _plan(tmp_path / "cache")
     data["grid"]["lrs"] = [3e-3]
     data["base"]["config"]["train"].update(steps=400, eval_every=100)
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(data))
-    ledger = tmp_path / "ledger.jsonl"
-    run_sweep(parse_plan(data), tmp_path / "lost", workers=0, log=lambda _: None, plan_text=plan_file.read_text(),
-              ledger=ledger)
-    _numbers_only(ledger)
+    plan_file, ledger = _swept_then_lost(tmp_path, data)
     run_id = "span-L1-dense-lr3e-3-s0"
     command = [sys.executable, "-m", "spannorm", "sweep", str(plan_file), "--out", str(tmp_path / "again"),
                "--ledger", str(ledger), "--workers", "1", "--recover", run_id]
