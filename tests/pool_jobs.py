@@ -23,10 +23,10 @@ def _alive(pid: int) -> bool:
 
 
 def note_and_maybe_die(spec: dict, folder: str, dies: str, beside: str | None = None) -> dict:
-    """Append this process's pid to FOLDER/KEY.calls, then:
-    - when ``dies`` is "always", or "once" on the first call: wait until the job ``beside`` has started (a
-      worker may be slow to spawn on a loaded CPU), then end this process abruptly;
-    - else, on the first call with a ``beside``: wait until that job's process has died, then for as long
+    """Append this process's pid to FOLDER/KEY.calls, wait until the job ``beside`` has started too (a worker
+    may be slow to spawn on a loaded CPU), then:
+    - ``dies`` "always", or "once" on the first call: end this process abruptly;
+    - ``dies`` "outlive", on the first call: wait until the process of ``beside`` has died, then for as long
       again as a broken pool takes to end this one (a worker that lives through that returns, and the test
       that expected it to be lost fails);
     - then return a record as ``execute_run`` does."""
@@ -35,12 +35,12 @@ def note_and_maybe_die(spec: dict, folder: str, dies: str, beside: str | None = 
         f.write(f"{os.getpid()}\n")
     first = len(_pids(folder, key)) == 1
     deadline = time.time() + PATIENCE_S
+    while beside is not None and not _pids(folder, beside) and time.time() < deadline:
+        time.sleep(0.02)
     if dies == "always" or (dies == "once" and first):
-        while beside is not None and not _pids(folder, beside) and time.time() < deadline:
-            time.sleep(0.02)
         os._exit(9)
-    if beside is not None and first:
-        while not (_pids(folder, beside) and not _alive(_pids(folder, beside)[0])) and time.time() < deadline:
+    if dies == "outlive" and first and beside is not None:
+        while _alive(_pids(folder, beside)[0]) and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(min(30.0, max(0.0, deadline - time.time())))
     return {"run_id": key, "status": "done", "pid": os.getpid()}

@@ -42,7 +42,13 @@ def test_a_dead_worker_fails_its_own_run_and_the_run_beside_it_trains_again_alon
     logs: list[str] = []
     with RunPool(2, note_and_maybe_die, log=logs.append) as pool:
         assert pool.free == 2
-        pool.submit("healthy", job(tmp_path, "healthy", beside="doomed"))
+        # Both workers first, side by side. CPython's executor spawns a worker at a submit just after it wakes
+        # its manager thread, which may then watch the older workers only and miss the new one's death until
+        # the next run ends (the sweep test below meets that case too); warm workers take it out of this test.
+        pool.submit("warm-a", job(tmp_path, "warm-a", beside="warm-b"))
+        pool.submit("warm-b", job(tmp_path, "warm-b", beside="warm-a"))
+        assert sorted(drain(pool)) == ["warm-a", "warm-b"]
+        pool.submit("healthy", job(tmp_path, "healthy", dies="outlive", beside="doomed"))
         pool.submit("doomed", job(tmp_path, "doomed", dies="always", beside="healthy"))
         assert pool.free == 0 and sorted(pool.running) == ["doomed", "healthy"]
         records = drain(pool)
@@ -138,7 +144,9 @@ def test_a_sweep_goes_on_when_the_kernel_kills_one_of_its_workers(tmp_path):
     assert not thread.is_alive(), "the sweep did not end within 10 minutes of the kill"
     outcome = result["outcome"]
     assert sorted(outcome.executed) == sorted(run.name for run in runs) and not outcome.failed
-    assert any("a worker ended abruptly while 2 run(s) trained" in line for line in logs), logs
+    # Both runs lost their worker and trained again alone, or (when the executor saw the death only once the
+    # other run had ended) the run that was left trained again alone: either way, both end whole.
+    assert any("a worker ended abruptly while" in line for line in logs), logs
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
         assert summary["steps"] == 300 and summary["status"] == "completed"
