@@ -12,7 +12,9 @@ The pool replaces the executor and trains the runs that were in flight again, on
 executor (each resumes from its last checkpoint), before it takes new ones, so that a worker that dies then
 is known to have held the run it died in. That run is returned as ``failed`` (the next start retries it);
 the others go on. The price of knowing: after a death, the runs that were side by side train back to back.
-A break found when a run is submitted (an idle worker died) costs nothing but a new executor.
+A break found when a run is submitted (an idle worker died) costs nothing but a new executor. The executor
+may see a death late: at a submit it wakes its manager thread before it spawns the new worker, so the manager
+can miss that worker's death until another run ends; that run then counts as ended, and the rest as above.
 """
 
 from __future__ import annotations
