@@ -124,9 +124,7 @@ class RunPool:
     def close(self) -> None:
         """Stop the workers (waiting for the runs in flight: after Ctrl-C each checkpoints and returns) and
         forget every run not returned."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        self._replace_executor()
         self._inline.clear()
         self._futures.clear()
         self._suspects.clear()
@@ -151,6 +149,7 @@ class RunPool:
         self._futures[future] = (key, job)
 
     def _replace_executor(self) -> None:
+        """Shut the executor down (waiting for its workers); the next submit starts a new one."""
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
